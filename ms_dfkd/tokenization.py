@@ -79,3 +79,53 @@ class Tokenizer:
 
     def decode_batch(self, batch, skip_special_tokens=True):
         return [self.decode(r, skip_special_tokens) for r in batch]
+
+
+def wordpiece_tokenizer(path):
+    """BERT uncased WordPiece ``Tokenizer`` from a ``vocab.txt``, a ``tokenizer.json`` or a
+    folder holding one of them (tokenizer.json preferred).
+
+    vocab.txt gets the standard BERT pipeline: BertNormalizer (lowercase), BertPreTokenizer,
+    WordPiece with [UNK], "[CLS] x [SEP]". A tokenizer.json keeps its own pipeline, but its
+    built-in padding/truncation are switched off: encode_batch pads and truncates itself.
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {path}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"WordPiece tokenizer file not found: {path}")
+
+    if path.suffix == ".json":
+        backend = HFTokenizer.from_file(str(path))
+        backend.no_padding()
+        backend.no_truncation()
+    else:
+        vocab = {}
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                vocab[line.rstrip("\n")] = i
+        for tok in ("[PAD]", "[UNK]", "[CLS]", "[SEP]"):
+            if tok not in vocab:
+                raise ValueError(f"{path} has no {tok} token; is it a BERT vocab.txt?")
+        backend = HFTokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        backend.decoder = decoders.WordPiece(prefix="##")
+        # special tokens are never split into word-pieces and are skipped by decode
+        backend.add_special_tokens([t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab])
+
+    ids = {t: backend.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]")}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+        raise ValueError(f"{path}: special tokens {missing} are not in the vocabulary")
+    return Tokenizer(backend=backend, pad_id=ids["[PAD]"], bos_id=ids["[CLS]"], eos_id=ids["[SEP]"],
+                     unk_id=ids["[UNK]"], kind="wordpiece", extra={"source": str(path)})
