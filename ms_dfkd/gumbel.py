@@ -83,4 +83,6 @@ def gumbel_ms(row_keys, cols):
     h = mix32_ms(ops.bitwise_xor(row_keys.reshape(-1, 1), mix32_ms(cols).reshape(1, -1)))
     u = (ops.bitwise_right_shift(h, 9).astype(ms.float32) + 0.5) * (2.0 ** -23)
     u = ops.clamp(u, U_MIN, U_MAX)
-    return -ops.log(-ops.log(u))
+    # -log(u) as -log1p(-(1-u)): 1-u is exact for u >= 0.5, and MindSpore's CPU log loses
+    # most relative precision just below 1 (numpy's does not), so plain log(u) would not agree.
+    return -ops.log(-ops.log1p(-(1.0 - u)))

@@ -1,0 +1,182 @@
+"""Build the tokenizers and the three models of a run from its Config.
+
+Architectures (config ``arch`` strings):
+  teacher:   minilm_l6 (real MiniLM-L6 + fresh head, fine-tuned by train-teacher) | tiny
+  student:   minilm_l3_onnx | minilm_l6_layers:N (first N layers of MiniLM-L6) | bert_random:N | tiny
+  generator: smollm2 (SmolLM2-135M-Instruct GGUF) | tiny (random Llama with SmolLM2's tokenizer)
+The tiny ones keep the real tokenizers, so the smoke run exercises the real vocab bridge.
+"""
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .assets import asset_path
+from .data import get_task, load_rotten_tomatoes, load_task_file
+from .models.bert import BertConfig, BertForSequenceClassification
+from .models.checkpoint_io import CheckpointError, load_safetensors, load_state, safetensors_metadata, \
+    save_safetensors, state_of
+from .tokenization import bpe_tokenizer_from_gguf, wordpiece_tokenizer
+
+log = logging.getLogger("ms_dfkd")
+
+_TOKENIZERS = {}
+
+
+def teacher_tokenizer(cfg=None):
+    if "wordpiece" not in _TOKENIZERS:
+        _TOKENIZERS["wordpiece"] = wordpiece_tokenizer(asset_path("minilm_l6_dir") / "vocab.txt")
+    return _TOKENIZERS["wordpiece"]
+
+
+student_tokenizer = teacher_tokenizer  # all shipped students are uncased-BERT WordPiece models
+
+
+def generator_tokenizer(cfg=None):
+    if "bpe" not in _TOKENIZERS:
+        _TOKENIZERS["bpe"] = bpe_tokenizer_from_gguf(asset_path("smollm2_gguf"))
+    return _TOKENIZERS["bpe"]
+
+
+def _tiny_bert(vocab, hidden, layers, heads, num_labels, pooling="cls_pooler"):
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=512,
+                     num_labels=num_labels, pooling=pooling, add_pooler=pooling == "cls_pooler")
+    return BertForSequenceClassification(cfg)
+
+
+def build_teacher_arch(cfg, pretrained=True):
+    """The teacher network: pretrained backbone + fresh head (train-teacher) or an empty shell to load into."""
+    K = len(cfg.task.label_names)
+    arch = cfg.teacher.arch
+    if arch == "minilm_l6":
+        from .models.bert_weights import load_hf_bert
+        return load_hf_bert(asset_path("minilm_l6_dir"), num_labels=K)
+    if arch == "tiny":
+        import mindspore as ms
+        ms.set_seed(cfg.run.seed)
+        return _tiny_bert(teacher_tokenizer().vocab_size, cfg.teacher.hidden_size, cfg.teacher.num_layers,
+                          cfg.teacher.num_heads, K)
+    raise ValueError(f"teacher.arch: unknown architecture {arch!r} (minilm_l6 | tiny)")
+
+
+def teacher_checkpoint_path(cfg):
+    return Path(cfg.fmt(cfg.teacher.checkpoint))
+
+
+def save_teacher(model, cfg, path=None, extra=None):
+    path = Path(path or teacher_checkpoint_path(cfg))
+    meta = {"format": "ms-dfkd-teacher", "arch": cfg.teacher.arch, "task": cfg.task.name,
+            "label_names": json.dumps(cfg.task.label_names), "bert_config": json.dumps(asdict(model.config))}
+    meta.update(extra or {})
+    save_safetensors(state_of(model), path, metadata=meta)
+    return path
+
+
+def load_teacher(cfg, path=None):
+    """The fine-tuned teacher, frozen. A missing file says how to make it."""
+    path = Path(path or teacher_checkpoint_path(cfg))
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}. Make it with "
+                                f"`ms-dfkd train-teacher --config <cfg>` (or point teacher.checkpoint at yours)")
+    state = load_safetensors(path)
+    meta = safetensors_metadata(path)
+    if meta.get("format") != "ms-dfkd-teacher":
+        raise CheckpointError(f"{path} is not an ms-dfkd teacher checkpoint (metadata format={meta.get('format')!r})")
+    labels = json.loads(meta["label_names"])
+    if labels != list(cfg.task.label_names):
+        raise CheckpointError(f"{path} was trained for labels {labels}, but task.label_names is {cfg.task.label_names}")
+    bcfg = BertConfig(**json.loads(meta["bert_config"]))
+    model = BertForSequenceClassification(bcfg)
+    load_state(model, state, source=str(path))
+    freeze(model)
+    return model
+
+
+def build_student(cfg):
+    K = len(cfg.task.label_names)
+    arch = cfg.student.arch
+    import mindspore as ms
+    ms.set_seed(cfg.run.seed)  # model init is shared across ranks and methods
+    if arch == "minilm_l3_onnx":
+        from .models.bert_weights import load_onnx_bert
+        model = load_onnx_bert(asset_path("minilm_l3_onnx"), num_labels=K)
+    elif arch.startswith("minilm_l6_layers:"):
+        from .models.bert_weights import load_hf_bert
+        n = _arch_int(arch, "student.arch")
+        full = load_hf_bert(asset_path("minilm_l6_dir"), num_labels=K)
+        state = {k: v for k, v in state_of(full).items()
+                 if not k.startswith("bert.encoder.layer.") or int(k.split(".")[3]) < n}
+        model = BertForSequenceClassification(BertConfig(**{**asdict(full.config), "num_hidden_layers": n}))
+        load_state(model, state, source=f"MiniLM-L6 first {n} layers", allow_missing=("classifier.",))
+    elif arch.startswith("bert_random:"):
+        n = _arch_int(arch, "student.arch")
+        model = _tiny_bert(student_tokenizer().vocab_size, 384, n, 12, K)
+    elif arch == "tiny":
+        model = _tiny_bert(student_tokenizer().vocab_size, cfg.student.hidden_size, cfg.student.num_layers,
+                           cfg.student.num_heads, K)
+    else:
+        raise ValueError(f"student.arch: unknown architecture {arch!r} "
+                         f"(minilm_l3_onnx | minilm_l6_layers:N | bert_random:N | tiny)")
+    model.set_train(False)  # no dropout in DFKD runs: the step must be reproducible
+    return model
+
+
+def _arch_int(arch, key):
+    try:
+        n = int(arch.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"{key}: {arch!r} needs an integer after ':'") from None
+    if n <= 0:
+        raise ValueError(f"{key}: {arch!r} needs a positive layer count")
+    return n
+
+
+def build_generator(cfg, seed=None):
+    """(model, config). For 'tiny' the init is seeded from run.seed, so that every rank agrees."""
+    arch = cfg.generator.arch
+    if arch == "smollm2":
+        from .models.llama_weights import load_gguf_llama
+        lcfg, model = load_gguf_llama(asset_path("smollm2_gguf"))
+        return model, lcfg
+    if arch == "tiny":
+        from .models.llama import LlamaConfig, LlamaForCausalLM
+        g = cfg.generator
+        lcfg = LlamaConfig(vocab_size=generator_tokenizer().vocab_size, hidden_size=g.hidden_size,
+                           intermediate_size=int(8 * g.hidden_size / 3) // 8 * 8, num_hidden_layers=g.num_layers,
+                           num_attention_heads=g.num_heads, num_key_value_heads=g.num_kv_heads,
+                           max_position_embeddings=1024)
+        return LlamaForCausalLM(lcfg, seed=cfg.run.seed if seed is None else seed), lcfg
+    raise ValueError(f"generator.arch: unknown architecture {arch!r} (smollm2 | tiny)")
+
+
+def freeze(model):
+    for p in model.get_parameters():
+        p.requires_grad = False
+    model.set_train(False)
+    return model
+
+
+def load_split(cfg, which):
+    """[(text, label_id)] for task.train / task.dev / task.test ('rotten_tomatoes:<split>' or a file path)."""
+    spec = getattr(cfg.task, which)
+    if not spec:
+        raise ValueError(f"task.{which} is empty: give 'rotten_tomatoes:{which}' or a labelled file path")
+    if spec.startswith("rotten_tomatoes:"):
+        if list(cfg.task.label_names) != ["negative", "positive"]:
+            raise ValueError(f"task.{which}={spec!r} has labels negative/positive, but task.label_names is "
+                             f"{cfg.task.label_names}")
+        return load_rotten_tomatoes(spec.split(":", 1)[1])
+    task = cfg.task.name if cfg.task.name in ("sentiment", "sst2", "cola") else None
+    if task is not None:
+        t = get_task(task)
+        if list(t.label_names) != list(cfg.task.label_names):
+            task = None
+    if task is not None:
+        rows = load_task_file(spec, task)
+    else:
+        from .data import load_labelled_file
+        rows = load_labelled_file(spec, cfg.task.label_names)
+    return [(t, l) for t, l in rows if l is not None]

@@ -1,0 +1,298 @@
+"""ms-dfkd command line: train-teacher, distill, generate, distill-from-texts, eval, inspect.
+
+Every subcommand takes --config FILE and any number of --section.key value overrides.
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("ms_dfkd")
+
+
+def _setup_logging(verbose=False):
+    os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ log: errors only
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+def _mode(cfg):
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
+    ms.set_seed(cfg.run.seed)
+
+
+def _load_cfg(args, extra):
+    from .config import load_config, parse_overrides
+    return load_config(args.config, parse_overrides(extra))
+
+
+# ---------------------------------------------------------------------------------- subcommands
+
+def cmd_train_teacher(cfg, args):
+    """Fine-tune the teacher on task.train; cached: an existing checkpoint is kept unless --force."""
+    import numpy as np
+    from . import build as B
+    from .classify import EncoderRunner, evaluate, train_classifier
+    path = B.teacher_checkpoint_path(cfg)
+    if path.exists() and not args.force:
+        log.info(f"teacher checkpoint exists, reusing it: {path} (--force retrains)")
+        return {"checkpoint": str(path), "cached": True}
+    train = B.load_split(cfg, "train")
+    n = cfg.teacher.train_examples
+    if n and n < len(train):
+        idx = np.random.default_rng(cfg.run.seed).permutation(len(train))[:n]
+        train = [train[i] for i in sorted(idx)]
+    tok = B.teacher_tokenizer(cfg)
+    model = B.build_teacher_arch(cfg)
+    log.info(f"training the {cfg.teacher.arch} teacher on {len(train)} examples of {cfg.task.train}")
+    t0 = time.time()
+    train_classifier(model, tok, train, max_length=cfg.teacher.max_length, batch_size=cfg.teacher.batch_size,
+                     lr=cfg.teacher.lr, epochs=cfg.teacher.epochs, seed=cfg.run.seed, jit=cfg.run.mode == "graph")
+    model.set_train(False)
+    res = {"train_s": round(time.time() - t0, 1), "train_examples": len(train)}
+    runner = EncoderRunner(model, tok, cfg.teacher.max_length, jit=cfg.run.mode == "graph")
+    try:
+        dev = B.load_split(cfg, "dev")
+        res["dev"] = evaluate(runner, dev, cfg.task.metric, progress="eval dev")
+    except (FileNotFoundError, ValueError) as e:
+        log.warning(f"no dev evaluation: {e}")
+    B.save_teacher(model, cfg, extra={"dev": json.dumps(res.get("dev"))})
+    res["checkpoint"] = str(path)
+    log.info(f"teacher saved to {path}: {res}")
+    return res
+
+
+def cmd_distill(cfg, args):
+    from .train import Distiller
+    d = Distiller(cfg)
+    t0 = time.time()
+    hist = d.run(resume=not args.fresh)
+    if hist is None:
+        return {"interrupted": True, "out_dir": str(d.out)}
+    report = d.final_report()
+    report["wall_s"] = round(time.time() - t0, 1)
+    report["out_dir"] = str(d.out)
+    _print_report(cfg, report)
+    return report
+
+
+def _print_report(cfg, report):
+    m = cfg.task.metric
+    print()
+    print(f"== {cfg.run.method} on {cfg.task.name} ({report.get('wall_s', '?')} s) ==")
+    if "teacher_test" in report:
+        print(f"teacher test {m}: {report['teacher_test'][m]:.4f}  (n={report['teacher_test']['n']})")
+        print(f"student test {m}: {report['student_test'][m]:.4f}")
+    for label, texts in report.get("samples", {}).items():
+        print(f"-- generated, target '{label}':")
+        for t in texts:
+            print(f"   {t!r}")
+    print(f"run folder: {report['out_dir']}")
+
+
+def cmd_generate(cfg, args):
+    """Texts only: the (pretrained or a run's trained) generator rewrites corpus passages per label."""
+    from .train import Distiller
+    cfg.run.method = "prompted" if not args.from_run else "dfkd-t3"
+    if args.from_run:
+        cfg.run.out_dir = args.from_run
+    d = Distiller(cfg)
+    if args.from_run:
+        d.load_checkpoint()
+    out = Path(args.out)
+    from .replay import JsonlWriter
+    w = JsonlWriter(out)
+    n_batches = -(-args.num // cfg.generator.batch_size)
+    from tqdm import tqdm
+    for i in tqdm(range(n_batches), desc="generate", unit="batch"):
+        s = d._generate(10_000_000 + i)  # a noise stream of its own, apart from training steps
+        probs = d.teacher_run.probs(s["texts"])
+        w.write([{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p]}
+                 for t, y, p in zip(s["texts"], s["labels"], probs)])
+    log.info(f"wrote {n_batches * cfg.generator.batch_size} texts to {out}")
+    return {"out": str(out)}
+
+
+def cmd_distill_from_texts(cfg, args):
+    """A new student from saved generated texts (their stored teacher probabilities are the targets)."""
+    import numpy as np
+    import mindspore as ms
+    from mindspore import nn
+    from . import build as B
+    from .classify import EncoderRunner, evaluate
+    from .replay import read_jsonl
+    from .steps import StudentLoss, make_train_step
+    recs = read_jsonl(args.texts)
+    if not recs:
+        raise ValueError(f"no records in {args.texts}")
+    K = len(cfg.task.label_names)
+    bad = [i for i, r in enumerate(recs) if len(r.get("teacher_probs", [])) != K]
+    if bad:
+        raise ValueError(f"{args.texts}: record {bad[0]} has no {K}-class teacher_probs")
+    student = B.build_student(cfg)
+    for p in student.get_parameters():
+        p.requires_grad = True
+    loss_cell = StudentLoss(student, cfg.loss.kd_temperature)
+    opt = nn.AdamWeightDecay(loss_cell.trainable_params(), learning_rate=cfg.student.lr, weight_decay=0.01)
+    step = make_train_step(loss_cell, opt, jit=cfg.run.mode == "graph")
+    tok = B.student_tokenizer(cfg)
+    rng = np.random.default_rng(cfg.run.seed)
+    steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
+    from tqdm import tqdm
+    bar = tqdm(range(steps), desc="distill-from-texts", unit="step")
+    for _ in bar:
+        idx = rng.integers(0, len(recs), size=cfg.student.batch_size)
+        ids, mask = tok.encode_batch([recs[i]["text"] for i in idx], max_length=cfg.student.max_length,
+                                     padding="max_length")
+        t_logits = np.log(np.clip(np.array([recs[i]["teacher_probs"] for i in idx], np.float32), 1e-8, 1.0))
+        loss, _ = step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(t_logits), ms.Tensor(np.zeros((len(idx), 1), np.float32)))
+        bar.set_postfix(loss=f"{float(loss.asnumpy()):.3f}")
+    out = Path(args.out)
+    from .models.checkpoint_io import save_safetensors, state_of
+    save_safetensors({"student/" + k: v for k, v in state_of(student).items()}, out,
+                     metadata={"format": "ms-dfkd-student", "arch": cfg.student.arch})
+    res = {"checkpoint": str(out), "steps": steps, "texts": len(recs)}
+    try:
+        test = B.load_split(cfg, "test")
+        res["student_test"] = evaluate(EncoderRunner(student, tok, cfg.student.max_length), test, cfg.task.metric)
+    except (FileNotFoundError, ValueError) as e:
+        log.warning(f"no test evaluation: {e}")
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def load_student_weights(cfg, path):
+    """A student from a run folder (its checkpoint) or a distill-from-texts .safetensors file."""
+    from . import build as B
+    from .models.checkpoint_io import load_safetensors, load_state
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.safetensors"
+    arrays = load_safetensors(path)
+    student = B.build_student(cfg)
+    names = dict(student.parameters_and_names())
+    state = {}
+    for k, v in arrays.items():
+        if not k.startswith("student/"):
+            continue
+        name = k[len("student/"):]
+        if name.startswith("student."):
+            name = name[len("student."):]
+        if name in names:
+            state[name] = v
+    load_state(student, state, source=str(path))
+    return student
+
+
+def cmd_eval(cfg, args):
+    from . import build as B
+    from .classify import EncoderRunner, evaluate
+    from .data import load_labelled_file
+    rows = (load_labelled_file(args.file, cfg.task.label_names) if args.file else B.load_split(cfg, args.split))
+    res = {}
+    if not args.no_teacher:
+        res["teacher"] = evaluate(EncoderRunner(B.load_teacher(cfg), B.teacher_tokenizer(cfg), cfg.teacher.max_length),
+                                  rows, cfg.task.metric)
+    if args.student:
+        st = load_student_weights(cfg, args.student)
+        res["student"] = evaluate(EncoderRunner(st, B.student_tokenizer(cfg), cfg.student.max_length), rows,
+                                  cfg.task.metric)
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def cmd_inspect(args):
+    from .replay import read_jsonl
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder not found: {run}")
+    metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
+    for m in metrics:
+        keys = [k for k in ("round", "loss_g", "loss_spec", "loss_div", "loss_flu", "specificity", "bridge_agreement",
+                            "distinct_2", "self_bleu", "perplexity_g0", "loss_s") if k in m]
+        keys += [k for k in m if k.startswith("student_dev_")]
+        print("  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
+    recs = read_jsonl(run)  # merges per-rank shards generated*.jsonl
+    print(f"{len(recs)} generated texts in {run}")
+    by = {}
+    for r in recs:
+        by.setdefault(r.get("target", -1), []).append(r)
+    for y, rs in sorted(by.items()):
+        print(f"-- target {y} ({len(rs)} texts):")
+        for r in rs[-args.n:]:
+            p = r.get("teacher_probs")
+            print(f"   [{'/'.join(f'{x:.2f}' for x in p) if p else '-'}] {r['text']!r}")
+    return {"records": len(recs)}
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ms-dfkd", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_cfg(name, help):
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
+        s.add_argument("-v", "--verbose", action="store_true")
+        return s
+    s = with_cfg("train-teacher", "fine-tune the teacher classifier on task.train")
+    s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
+    s = with_cfg("distill", "run a method (run.method) and report test accuracy")
+    s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in run.out_dir "
+                                                        "(refuses if one exists; use another out_dir)")
+    s = with_cfg("generate", "generate texts only")
+    s.add_argument("--num", type=int, default=32)
+    s.add_argument("--out", required=True)
+    s.add_argument("--from-run", default=None, help="use the trained generator of a dfkd-t3 run folder")
+    s = with_cfg("distill-from-texts", "distil a new student from saved generated texts")
+    s.add_argument("--texts", required=True, help="a generated*.jsonl file or a run folder")
+    s.add_argument("--steps", type=int, default=0)
+    s.add_argument("--out", required=True, help="student checkpoint (.safetensors)")
+    s = with_cfg("eval", "accuracy / MCC / F1 of the teacher and a student")
+    s.add_argument("--split", default="test", choices=["train", "dev", "test"])
+    s.add_argument("--file", default=None, help="a labelled .tsv/.csv/.jsonl file instead of a split")
+    s.add_argument("--student", default=None, help="a run folder or a student .safetensors")
+    s.add_argument("--no-teacher", action="store_true")
+    s = sub.add_parser("inspect", help="print the metrics and samples of a run")
+    s.add_argument("run_dir")
+    s.add_argument("-n", type=int, default=5, help="samples per label")
+    s.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    from .config import ConfigError
+    try:
+        if args.cmd == "inspect":
+            if extra:
+                parser.error(f"unexpected arguments: {extra}")
+            cmd_inspect(args)
+            return 0
+        cfg = _load_cfg(args, extra)
+        _mode(cfg)
+        if args.cmd == "distill" and args.fresh:
+            from .train import CKPT_NAME
+            ck = Path(cfg.fmt(cfg.run.out_dir)) / CKPT_NAME
+            if ck.exists():
+                raise ConfigError(f"--fresh: {ck} exists and would be overwritten; choose another --run.out_dir "
+                                  f"or remove it yourself")
+        fn = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "generate": cmd_generate,
+              "distill-from-texts": cmd_distill_from_texts, "eval": cmd_eval}[args.cmd]
+        fn(cfg, args)
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"ms-dfkd {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

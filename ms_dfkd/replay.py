@@ -1,0 +1,112 @@
+"""Replay buffer of generated samples, and the JSONL file they are appended to as they are made."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class ReplayBuffer:
+    """The most recent ``capacity`` samples (text, target label, teacher probabilities, round).
+
+    Student steps draw batches from it with their own seeded RNG, whose state is
+    part of the checkpoint so that a resumed run draws the same batches.
+    """
+
+    def __init__(self, capacity, seed):
+        if capacity <= 0:
+            raise ValueError(f"replay buffer capacity must be > 0, got {capacity}")
+        self.capacity = int(capacity)
+        self.records = []
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return len(self.records)
+
+    def add(self, records):
+        self.records.extend(records)
+        if len(self.records) > self.capacity:
+            self.records = self.records[-self.capacity:]
+
+    def sample(self, n):
+        if not self.records:
+            raise RuntimeError("replay buffer is empty: no samples were generated before the student step")
+        idx = self.rng.integers(0, len(self.records), size=n)
+        return [self.records[i] for i in idx]
+
+    def state_dict(self):
+        return {"capacity": self.capacity, "records": self.records, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.capacity = int(state["capacity"])
+        self.records = list(state["records"])
+        self.rng.bit_generator.state = state["rng"]
+
+
+class JsonlWriter:
+    """Append-only JSONL. ``offset`` (bytes) goes into the checkpoint; on resume, lines written
+    after the checkpoint are moved to a side file (kept, never lost) before appending again."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def offset(self):
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def write(self, records):
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewind(self, offset, tag):
+        """Keep bytes [0, offset); move the rest to <name>.<tag>.orphaned (returns that path or None)."""
+        if not self.path.exists():
+            if offset:
+                raise FileNotFoundError(f"{self.path} is missing but the checkpoint says it had {offset} bytes")
+            return None
+        size = self.path.stat().st_size
+        if size < offset:
+            raise ValueError(f"{self.path} has {size} bytes, fewer than the {offset} the checkpoint recorded")
+        if size == offset:
+            return None
+        side = self.path.with_name(f"{self.path.name}.{tag}.orphaned")
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            tail = f.read()
+        with open(side, "ab") as g:
+            g.write(tail)
+            g.flush()
+            os.fsync(g.fileno())
+        with open(self.path, "rb+") as f:
+            f.truncate(offset)
+        return side
+
+
+def read_jsonl(paths):
+    """Records from one JSONL file, a list of files, or a folder of per-rank shards (generated*.jsonl)."""
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        if p.is_dir():
+            paths = sorted(p.glob("generated*.jsonl"))
+            if not paths:
+                raise FileNotFoundError(f"no generated*.jsonl files in {p}")
+        else:
+            paths = [p]
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"JSONL file not found: {p}")
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{i}: not valid JSON ({e})") from None
+    return out

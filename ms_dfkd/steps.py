@@ -1,0 +1,120 @@
+"""The two training steps of DFKD-T3 as MindSpore cells, and their jitted update functions.
+
+Generator step (METHOD.md, steps 4-7): one forward with gradient over [prompt; sample],
+straight-through Gumbel-softmax soft embeddings into teacher and student, and
+L_G = spec*CE + div*cos + adv*(-tau^2 KL) + flu*KL(G||G0).
+Student step: tau^2 KL(p_T || p_S) on re-tokenised text (+ optional hidden MSE).
+
+One jitted step function per optimizer (two nn optimizers inside one jitted function
+fail in MindSpore with "parameter 'global_step' already exists").
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+import kernels
+
+from . import losses
+
+
+def soft_sequence_layout(gen_mask):
+    """Where [CLS], the soft tokens and [SEP] go in the encoder input, from the sample mask.
+
+    gen_mask: [B, T] (1 for kept tokens, a prefix). Returns float32 [B, T+2, 1] selectors
+    (cls, tok, sep) and the int32 [B, T+2] attention mask for the encoder.
+    """
+    B, T = gen_mask.shape
+    lens = gen_mask.sum(1).astype(np.int64)
+    j = np.arange(T + 2)[None, :]
+    cls = (j == 0)
+    tok = (j >= 1) & (j <= lens[:, None])
+    sep = j == (lens[:, None] + 1)
+    att = (cls | tok | sep).astype(np.int32)
+    f = lambda a: np.broadcast_to(a, (B, T + 2)).astype(np.float32)[..., None]
+    return f(cls), f(tok), f(sep), att
+
+
+def place_soft_tokens(e, cls_vec, sep_vec, cls_sel, tok_sel, sep_sel):
+    """[B, T, H] soft embeddings -> [B, T+2, H] encoder inputs_embeds with [CLS]/[SEP] embeddings."""
+    zeros = ops.zeros((e.shape[0], 1, e.shape[2]), e.dtype)
+    body = ops.concat((zeros, e, zeros), 1) * tok_sel
+    return body + cls_sel * cls_vec.reshape(1, 1, -1) + sep_sel * sep_vec.reshape(1, 1, -1)
+
+
+class GeneratorLoss(nn.Cell):
+    """L_G for one batch. Teacher and student are frozen here; only generator parameters train."""
+
+    def __init__(self, generator, teacher, student, prompt_len, max_new_tokens, num_labels,
+                 weights, kd_temperature, gumbel_tau):
+        super().__init__()
+        self.generator, self.teacher, self.student = generator, teacher, student
+        self.P, self.T, self.K = prompt_len, max_new_tokens, num_labels
+        self.w_spec, self.w_div, self.w_adv, self.w_flu = (float(weights.spec), float(weights.div),
+                                                           float(weights.adv), float(weights.flu))
+        self.kd_t, self.tau = float(kd_temperature), float(gumbel_tau)
+        self.use_student = self.w_adv != 0.0
+
+    def construct(self, full_ids, full_mask, gen_ids, gen_mask, frozen_logits, targets, seed,
+                  table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask):
+        B, T = gen_ids.shape
+        logits = self.generator(input_ids=full_ids, attention_mask=full_mask)
+        # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2
+        gl = logits[:, self.P - 1:self.P - 1 + T, :].reshape(B * T, -1).astype(ms.float32)
+        H_t = table_t.shape[1]
+        emb = kernels.soft_embedding(gl, (table_t, table_s), seed, self.tau, hard=True,
+                                     ids=gen_ids.reshape(-1))
+        e_t = emb[:, :H_t].reshape(B, T, H_t)
+        e_s = emb[:, H_t:].reshape(B, T, -1)
+        t_in = place_soft_tokens(e_t, cls_t, sep_t, cls_sel, tok_sel, sep_sel)
+        t_logits, t_feat = self.teacher(inputs_embeds=t_in, attention_mask=enc_mask, return_features=True)
+        spec = losses.specificity_loss(t_logits, targets)
+        div = losses.diversity_loss(t_feat, targets, self.K)
+        if self.use_student:
+            s_in = place_soft_tokens(e_s, cls_s, sep_s, cls_sel, tok_sel, sep_sel)
+            s_logits = self.student(inputs_embeds=s_in, attention_mask=enc_mask)
+            adv = losses.adversarial_loss(s_logits, t_logits, self.kd_t)
+        else:
+            adv = ops.zeros((), ms.float32)
+        flu = losses.fluency_loss(gl, frozen_logits, gen_mask.reshape(-1).astype(ms.float32))
+        total = self.w_spec * spec + self.w_div * div + self.w_adv * adv + self.w_flu * flu
+        return total, spec, div, adv, flu, t_logits
+
+
+class StudentLoss(nn.Cell):
+    """tau^2 KL(p_T || p_S) + alpha * MSE(W h_S, h_T) on the pooled features."""
+
+    def __init__(self, student, kd_temperature, hidden_mse=0.0, student_dim=None, teacher_dim=None):
+        super().__init__()
+        self.student = student
+        self.kd_t = float(kd_temperature)
+        self.alpha = float(hidden_mse)
+        self.proj = nn.Dense(student_dim, teacher_dim) if self.alpha > 0 else None
+
+    def construct(self, ids, mask, teacher_logits, teacher_feat):
+        s_logits, s_feat = self.student(input_ids=ids, attention_mask=mask, return_features=True)
+        loss = losses.student_kd_loss(s_logits, teacher_logits, self.kd_t)
+        if self.proj is not None:
+            d = self.proj(s_feat) - ops.stop_gradient(teacher_feat)
+            loss = loss + self.alpha * (d * d).mean()
+        return loss, s_logits
+
+
+def make_train_step(loss_cell, optimizer, jit=True, grad_reducer=None):
+    """value_and_grad over the optimizer's parameters; returns step(*inputs) -> (loss, *aux).
+
+    grad_reducer (e.g. nn.DistributedGradReducer) averages gradients across ranks.
+    """
+    grad_fn = ms.value_and_grad(loss_cell, None, optimizer.parameters, has_aux=True)
+
+    def step(*inputs):
+        (loss, *aux), grads = grad_fn(*inputs)
+        if grad_reducer is not None:
+            grads = grad_reducer(grads)
+        loss = ops.depend(loss, optimizer(grads))
+        return (loss, *aux)
+
+    return ms.jit(step) if jit else step
+
+
+def make_forward(fn, jit=True):
+    return ms.jit(fn) if jit else fn

@@ -1,0 +1,501 @@
+"""The DFKD-T3 training driver: rounds of k_G generator steps and k_S student steps.
+
+The five methods of METHOD.md share this driver so that they compare like for like:
+each round produces gen_steps_per_round x generator.batch_size samples (generated,
+drawn or random), labelled by the teacher, appended to the replay buffer and to
+generated.jsonl; then student.steps_per_round student steps draw from the buffer.
+
+A run is resumable: checkpoint.safetensors (written atomically) holds every trainable
+parameter, the optimizer states and, in its metadata, the counters, the replay buffer,
+the corpus cursor, the RNG state and the JSONL offsets. Ctrl-C saves and exits.
+"""
+import json
+import logging
+import resource
+import signal
+import time
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+from tqdm import tqdm
+
+from . import build as B
+from . import metrics as M
+from .classify import EncoderRunner, evaluate, softmax_np
+from .config import save_config
+from .data import Corpus, CorpusSampler, balanced_labels
+from .gumbel import derive_seed
+from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
+from .replay import JsonlWriter, ReplayBuffer
+from .steps import GeneratorLoss, StudentLoss, make_train_step, soft_sequence_layout
+from .vocab_bridge import build_vocab_bridge
+
+log = logging.getLogger("ms_dfkd")
+
+CKPT_NAME = "checkpoint.safetensors"
+NOISE_STREAM_SAMPLE = 1
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class StopRequested(Exception):
+    pass
+
+
+class Distiller:
+    def __init__(self, cfg, rank=0, world_size=1, grad_reducer_factory=None):
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.is_main = rank == 0
+        self.method = cfg.run.method
+        self.K = len(cfg.task.label_names)
+        self.jit = cfg.run.mode == "graph"
+        self.out = Path(cfg.fmt(cfg.run.out_dir))
+        self.reducer_factory = grad_reducer_factory
+        self.stop_flag = False
+        self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
+                         "samples": 0}
+        self.history = []
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self):
+        cfg = self.cfg
+        import kernels
+        if cfg.run.kernels != "auto":
+            kernels.set_kernel_backend(cfg.run.kernels)
+        self.t_tok = B.teacher_tokenizer(cfg)
+        self.s_tok = B.student_tokenizer(cfg)
+        self.teacher = B.load_teacher(cfg)
+        self.student = B.build_student(cfg)
+        self.teacher_run = EncoderRunner(self.teacher, self.t_tok, cfg.teacher.max_length, jit=self.jit)
+        self.student_eval = EncoderRunner(self.student, self.s_tok, cfg.student.max_length, jit=self.jit)
+        # student step
+        for p in self.student.get_parameters():
+            p.requires_grad = True
+        self.student_loss = StudentLoss(self.student, cfg.loss.kd_temperature, cfg.student.hidden_mse,
+                                        self.student.config.hidden_size, self.teacher.config.hidden_size)
+        self.opt_s = nn.AdamWeightDecay(self.student_loss.trainable_params(), learning_rate=cfg.student.lr,
+                                        weight_decay=0.01)
+        red = self.reducer_factory(self.opt_s.parameters) if self.reducer_factory else None
+        self.student_step = make_train_step(self.student_loss, self.opt_s, jit=self.jit, grad_reducer=red)
+        # data sources
+        self.replay = ReplayBuffer(cfg.run.replay_size, derive_seed(cfg.run.seed, self.rank, 7))
+        self.corpus_sampler = None
+        if self.method in ("corpus", "prompted", "dfkd-t3"):
+            corpus = Corpus(cfg.corpus.sources, cfg.corpus.min_words, cfg.corpus.max_words)
+            self.corpus_sampler = CorpusSampler(corpus, cfg.run.seed, self.rank, self.world)
+        self.real_examples = B.load_split(cfg, "train") if self.method == "real" else None
+        self.data_rng = np.random.default_rng(derive_seed(cfg.run.seed, self.rank, 11))
+        self.generator = None
+        if self.method in ("prompted", "dfkd-t3"):
+            self._setup_generator()
+        suffix = f".rank{self.rank}" if self.world > 1 else ""
+        self.texts_out = JsonlWriter(self.out / f"generated{suffix}.jsonl")
+        self.metrics_out = JsonlWriter(self.out / "metrics.jsonl") if self.is_main else None
+
+    def _setup_generator(self):
+        cfg, g = self.cfg, self.cfg.generator
+        self.g_tok = B.generator_tokenizer(cfg)
+        self.generator, self.g_cfg = B.build_generator(cfg)
+        from .models.llama import set_trainable
+        from .models.llama_sampling import sample
+        self._sample = sample
+        self.stop_ids = self._stop_ids()
+        self.P, self.T = g.prompt_max_length, g.max_new_tokens
+        if self.method != "dfkd-t3":
+            set_trainable(self.generator, "none")
+            self.generator.set_train(False)
+            return
+        set_trainable(self.generator, g.trainable, g.top_k_layers)
+        self.frozen, _ = B.build_generator(cfg)  # G_theta0: the same pretrained (or same-seed) weights
+        set_trainable(self.frozen, "none")
+        self.frozen.set_train(False)
+        self.bridge = build_vocab_bridge(self.g_tok, self.t_tok)
+        log.info(self.bridge.summary())
+        self._refresh_tables(teacher=True)
+        self.gen_loss = GeneratorLoss(self.generator, self.teacher, self.student, self.P, self.T, self.K,
+                                      cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau)
+        self.opt_g = nn.AdamWeightDecay(self.generator.trainable_params(), learning_rate=g.lr, weight_decay=0.0)
+        red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
+        self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red)
+        P, T = self.P, self.T
+        frozen = self.frozen
+
+        def frozen_fwd(ids, mask):
+            lo = frozen(input_ids=ids, attention_mask=mask)
+            return ops.stop_gradient(lo[:, P - 1:P - 1 + T, :])
+
+        self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
+
+    def _refresh_tables(self, teacher=False):
+        """E_hat = B @ E for the student (it trains) and, once, the teacher."""
+        def tab(model):
+            return ms.Tensor(self.bridge.table(model.get_input_embeddings().asnumpy()))
+
+        def special(model, tok):
+            E = model.get_input_embeddings().asnumpy()
+            return ms.Tensor(E[tok.bos_id]), ms.Tensor(E[tok.eos_id])
+        if teacher:
+            self.table_t = tab(self.teacher)
+            self.cls_t, self.sep_t = special(self.teacher, self.t_tok)
+        self.table_s = tab(self.student)
+        self.cls_s, self.sep_s = special(self.student, self.s_tok)
+
+    def _stop_ids(self):
+        tok = self.g_tok
+        ids = {tok.eos_id}
+        for name in ("<|im_end|>", "<|endoftext|>"):
+            i = tok.token_to_id(name)
+            if i is not None:
+                ids.add(i)
+        if self.cfg.generator.stop_at_newline:
+            for i in range(tok.vocab_size):
+                if "\n" in tok.backend.decode([i], skip_special_tokens=False):
+                    ids.add(i)
+        return tuple(sorted(ids))
+
+    # ------------------------------------------------------------------ prompts and sampling
+    def _prompt_ids(self, passages, labels):
+        """Left-padded [B, P] prompt ids: template(label, passage), chat-wrapped; the passage is cut to fit."""
+        cfg, tok, P = self.cfg, self.g_tok, self.P
+        rows = []
+        for text, y in zip(passages, labels):
+            body = cfg.task.prompt_template.replace("{label}", cfg.task.label_names[y])
+            if cfg.generator.chat_template:
+                from .tokenization import smollm2_chat_prompt
+                body = smollm2_chat_prompt(body)
+            pre, _, post = body.partition("{text}")
+            a = tok.encode(pre, add_special_tokens=False)
+            c = tok.encode(post, add_special_tokens=False)
+            budget = P - len(a) - len(c)
+            if budget < 8:
+                raise ValueError(f"generator.prompt_max_length={P} leaves {budget} tokens for the passage; "
+                                 f"raise it (the template alone takes {len(a) + len(c)} tokens)")
+            rows.append(a + tok.encode(" " + text if pre and not pre.endswith((" ", "\n")) else text,
+                                       add_special_tokens=False)[:budget] + c)
+        ids = np.full((len(rows), P), tok.pad_id, np.int32)
+        mask = np.zeros((len(rows), P), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, P - len(r):] = r
+            mask[i, P - len(r):] = 1
+        return ids, mask
+
+    def _generate(self, n_step_id):
+        """Sample one batch from the generator: returns dict of numpy arrays and texts."""
+        g = self.cfg.generator
+        passages = self.corpus_sampler.next_batch(g.batch_size)
+        labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
+        p_ids, p_mask = self._prompt_ids(passages, labels)
+        seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, NOISE_STREAM_SAMPLE)
+        new_ids, new_mask = self._sample(self.generator, p_ids, p_mask, self.T, seed,
+                                         temperature=g.sample_temperature, top_p=g.top_p,
+                                         eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids)
+        new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
+        texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
+        return dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,
+                    ids=new_ids, mask=new_mask, texts=texts)
+
+    # ------------------------------------------------------------------ one unit of data per method
+    def _produce(self):
+        """One batch of samples for the replay buffer; returns (records, step metrics)."""
+        cfg, n = self.cfg, self.cfg.generator.batch_size
+        step_id = self.counters["gen_steps"]
+        info = {}
+        if self.method == "random":
+            V = self.t_tok.vocab_size
+            lo = 999 if V > 2000 else 5  # skip [PAD]/[unusedN]/[CLS]/[SEP]/[MASK] of the uncased vocab
+            texts = []
+            for _ in range(n):
+                L = int(self.data_rng.integers(5, cfg.generator.max_new_tokens + 1))
+                texts.append(self.t_tok.decode(self.data_rng.integers(lo, V, size=L)))
+            labels = np.full(n, -1)
+        elif self.method == "corpus":
+            texts = self.corpus_sampler.next_batch(n)
+            labels = np.full(n, -1)
+        elif self.method == "real":
+            idx = self.data_rng.integers(0, len(self.real_examples), size=n)
+            texts = [self.real_examples[i][0] for i in idx]
+            labels = np.array([self.real_examples[i][1] for i in idx])
+        elif self.method == "prompted":
+            s = self._generate(step_id)
+            texts, labels = s["texts"], s["labels"]
+            info.update(self._fluency_stats(s))
+        else:
+            s = self._generate(step_id)
+            texts, labels = s["texts"], s["labels"]
+            info.update(self._generator_update(s))
+        probs = self.teacher_run.probs(texts)
+        if self.method in ("prompted", "dfkd-t3"):
+            info["specificity"] = M.specificity_rate(probs.argmax(-1), labels)
+            if "soft_argmax" in info:
+                info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
+        recs = [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
+                 "round": self.counters["round"], "step": step_id, "rank": self.rank}
+                for t, y, p in zip(texts, labels, probs)]
+        self.counters["gen_steps"] += 1
+        self.counters["samples"] += len(recs)
+        return recs, info
+
+    def _fluency_stats(self, s):
+        """Perplexity of the sampled tokens under the frozen generator (no gradient)."""
+        full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
+        full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
+        model = self.frozen if self.method == "dfkd-t3" else self.generator
+        if not hasattr(self, "_ppl_fwd"):
+            P, T = self.P, self.T
+
+            def fwd(ids, mask):
+                return ops.stop_gradient(model(input_ids=ids, attention_mask=mask)[:, P - 1:P - 1 + T, :])
+            self._ppl_fwd = ms.jit(fwd) if self.jit else fwd
+        lo = self._ppl_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask)).asnumpy()
+        return {"perplexity_g0": _perplexity(lo, s["ids"], s["mask"]), "_frozen_logits": lo}
+
+    def _generator_update(self, s):
+        cfg = self.cfg
+        B_, T = s["ids"].shape
+        full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
+        full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
+        frozen = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask))
+        frozen_np = frozen.asnumpy()
+        cls_sel, tok_sel, sep_sel, enc_mask = soft_sequence_layout(s["mask"])
+        t0 = time.time()
+        out = self.gen_step(ms.Tensor(full_ids), ms.Tensor(full_mask), ms.Tensor(s["ids"]), ms.Tensor(s["mask"]),
+                            frozen.reshape(B_ * T, -1), ms.Tensor(s["labels"]),
+                            ms.Tensor(np.int64(s["seed"])), self.table_t, self.table_s, self.cls_t, self.sep_t,
+                            self.cls_s, self.sep_s, ms.Tensor(cls_sel), ms.Tensor(tok_sel), ms.Tensor(sep_sel),
+                            ms.Tensor(enc_mask))
+        loss, spec, div, adv, flu, t_logits = [o.asnumpy() for o in out]
+        for name, v in (("loss_g", loss), ("spec", spec), ("div", div), ("adv", adv), ("flu", flu)):
+            if not np.isfinite(v):
+                raise FloatingPointError(f"generator step {self.counters['gen_steps']}: {name} = {v}")
+        return {"loss_g": float(loss), "loss_spec": float(spec), "loss_div": float(div), "loss_adv": float(adv),
+                "loss_flu": float(flu), "gen_step_s": time.time() - t0,
+                "perplexity_g0": _perplexity(frozen_np, s["ids"], s["mask"]),
+                "soft_argmax": t_logits.argmax(-1), "gen_tokens": int(s["mask"].sum())}
+
+    def _student_update(self):
+        cfg = self.cfg
+        batch = self.replay.sample(cfg.student.batch_size)
+        texts = [r["text"] for r in batch]
+        ids, mask = self.s_tok.encode_batch(texts, max_length=cfg.student.max_length, padding="max_length")
+        t_logits, t_feat = self.teacher_run.logits(texts, with_features=True)
+        loss, _ = self.student_step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(t_logits), ms.Tensor(t_feat))
+        loss = float(loss.asnumpy())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"student step {self.counters['stu_steps']}: loss = {loss}")
+        self.counters["stu_steps"] += 1
+        return loss
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, resume=True):
+        cfg = self.cfg
+        if resume and (self.out / CKPT_NAME).exists():
+            self.load_checkpoint()
+            log.info(f"resumed from {self.out / CKPT_NAME} at round {self.counters['round']}")
+        elif self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        kG, kS = cfg.run.gen_steps_per_round, cfg.run.student_steps_per_round
+        total = cfg.run.rounds * (kG + kS)
+        done = self.counters["round"] * (kG + kS) + self.counters["gen_in_round"] + self.counters["stu_in_round"]
+        bar = tqdm(total=total, initial=done, desc=f"{self.method}", unit="step", disable=not self.is_main)
+        old = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            while self.counters["round"] < cfg.run.rounds:
+                round_info, t_round, toks = {}, time.time(), 0
+                while self.counters["gen_in_round"] < kG:
+                    self._check_stop()
+                    recs, info = self._produce()
+                    info.pop("_frozen_logits", None)
+                    toks += info.pop("gen_tokens", 0)
+                    self.replay.add(recs)
+                    self.texts_out.write(recs)
+                    _accumulate(round_info, info)
+                    self.counters["gen_in_round"] += 1
+                    bar.update(1)
+                    bar.set_postfix(_postfix(info))
+                while self.counters["stu_in_round"] < kS:
+                    self._check_stop()
+                    loss = self._student_update()
+                    _accumulate(round_info, {"loss_s": loss})
+                    self.counters["stu_in_round"] += 1
+                    bar.update(1)
+                    bar.set_postfix(loss_s=f"{loss:.3f}")
+                if self.method == "dfkd-t3" and kS:
+                    self._refresh_tables()
+                self._end_round(round_info, time.time() - t_round, toks)
+        except StopRequested:
+            bar.close()
+            self.save_checkpoint()
+            log.warning(f"interrupted: checkpoint saved to {self.out / CKPT_NAME}; rerun the same command to resume")
+            return None
+        finally:
+            signal.signal(signal.SIGINT, old)
+        bar.close()
+        return self.history
+
+    def _on_sigint(self, signum, frame):
+        if self.stop_flag:  # second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self.stop_flag = True
+        log.warning("Ctrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def _check_stop(self):
+        if self.stop_flag:
+            raise StopRequested
+
+    def _end_round(self, round_info, seconds, toks):
+        cfg, c = self.cfg, self.counters
+        rec = {k: float(np.mean(v)) for k, v in round_info.items()}
+        rec.update(round=c["round"], gen_steps=c["gen_steps"], stu_steps=c["stu_steps"], samples=c["samples"],
+                   round_s=seconds, peak_rss_mb=peak_rss_mb())
+        if toks:
+            rec["gen_tokens_per_s"] = toks / max(seconds, 1e-9)
+        recent = [r for r in self.replay.records if r["round"] == c["round"]]
+        if recent:
+            texts = [r["text"] for r in recent]
+            rec["distinct_1"] = M.distinct_n(texts, 1)
+            rec["distinct_2"] = M.distinct_n(texts, 2)
+            rec["self_bleu"] = M.self_bleu(texts, max_samples=64)
+            t_arg = np.array([int(np.argmax(r["teacher_probs"])) for r in recent])
+            bal = M.label_balance(t_arg, self.K)
+            rec["label_balance"] = bal if not isinstance(bal, dict) else bal.get("entropy_ratio", bal)
+        last = c["round"] + 1 == cfg.run.rounds
+        if self.is_main and ((cfg.run.eval_every and (c["round"] + 1) % cfg.run.eval_every == 0) or last):
+            dev = self._eval_set("dev")
+            if dev:
+                rec["student_dev_" + cfg.task.metric] = evaluate(self.student_eval, dev, cfg.task.metric)[cfg.task.metric]
+        c["round"] += 1
+        c["gen_in_round"] = c["stu_in_round"] = 0
+        self.history.append(rec)
+        if self.is_main:
+            self.metrics_out.write([rec])
+        if (cfg.run.checkpoint_every and c["round"] % cfg.run.checkpoint_every == 0) or last:
+            self.save_checkpoint()
+
+    def _eval_set(self, which):
+        try:
+            rows = B.load_split(self.cfg, which)
+        except (FileNotFoundError, ValueError) as e:
+            log.warning(f"no {which} evaluation: {e}")
+            return None
+        n = self.cfg.run.eval_examples
+        return rows[:n] if n else rows
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_arrays(self):
+        arrays = {}
+        for name, p in self.student_loss.parameters_and_names():
+            arrays["student/" + name] = p.asnumpy()
+        net_ids = {id(p) for p in self.student_loss.get_parameters()}
+        for name, p in self.opt_s.parameters_and_names():
+            if id(p) not in net_ids:
+                arrays["opt_s/" + name] = p.asnumpy()
+        if self.method == "dfkd-t3":
+            gen_ids = set()
+            for name, p in self.generator.parameters_and_names():
+                if p.requires_grad:
+                    arrays["generator/" + name] = p.asnumpy()
+                    gen_ids.add(id(p))
+            all_gen = {id(p) for p in self.generator.get_parameters()}
+            for name, p in self.opt_g.parameters_and_names():
+                if id(p) not in all_gen:
+                    arrays["opt_g/" + name] = p.asnumpy()
+        return arrays
+
+    def save_checkpoint(self):
+        if not self.is_main:
+            return
+        state = {"counters": self.counters, "replay": self.replay.state_dict(),
+                 "corpus": self.corpus_sampler.state_dict() if self.corpus_sampler else None,
+                 "data_rng": self.data_rng.bit_generator.state,
+                 "texts_offset": self.texts_out.offset, "metrics_offset": self.metrics_out.offset,
+                 "history": self.history, "method": self.method, "world_size": self.world}
+        save_safetensors(self._trainable_arrays(), self.out / CKPT_NAME,
+                         metadata={"format": "ms-dfkd-run", "state": json.dumps(state)})
+
+    def load_checkpoint(self):
+        path = self.out / CKPT_NAME
+        arrays = load_safetensors(path)
+        meta = safetensors_metadata(path)
+        if meta.get("format") != "ms-dfkd-run" or "state" not in meta:
+            raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
+        state = json.loads(meta["state"])
+        if state["method"] != self.method:
+            raise CheckpointError(f"{path} belongs to a {state['method']!r} run, not {self.method!r}; "
+                                  f"use another run.out_dir")
+        expected = self._trainable_arrays()
+        missing = sorted(set(expected) - set(arrays))
+        unexpected = sorted(set(arrays) - set(expected))
+        bad = [f"{k}: {arrays[k].shape} vs {expected[k].shape}" for k in expected
+               if k in arrays and arrays[k].shape != expected[k].shape]
+        if missing or unexpected or bad:
+            raise CheckpointError(f"cannot resume from {path}: missing {missing[:10]}, unexpected "
+                                  f"{unexpected[:10]}, shape mismatches {bad[:10]}")
+        cells = {"student": self.student_loss, "opt_s": self.opt_s}
+        if self.method == "dfkd-t3":
+            cells.update(generator=self.generator, opt_g=self.opt_g)
+        params = {pre: dict(c.parameters_and_names()) for pre, c in cells.items()}
+        for key, arr in arrays.items():
+            pre, name = key.split("/", 1)
+            p = params[pre][name]
+            p.set_data(ms.Tensor(arr, dtype=p.dtype))
+        self.counters = state["counters"]
+        self.history = state["history"]
+        self.replay.load_state_dict(state["replay"])
+        if self.corpus_sampler is not None and state["corpus"] is not None:
+            self.corpus_sampler.load_state_dict(state["corpus"])
+        self.data_rng.bit_generator.state = state["data_rng"]
+        tag = f"after-step{self.counters['gen_steps']}"
+        if self.world == state.get("world_size", 1) or self.rank == 0:
+            side = self.texts_out.rewind(state["texts_offset"], tag) if self.world == state.get("world_size", 1) else None
+            if side:
+                log.warning(f"samples written after the checkpoint were moved to {side}")
+        if self.is_main:
+            self.metrics_out.rewind(state["metrics_offset"], tag)
+        if self.method == "dfkd-t3":
+            self._refresh_tables()
+
+    # ------------------------------------------------------------------ end of run
+    def final_report(self):
+        """Teacher and student test metric, and a few generated texts per label."""
+        cfg = self.cfg
+        out = {}
+        test = self._eval_set("test")
+        if test:
+            out["teacher_test"] = evaluate(self.teacher_run, test, cfg.task.metric, progress="eval teacher")
+            out["student_test"] = evaluate(self.student_eval, test, cfg.task.metric, progress="eval student")
+        samples = {}
+        for y, name in enumerate(cfg.task.label_names):
+            recs = [r for r in self.replay.records if r["target"] == y][-cfg.run.show_samples:]
+            samples[name] = [r["text"] for r in recs]
+        out["samples"] = samples
+        if self.is_main:
+            (self.out / "final.json").write_text(json.dumps(out, indent=2))
+        return out
+
+
+def _perplexity(logits, ids, mask):
+    """exp(mean NLL) of ids under logits [B, T, V] over mask."""
+    lo = logits.reshape(ids.shape[0], ids.shape[1], -1).astype(np.float64)
+    lo = lo - lo.max(-1, keepdims=True)
+    logp = lo - np.log(np.exp(lo).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[..., None].astype(np.int64), -1)[..., 0]
+    m = mask.astype(np.float64)
+    return float(np.exp((nll * m).sum() / max(m.sum(), 1.0)))
+
+
+def _accumulate(acc, info):
+    for k, v in info.items():
+        if k.startswith("_") or isinstance(v, np.ndarray):
+            continue
+        acc.setdefault(k, []).append(v)
+
+
+def _postfix(info):
+    keys = ("loss_g", "spec", "specificity", "loss_flu")
+    return {k: f"{info[k]:.3f}" for k in keys if k in info and isinstance(info[k], float)}
