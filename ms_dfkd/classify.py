@@ -89,7 +89,7 @@ def train_classifier(model, tokenizer, examples, *, max_length, batch_size, lr, 
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, len(examples) // batch_size)
     total = steps_per_epoch * epochs
-    lr_sched = nn.polynomial_decay_lr(lr, lr * 0.01, total, total, 1.0) if total > 1 else [lr]
+    lr_sched = [float(lr * (1.0 - 0.99 * i / total)) for i in range(total)]  # linear decay to 1%
     for p in model.get_parameters():
         p.requires_grad = True
     model.set_train(False)  # dropout off: MiniLM fine-tunes fine without it, and steps stay reproducible

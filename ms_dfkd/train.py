@@ -193,7 +193,8 @@ class Distiller:
         seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, NOISE_STREAM_SAMPLE)
         new_ids, new_mask = self._sample(self.generator, p_ids, p_mask, self.T, seed,
                                          temperature=g.sample_temperature, top_p=g.top_p,
-                                         eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids)
+                                         eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
+                                         graph=self.jit)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
         return dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,
@@ -431,8 +432,9 @@ class Distiller:
         expected = self._trainable_arrays()
         missing = sorted(set(expected) - set(arrays))
         unexpected = sorted(set(arrays) - set(expected))
+        # safetensors stores 0-d scalars (learning rate, step) as shape (1,): compare sizes
         bad = [f"{k}: {arrays[k].shape} vs {expected[k].shape}" for k in expected
-               if k in arrays and arrays[k].shape != expected[k].shape]
+               if k in arrays and arrays[k].size != expected[k].size]
         if missing or unexpected or bad:
             raise CheckpointError(f"cannot resume from {path}: missing {missing[:10]}, unexpected "
                                   f"{unexpected[:10]}, shape mismatches {bad[:10]}")
@@ -443,7 +445,7 @@ class Distiller:
         for key, arr in arrays.items():
             pre, name = key.split("/", 1)
             p = params[pre][name]
-            p.set_data(ms.Tensor(arr, dtype=p.dtype))
+            p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
         self.counters = state["counters"]
         self.history = state["history"]
         self.replay.load_state_dict(state["replay"])

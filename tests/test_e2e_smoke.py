@@ -1,0 +1,189 @@
+"""The smoke config end to end through the CLI and the driver: learning wiring, frozen parts,
+resume, Ctrl-C, and bad inputs that must not destroy existing results."""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ms_dfkd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
+    assert main(["train-teacher", "--config", SMOKE, "--teacher.checkpoint", str(path)]) == 0
+    assert path.is_file()
+    return str(path)
+
+
+def _cfg(teacher, out, *extra):
+    from ms_dfkd.config import load_config, parse_overrides
+    return load_config(SMOKE, parse_overrides(["--teacher.checkpoint", teacher, "--run.out_dir", str(out),
+                                               *extra]))
+
+
+def _distiller(cfg):
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
+    from ms_dfkd.train import Distiller
+    return Distiller(cfg)
+
+
+def test_smoke_distill_cli(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out)]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert 0.0 <= final["teacher_test"]["accuracy"] <= 1.0 and final["teacher_test"]["n"] == 64  # run.eval_examples
+    assert 0.0 <= final["student_test"]["accuracy"] <= 1.0
+    metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [0, 1]
+    for m in metrics:
+        for k in ("loss_g", "loss_spec", "loss_div", "loss_adv", "loss_flu", "loss_s", "specificity",
+                  "bridge_agreement", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0"):
+            assert np.isfinite(m[k]), k
+    recs = [json.loads(l) for l in (out / "generated.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 2 * 4
+    assert all(abs(sum(r["teacher_probs"]) - 1) < 1e-4 for r in recs)
+    printed = capsys.readouterr().out
+    assert "teacher test accuracy" in printed and "student test accuracy" in printed
+    # a PyTorch-free driver
+    assert "torch" not in sys.modules
+
+
+def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
+    import mindspore as ms
+    from ms_dfkd.steps import soft_sequence_layout
+    cfg = _cfg(teacher, tmp_path / "g", "--run.rounds", "1", "--run.mode", "pynative",
+               "--generator.trainable", "top_k", "--generator.top_k_layers", "1")
+    d = _distiller(cfg)
+    teacher0 = {n: p.asnumpy().copy() for n, p in d.teacher.parameters_and_names()}
+    frozen0 = {n: p.asnumpy().copy() for n, p in d.frozen.parameters_and_names()}
+    gen0 = {n: p.asnumpy().copy() for n, p in d.generator.parameters_and_names()}
+    trainable = [n for n, p in d.generator.parameters_and_names() if p.requires_grad]
+    assert trainable and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in trainable)
+
+    s = d._generate(0)
+    Bn, T = s["ids"].shape
+    full_ids = ms.Tensor(np.concatenate([s["p_ids"], s["ids"]], 1))
+    full_mask = ms.Tensor(np.concatenate([s["p_mask"], s["mask"]], 1))
+    frozen = d.frozen_fwd(full_ids, full_mask).reshape(Bn * T, -1)
+    sel = [ms.Tensor(a) for a in soft_sequence_layout(s["mask"])]
+    grad_fn = ms.value_and_grad(d.gen_loss, None, d.opt_g.parameters, has_aux=True)
+    _, grads = grad_fn(full_ids, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]), frozen,
+                       ms.Tensor(s["labels"]), ms.Tensor(np.int64(s["seed"])), d.table_t, d.table_s,
+                       d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel)
+    assert len(grads) == len(trainable)
+    for p, g in zip(d.opt_g.parameters, grads):
+        g = g.asnumpy()
+        assert np.isfinite(g).all(), p.name
+        assert np.abs(g).sum() > 0, p.name
+
+    assert d.run() is not None
+    for n, p in d.teacher.parameters_and_names():
+        np.testing.assert_array_equal(p.asnumpy(), teacher0[n], err_msg=n)
+    for n, p in d.frozen.parameters_and_names():
+        np.testing.assert_array_equal(p.asnumpy(), frozen0[n], err_msg=n)
+    for n, p in d.generator.parameters_and_names():
+        same = np.array_equal(p.asnumpy(), gen0[n])
+        assert same != (n in trainable), n  # trainable ones moved, the rest did not
+
+
+def _ckpt(out):
+    from ms_dfkd.models.checkpoint_io import load_safetensors
+    return load_safetensors(Path(out) / "checkpoint.safetensors")
+
+
+def test_resume_equals_straight_run(teacher, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _distiller(_cfg(teacher, a, "--run.rounds", "2")).run()
+    _distiller(_cfg(teacher, b, "--run.rounds", "1")).run()
+    _distiller(_cfg(teacher, b, "--run.rounds", "2")).run()
+    ca, cb = _ckpt(a), _ckpt(b)
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+    ta = [json.loads(l)["text"] for l in (a / "generated.jsonl").read_text().splitlines()]
+    tb = [json.loads(l)["text"] for l in (b / "generated.jsonl").read_text().splitlines()]
+    assert ta == tb and len(ta) == 16
+
+
+def test_ctrl_c_saves_and_resumes(teacher, tmp_path):
+    out = tmp_path / "int"
+    d = _distiller(_cfg(teacher, out, "--run.rounds", "2"))
+    real = d._produce
+    calls = []
+
+    def produce_then_interrupt():
+        calls.append(1)
+        r = real()
+        if len(calls) == 3:  # mid-round 1, between two generator steps
+            os.kill(os.getpid(), signal.SIGINT)
+        return r
+    d._produce = produce_then_interrupt
+    assert d.run() is None
+    state = _ckpt(out)
+    assert state
+    d2 = _distiller(_cfg(teacher, out, "--run.rounds", "2"))
+    d2.run()
+    assert d2.counters["round"] == 2 and d2.counters["gen_steps"] == 4
+    lines = (out / "generated.jsonl").read_text().splitlines()
+    assert len(lines) == 16
+
+
+def test_bad_inputs_keep_existing_results(teacher, tmp_path, capsys):
+    out = tmp_path / "keep"
+    _distiller(_cfg(teacher, out, "--run.rounds", "1")).run()
+    ck = out / "checkpoint.safetensors"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    def run(*extra):
+        return main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out),
+                     *extra])
+    assert run("--corpus.sources", f"file:{tmp_path / 'missing.txt'}") == 2
+    assert "missing.txt" in capsys.readouterr().err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert run("--corpus.sources", f"file:{empty}") == 2
+    assert "empty.txt" in capsys.readouterr().err
+    assert run("--run.rounds", "zero") == 2
+    assert "run.rounds" in capsys.readouterr().err
+    assert run("--fresh") == 2
+    assert "would be overwritten" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+
+    # a corrupt checkpoint is reported and left as it is
+    ck.write_bytes(ck.read_bytes()[:100])
+    bad = ck.read_bytes()
+    assert run("--run.rounds", "2") == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert ck.read_bytes() == bad
+
+    # an eval file with an unknown label
+    f = tmp_path / "eval.tsv"
+    f.write_text("text\tlabel\ngreat film\tpositive\nmeh\tneutral\n")
+    assert main(["eval", "--config", SMOKE, "--teacher.checkpoint", teacher, "--file", str(f)]) == 2
+    assert "neutral" in capsys.readouterr().err
+
+
+def test_distill_from_texts_and_inspect(teacher, tmp_path, capsys):
+    out = tmp_path / "src"
+    _distiller(_cfg(teacher, out, "--run.rounds", "1")).run()
+    st = tmp_path / "student2.safetensors"
+    assert main(["distill-from-texts", "--config", SMOKE, "--texts", str(out), "--out", str(st),
+                 "--steps", "3", "--student.num_layers", "2"]) == 0
+    assert st.is_file()
+    capsys.readouterr()
+    assert main(["eval", "--config", SMOKE, "--teacher.checkpoint", teacher, "--student", str(st),
+                 "--student.num_layers", "2", "--split", "dev"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res) == {"teacher", "student"} and res["student"]["n"] > 1000
+    assert main(["inspect", str(out)]) == 0
+    assert "8 generated texts" in capsys.readouterr().out
