@@ -202,6 +202,9 @@ def cmd_eval(cfg, args):
         res["student"] = evaluate(EncoderRunner(st, B.student_tokenizer(cfg), cfg.student.max_length), rows,
                                   cfg.task.metric)
     print(json.dumps(res, indent=2))
+    if args.json_out:
+        from .models.checkpoint_io import atomic_write
+        atomic_write(args.json_out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)))
     return res
 
 
@@ -258,6 +261,7 @@ def build_parser():
     s.add_argument("--file", default=None, help="a labelled .tsv/.csv/.jsonl file instead of a split")
     s.add_argument("--student", default=None, help="a run folder or a student .safetensors")
     s.add_argument("--no-teacher", action="store_true")
+    s.add_argument("--json-out", default=None, help="also write the result to this JSON file")
     s = sub.add_parser("inspect", help="print the metrics and samples of a run")
     s.add_argument("run_dir")
     s.add_argument("-n", type=int, default=5, help="samples per label")

@@ -104,7 +104,7 @@ class RunConfig:
     student_steps_per_round: int = 4  # k_S
     replay_size: int = 512
     eval_every: int = 1            # rounds; 0 = only at the end
-    eval_examples: int = 0         # 0 = whole dev/test file
+    eval_examples: int = 0         # dev examples for the per-round eval; 0 = all (test is always whole)
     mode: str = "graph"            # graph | pynative
     kernels: str = "auto"          # auto | composite | triton_interpret | aot
     checkpoint_every: int = 1      # rounds

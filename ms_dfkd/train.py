@@ -384,7 +384,7 @@ class Distiller:
         except (FileNotFoundError, ValueError) as e:
             log.warning(f"no {which} evaluation: {e}")
             return None
-        n = self.cfg.run.eval_examples
+        n = self.cfg.run.eval_examples if which == "dev" else 0  # the test set is always whole
         return rows[:n] if n else rows
 
     # ------------------------------------------------------------------ checkpoints

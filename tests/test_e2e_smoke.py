@@ -40,7 +40,7 @@ def test_smoke_distill_cli(teacher, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out)]) == 0
     final = json.loads((out / "final.json").read_text())
-    assert 0.0 <= final["teacher_test"]["accuracy"] <= 1.0 and final["teacher_test"]["n"] == 64  # run.eval_examples
+    assert 0.0 <= final["teacher_test"]["accuracy"] <= 1.0 and final["teacher_test"]["n"] > 1000
     assert 0.0 <= final["student_test"]["accuracy"] <= 1.0
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1]

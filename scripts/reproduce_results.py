@@ -1,0 +1,198 @@
+"""The results table of ms-dfkd (issue 4): every method of METHOD.md on real weights, fully offline.
+
+    python scripts/reproduce_results.py [--quick] [--out runs/results]
+
+Resumable: each (method, seed) is its own run folder with its own checkpoint; a finished run
+(final.json present) is not run again, an unfinished one resumes. Writes RESULTS.md (or
+RESULTS_quick.md) and a PNG of student dev accuracy against samples seen, from the run
+folders alone, so rerunning only re-renders what is already done.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["random", "corpus", "prompted", "dfkd-t3", "real"]
+
+# Same student updates and same number of samples for every method (the protocol of issue 4).
+PROFILES = {
+    "quick": dict(seeds=[0], rounds=3, gen_steps_per_round=2, student_steps_per_round=8, gen_batch=8,
+                  teacher_examples=3000, teacher_epochs=1, eval_every=1, eval_examples=300,
+                  transfer_steps=24),
+    "full": dict(seeds=[0, 1, 2], rounds=8, gen_steps_per_round=3, student_steps_per_round=12, gen_batch=8,
+                 teacher_examples=0, teacher_epochs=1, eval_every=2, eval_examples=0, transfer_steps=96),
+}
+
+
+def sh(args, log):
+    """Run an ms-dfkd command, its output appended to log; raise with the log's tail on failure."""
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(args)}\n")
+        f.flush()
+        r = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
+                           env={**os.environ, "GLOG_v": "3"})
+    if r.returncode:
+        tail = Path(log).read_text()[-2000:]
+        raise SystemExit(f"command failed ({r.returncode}): {' '.join(args)}\n--- {log} tail ---\n{tail}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="one seed, short runs (about 20 minutes)")
+    ap.add_argument("--out", default=None, help="results folder (default runs/results[_quick])")
+    ap.add_argument("--config", default=str(ROOT / "configs" / "sentiment_offline.yaml"))
+    args = ap.parse_args()
+    name = "quick" if args.quick else "full"
+    prof = PROFILES[name]
+    out = Path(args.out or ROOT / "runs" / f"results_{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.txt"
+    exe = [sys.executable, "-m", "ms_dfkd.cli"]
+    teacher = out / "teacher.safetensors"
+    common = ["--config", args.config, "--teacher.checkpoint", str(teacher)]
+    t_start = time.time()
+    print(f"[results] {name} profile, folder {out}, log {log}")
+    sh(exe + ["train-teacher", *common, "--teacher.train_examples", str(prof["teacher_examples"]),
+              "--teacher.epochs", str(prof["teacher_epochs"])], log)
+    for seed in prof["seeds"]:
+        for method in METHODS:
+            run = out / f"{method}_seed{seed}"
+            if (run / "final.json").exists():
+                print(f"[results] {run.name}: done, skipped")
+                continue
+            print(f"[results] {run.name} ...", flush=True)
+            t0 = time.time()
+            sh(exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
+                      "--run.out_dir", str(run), "--run.rounds", str(prof["rounds"]),
+                      "--run.gen_steps_per_round", str(prof["gen_steps_per_round"]),
+                      "--run.student_steps_per_round", str(prof["student_steps_per_round"]),
+                      "--generator.batch_size", str(prof["gen_batch"]),
+                      "--run.eval_every", str(prof["eval_every"]),
+                      "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5"], log)
+            print(f"[results] {run.name}: {time.time() - t0:.0f} s")
+    # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
+    for method in ("dfkd-t3", "prompted"):
+        for seed in prof["seeds"]:
+            dst = out / f"transfer_{method}_seed{seed}.json"
+            if dst.exists():
+                continue
+            st = out / f"transfer_{method}_seed{seed}.safetensors"
+            sh(exe + ["distill-from-texts", *common, "--student.arch", "minilm_l6_layers:2",
+                      "--texts", str(out / f"{method}_seed{seed}"), "--out", str(st),
+                      "--steps", str(prof["transfer_steps"]), "--run.seed", str(seed)], log)
+            sh(exe + ["eval", *common, "--student.arch", "minilm_l6_layers:2", "--student", str(st),
+                      "--no-teacher", "--split", "test", "--json-out", str(dst)], log)
+    render(out, prof, name, time.time() - t_start)
+
+
+def _mean_std(xs):
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def render(out, prof, name, wall):
+    """RESULTS.md from the run folders (nothing typed by hand)."""
+    rows, teacher_acc, gen = {}, [], {}
+    for method in METHODS:
+        accs = []
+        for seed in prof["seeds"]:
+            f = out / f"{method}_seed{seed}" / "final.json"
+            if not f.exists():
+                continue
+            fin = json.loads(f.read_text())
+            accs.append(fin["student_test"]["accuracy"])
+            teacher_acc.append(fin["teacher_test"]["accuracy"])
+            metrics = [json.loads(l) for l in (f.parent / "metrics.jsonl").read_text().splitlines()]
+            for m in metrics:
+                for k in ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0",
+                          "bridge_agreement", "gen_tokens_per_s", "round_s"):
+                    if k in m:
+                        gen.setdefault((method, k), []).append(m[k])
+        rows[method] = accs
+    t = statistics.mean(teacher_acc) if teacher_acc else float("nan")
+    lines = [f"# Results ({name} profile)", "",
+             "Written by `scripts/reproduce_results.py" + (" --quick" if name == "quick" else "") + "`; do not edit.",
+             "Task: Rotten Tomatoes critic snippets (fresh = positive, rotten = negative), hash split 80/10/10.",
+             "Teacher: MiniLM-L6 fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), fresh head.",
+             "Generator: SmolLM2-135M-Instruct. Corpus: BBC news + 2012 convention speeches.",
+             f"Seeds: {prof['seeds']}. Per run: {prof['rounds']} rounds x ({prof['gen_steps_per_round']} batches of "
+             f"{prof['gen_batch']} samples + {prof['student_steps_per_round']} student steps).",
+             f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun).", "",
+             f"Teacher test accuracy: **{t:.4f}**", "",
+             "| method | student test accuracy | share of teacher |", "|---|---|---|"]
+    for method, accs in rows.items():
+        share = f"{statistics.mean(accs) / t:.1%}" if accs else "-"
+        lines.append(f"| {method} | {_mean_std(accs)} | {share} |")
+    lines += ["", "## Generation metrics (mean over rounds and seeds)", "",
+              "| method | specificity | distinct-1 | distinct-2 | self-BLEU | ppl under G0 | bridge agreement | gen tok/s | round s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for method in METHODS:
+        cells = []
+        for k in ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0", "bridge_agreement",
+                  "gen_tokens_per_s", "round_s"):
+            v = gen.get((method, k))
+            cells.append(f"{statistics.mean(v):.3f}" if v else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "## Transfer: a second student (first 2 layers of MiniLM-L6) from saved texts", "",
+              "| texts from | student-2 test accuracy |", "|---|---|"]
+    for method in ("dfkd-t3", "prompted"):
+        accs = []
+        for seed in prof["seeds"]:
+            f = out / f"transfer_{method}_seed{seed}.json"
+            if f.exists():
+                accs.append(json.loads(f.read_text())["student"]["accuracy"])
+        lines.append(f"| {method} | {_mean_std(accs)} |")
+    lines += ["", "## Generated texts, seed 0 (last five per label)", ""]
+    for method in ("prompted", "dfkd-t3"):
+        f = out / f"{method}_seed0" / "final.json"
+        if f.exists():
+            lines.append(f"### {method}")
+            for label, texts in json.loads(f.read_text())["samples"].items():
+                lines.append(f"- **{label}**")
+                lines += [f"  - {t!r}" for t in texts]
+            lines.append("")
+    png = plot(out, prof)
+    if png:
+        lines += ["", f"![student dev accuracy]({os.path.relpath(png, ROOT)})"]
+    dst = ROOT / ("RESULTS.md" if name == "full" else "RESULTS_quick.md")
+    dst.write_text("\n".join(lines) + "\n")
+    print(f"[results] wrote {dst}")
+
+
+def plot(out, prof):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    any_line = False
+    for method in METHODS:
+        f = out / f"{method}_seed0" / "metrics.jsonl"
+        if not f.exists():
+            continue
+        pts = [(m["samples"], m["student_dev_accuracy"]) for m in map(json.loads, f.read_text().splitlines())
+               if "student_dev_accuracy" in m]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+            any_line = True
+    if not any_line:
+        return None
+    ax.set_xlabel("generated or drawn samples")
+    ax.set_ylabel("student dev accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    png = ROOT / f"results_{'full' if len(prof['seeds']) > 1 else 'quick'}_dev_accuracy.png"
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    return png
+
+
+if __name__ == "__main__":
+    main()
