@@ -129,3 +129,76 @@ def wordpiece_tokenizer(path):
         raise ValueError(f"{path}: special tokens {missing} are not in the vocabulary")
     return Tokenizer(backend=backend, pad_id=ids["[PAD]"], bos_id=ids["[CLS]"], eos_id=ids["[SEP]"],
                      unk_id=ids["[UNK]"], kind="wordpiece", extra={"source": str(path)})
+
+
+# SmolLM2's chat template puts this system message first when the caller gives none.
+SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def bpe_tokenizer_from_gguf(path):
+    """Byte-level BPE ``Tokenizer`` from a GGUF file's ``tokenizer.ggml.*`` metadata (GPT-2 style).
+
+    Pipeline as SmolLM2 ships it: every digit is its own pre-token, then the GPT-2
+    ByteLevel regex and byte-to-unicode map (no prefix space), BPE over the GGUF merges,
+    ByteLevel decoder. No BOS/EOS is added by ``encode`` (the GGUF says add_bos_token
+    false; the chat template carries the special tokens). CONTROL tokens
+    (token_type 3, e.g. <|im_start|>) are registered as special so they are never split
+    and ``decode`` skips them. pad_id is the GGUF padding_token_id, else eos (SmolLM2:
+    2 = <|im_end|>); pad positions are always masked, so the id only needs to be valid.
+    The Jinja chat template string, if present, is kept in ``chat_template``.
+    """
+    import gguf
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    reader = gguf.GGUFReader(str(path))
+
+    def meta(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    model_kind = meta("tokenizer.ggml.model")
+    if model_kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer.ggml.model is {model_kind!r}; only byte-level BPE ('gpt2') "
+                         f"is supported")
+    tokens = meta("tokenizer.ggml.tokens")
+    merges = meta("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise ValueError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
+    types = meta("tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    control = [tok for tok, t in zip(tokens, types) if t == 3]  # GGUF token type 3 = CONTROL
+    backend.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in control])
+
+    eos = int(meta("tokenizer.ggml.eos_token_id", 2))
+    return Tokenizer(
+        backend=backend,
+        pad_id=int(meta("tokenizer.ggml.padding_token_id", eos)),
+        bos_id=int(meta("tokenizer.ggml.bos_token_id", 1)),
+        eos_id=eos,
+        unk_id=meta("tokenizer.ggml.unknown_token_id"),
+        kind="bpe",
+        chat_template=meta("tokenizer.chat_template"),
+        extra={"source": str(path), "pre": meta("tokenizer.ggml.pre")},
+    )
+
+
+def smollm2_chat_prompt(user_text, system=None):
+    """SmolLM2 chat formatting of one user turn, ending where the assistant starts writing.
+
+    Same string as the GGUF's Jinja template with add_generation_prompt=True;
+    system=None uses the template's default system message.
+    """
+    system = SMOLLM2_DEFAULT_SYSTEM if system is None else system
+    return (f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n{user_text}<|im_end|>\n"
+            f"<|im_start|>assistant\n")

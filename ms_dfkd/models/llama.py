@@ -1,0 +1,372 @@
+"""Llama-family decoder (SmolLM2, Llama 2/3 layout) in MindSpore.
+
+Read top to bottom: config, RMSNorm, rotary embedding, grouped-query attention,
+SwiGLU MLP, decoder layer, the stack, the causal-LM head, then the helper that
+chooses which parameters train.
+
+Parameter names follow Hugging Face ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj.weight``,
+weights stored [out, in]) so that state dicts map one to one. Rotary embedding is the
+"rotate half" form of HF; GGUF files store Q/K permuted for the adjacent-pair form and
+``llama_weights.load_gguf_llama`` un-permutes them on load.
+
+Precision: parameters are float32 (master weights). ``compute_dtype`` casts the matmul
+inputs (float16/bfloat16 on GPU/Ascend); RMSNorm, the attention softmax and the logits
+are always computed in float32.
+
+Padding: prompts are left-padded in a batch. Positions come from the attention mask
+(position = cumsum(mask) - 1), and padded keys are masked, so a left-padded row gives
+the same logits at its real positions as the unpadded row. Logits at padded query
+positions are finite but meaningless.
+
+Two copies of the model in one graph (trained G and frozen G0) need distinct
+Parameter names: call ``model.update_parameters_name("g0.")`` on one of them. State-dict
+names (``parameters_and_names``) are structural and do not change.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+
+_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+_MASK_VALUE = -1e9  # finite, so a fully masked (padded) query row gives no NaN
+# Transposed-operand kernels: on CPU `x @ w.T` (ops.matmul / ops.dense) copies the
+# transpose each call and is 10-20x slower than MatMul(transpose_b=True) on 2-D inputs.
+_matmul_tb = ops.MatMul(transpose_b=True)
+_bmm_tb = ops.BatchMatMul(transpose_b=True)
+
+
+def cast(x, dtype):
+    """astype only when needed: a same-dtype astype still copies in PyNative (whole weights per call)."""
+    return x if x.dtype == dtype else x.astype(dtype)
+
+
+def linear(x, w):
+    """x [..., in] @ w[out, in].T -> [..., out] through one 2-D matmul."""
+    return _matmul_tb(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    compute_dtype: str = "float32"     # "float32" | "float16" | "bfloat16"
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2              # SmolLM2's GGUF says pad = eos (<|im_end|>)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype must be one of {sorted(_DTYPES)}, got {self.compute_dtype!r}")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+def _param(shape, name, std, rng):
+    if std is None:  # norm weights start at one
+        data = np.ones(shape, np.float32)
+    elif rng is None:  # filled later by a loader: skip drawing 100M+ random numbers
+        data = np.zeros(shape, np.float32)
+    else:
+        data = rng.normal(0.0, std, size=shape).astype(np.float32)
+    return Parameter(Tensor(data), name=name)
+
+
+class Linear(nn.Cell):
+    """y = x @ W.T without bias; W is [out, in] and is cast to the compute dtype."""
+
+    def __init__(self, in_features, out_features, compute_dtype, std, rng):
+        super().__init__()
+        self.weight = _param((out_features, in_features), "weight", std, rng)
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x):
+        return linear(x, cast(self.weight, self.compute_dtype))
+
+
+class Embedding(nn.Cell):
+    """Token table [V, H]; the model gathers rows itself (see LlamaModel.embed)."""
+
+    def __init__(self, vocab_size, hidden_size, std, rng):
+        super().__init__()
+        self.weight = _param((vocab_size, hidden_size), "weight", std, rng)
+
+
+class RMSNorm(nn.Cell):
+    """x / sqrt(mean(x^2) + eps) * weight, in float32 (CPU has no fused RmsNorm kernel)."""
+
+    def __init__(self, hidden_size, eps, compute_dtype):
+        super().__init__()
+        self.weight = _param((hidden_size,), "weight", None, None)
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+
+    def construct(self, x):
+        x32 = cast(x, ms.float32)
+        var = ops.mean(x32 * x32, -1, keep_dims=True)
+        return cast(x32 * ops.rsqrt(var + self.eps) * self.weight, self.compute_dtype)
+
+
+def rope_cos_sin(positions, inv_freq):
+    """cos, sin [B, 1, L, D] for integer positions [B, L] ("rotate half" layout: both halves share a frequency)."""
+    angles = positions.astype(ms.float32).expand_dims(-1) * inv_freq  # [B, L, D/2]
+    angles = ops.concat((angles, angles), -1).expand_dims(1)
+    return ops.cos(angles), ops.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, heads, L, D]: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]."""
+    half = x.shape[-1] // 2
+    rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
+    return cast(cast(x, ms.float32) * cos + cast(rotated, ms.float32) * sin, x.dtype)
+
+
+def attention_bias(query_valid_keys):
+    """Additive bias from a bool "may attend" mask of shape [B, Lq, Lk] -> [B, 1, 1, Lq, Lk]."""
+    bias = (1.0 - query_valid_keys.astype(ms.float32)) * _MASK_VALUE
+    return bias.expand_dims(1).expand_dims(1)
+
+
+class LlamaAttention(nn.Cell):
+    """Grouped-query attention. Query head h reads key/value head h // n_rep (HF repeat_kv order).
+
+    The query heads of one KV group are stacked along the sequence axis, so one batched
+    matmul per KV head serves the whole group and K/V are never copied n_rep times.
+    """
+
+    def __init__(self, cfg, cdt, rng):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.n_rep = self.n_heads // self.n_kv
+        self.head_dim = cfg.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        h, d, std = cfg.hidden_size, cfg.head_dim, cfg.initializer_range
+        self.q_proj = Linear(h, self.n_heads * d, cdt, std, rng)
+        self.k_proj = Linear(h, self.n_kv * d, cdt, std, rng)
+        self.v_proj = Linear(h, self.n_kv * d, cdt, std, rng)
+        self.o_proj = Linear(self.n_heads * d, h, cdt, std, rng)
+
+    def project(self, x, cos, sin):
+        """x [B, L, H] -> q [B, n_heads, L, D], k, v [B, n_kv, L, D] with RoPE applied to q and k."""
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q, k, v, bias):
+        """q [B, n_heads, Lq, D]; k, v [B, n_kv, Lk, D]; bias [B, 1, 1, Lq, Lk] -> [B, Lq, n_heads*D]."""
+        b, _, lq, d = q.shape
+        lk = k.shape[2]
+        qg = q.reshape(b, self.n_kv, self.n_rep * lq, d)
+        scores = cast(_bmm_tb(qg, k), ms.float32) * self.scale
+        scores = scores.reshape(b, self.n_kv, self.n_rep, lq, lk) + bias
+        probs = cast(ops.softmax(scores, -1), v.dtype).reshape(b, self.n_kv, self.n_rep * lq, lk)
+        out = ops.matmul(probs, v).reshape(b, self.n_heads, lq, d)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, lq, self.n_heads * d))
+
+
+class LlamaMLP(nn.Cell):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg, cdt, rng):
+        super().__init__()
+        h, i, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
+        self.gate_proj = Linear(h, i, cdt, std, rng)
+        self.up_proj = Linear(h, i, cdt, std, rng)
+        self.down_proj = Linear(i, h, cdt, std, rng)
+
+    def construct(self, x):
+        return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Cell):
+    def __init__(self, cfg, cdt, rng):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cdt)
+        self.self_attn = LlamaAttention(cfg, cdt, rng)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cdt)
+        self.mlp = LlamaMLP(cfg, cdt, rng)
+
+    def construct(self, x, cos, sin, bias, cache_k=None, cache_v=None, write_slot=None):
+        """Returns (x, k, v). Without a cache k, v are this call's keys/values [B, n_kv, L, D].
+
+        With a cache (one-token decoding): the new key/value is written where
+        ``write_slot`` ([1, 1, S, 1] bool) is true, attention reads the whole cache
+        [B, n_kv, S, D], and the updated cache is returned.
+        """
+        q, k, v = self.self_attn.project(self.input_layernorm(x), cos, sin)
+        if cache_k is not None:
+            k = ops.where(write_slot, k, cache_k)
+            v = ops.where(write_slot, v, cache_v)
+        x = x + self.self_attn.attend(q, k, v, bias)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class LlamaModel(nn.Cell):
+    """Embedding, decoder layers and the final norm."""
+
+    def __init__(self, cfg, cdt, rng):
+        super().__init__()
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, cfg.initializer_range, rng)
+        self.layers = nn.CellList([LlamaDecoderLayer(cfg, cdt, rng) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cdt)
+        inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
+        self.inv_freq = Tensor(inv_freq.astype(np.float32))  # a constant, not a parameter
+        self.compute_dtype = cdt
+
+    def embed(self, input_ids):
+        return cast(ops.gather(self.embed_tokens.weight, input_ids, 0), self.compute_dtype)
+
+    def rope_and_bias(self, attention_mask):
+        """cos, sin and the causal + padding bias of a whole (left- or right-padded) sequence."""
+        mask = cast(attention_mask, ms.int32)
+        positions = ops.relu(ops.cumsum(mask, 1) - 1)                  # first real token -> 0
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        l = mask.shape[1]
+        causal = ops.tril(ops.ones((l, l), ms.int32)).expand_dims(0)    # [1, L, L]
+        bias = attention_bias((causal * mask.expand_dims(1)) > 0)       # key must be real and not later
+        return cos, sin, bias
+
+    def construct(self, inputs_embeds, attention_mask):
+        """inputs_embeds [B, L, H], attention_mask [B, L] (1 real, 0 pad) -> normed hidden [B, L, H]."""
+        cos, sin, bias = self.rope_and_bias(attention_mask)
+        x = cast(inputs_embeds, self.compute_dtype)
+        for layer in self.layers:
+            x, _, _ = layer(x, cos, sin, bias)
+        return self.norm(x)
+
+    def prefill(self, input_ids, attention_mask, cache_len):
+        """Full forward over a left-padded prompt [B, P]; returns (normed hidden [B, P, H], caches).
+
+        caches is a tuple (k_0, v_0, k_1, v_1, ...) of [B, n_kv, cache_len, D] with the
+        prompt's keys/values in slots [0, P) and zeros after.
+        """
+        cos, sin, bias = self.rope_and_bias(attention_mask)
+        p = input_ids.shape[1]
+        x = self.embed(input_ids)
+        caches = ()
+        for layer in self.layers:
+            x, k, v = layer(x, cos, sin, bias)
+            pad = ops.zeros((k.shape[0], k.shape[1], cache_len - p, k.shape[3]), k.dtype)
+            caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
+        return self.norm(x), caches
+
+    def decode_step(self, input_ids, positions, key_mask, write_slot, caches):
+        """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
+        including the slot being written); write_slot [S] bool. Returns (hidden [B, 1, H], caches)."""
+        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        bias = attention_bias(key_mask.expand_dims(1) > 0)
+        slot = write_slot.reshape(1, 1, -1, 1)
+        x = self.embed(input_ids)
+        new = ()
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, bias, caches[2 * i], caches[2 * i + 1], slot)
+            new = new + (k, v)
+        return self.norm(x), new
+
+
+class LlamaForCausalLM(nn.Cell):
+    """Causal LM. ``construct(input_ids=None, inputs_embeds=None, attention_mask=None)`` -> float32 logits [B, L, V].
+
+    Give either token ids or embeddings (e.g. soft embeddings ŷ·E); attention_mask
+    defaults to all ones. ``hidden_states`` returns the last normed hidden states and
+    ``lm_head_weight`` the [V, H] output matrix so that a fused linear kernel can skip
+    the logits. ``seed`` makes the random init reproducible; ``init_weights=False``
+    leaves zeros for a loader to overwrite (fast for 100M+ parameters).
+    """
+
+    def __init__(self, config, seed=0, init_weights=True):
+        super().__init__()
+        self.config = config
+        cdt = _DTYPES[config.compute_dtype]
+        rng = np.random.default_rng(seed) if init_weights else None
+        self.model = LlamaModel(config, cdt, rng)
+        self.tie_word_embeddings = config.tie_word_embeddings
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, cdt, config.initializer_range, rng)
+        self.compute_dtype = cdt
+
+    def lm_head_weight(self):
+        """[V, H] output projection (the embedding table itself when tied)."""
+        if self.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def logits_from_hidden(self, hidden):
+        return cast(linear(hidden, cast(self.lm_head_weight(), self.compute_dtype)), ms.float32)
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        """Last normed hidden states [B, L, H] (compute dtype)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("give input_ids or inputs_embeds")
+            inputs_embeds = self.model.embed(input_ids)
+        if attention_mask is None:
+            attention_mask = ops.ones(inputs_embeds.shape[:2], ms.int32)
+        return self.model(inputs_embeds, attention_mask)
+
+    def construct(self, input_ids=None, inputs_embeds=None, attention_mask=None):
+        return self.logits_from_hidden(self.hidden_states(input_ids, inputs_embeds, attention_mask))
+
+
+TRAIN_MODES = ("all", "top_k", "head_norms", "norms", "none")
+
+
+def set_trainable(model, mode="all", k=None):
+    """Choose which generator parameters train by setting ``requires_grad``; returns them.
+
+    mode:
+      "all"        every parameter.
+      "top_k"      the last ``k`` decoder layers and the final norm (the cheap, common choice).
+      "head_norms" the LM head and every RMSNorm weight. With tied embeddings the LM head
+                   IS the input embedding table, so that table trains too.
+      "norms"      only the RMSNorm weights.
+      "none"       nothing (a frozen copy such as G_θ0).
+    Use the returned list (or ``model.trainable_params()``) for the optimizer and ms.grad.
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"unknown trainable mode {mode!r}; choose one of {TRAIN_MODES}")
+    n_layers = model.config.num_hidden_layers
+    if mode == "top_k":
+        if k is None or not 1 <= k <= n_layers:
+            raise ValueError(f"mode 'top_k' needs 1 <= k <= {n_layers}, got k={k!r}")
+        top = {f"model.layers.{i}." for i in range(n_layers - k, n_layers)}
+    head_name = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    for name, p in model.parameters_and_names():
+        if mode == "all":
+            on = True
+        elif mode == "none":
+            on = False
+        elif mode == "top_k":
+            on = name == "model.norm.weight" or any(name.startswith(t) for t in top)
+        elif mode == "head_norms":
+            on = name == head_name or name.endswith("layernorm.weight") or name == "model.norm.weight"
+        else:  # norms
+            on = name.endswith("layernorm.weight") or name == "model.norm.weight"
+        p.requires_grad = on
+    return model.trainable_params()
+
+
+# the name the task brief used
+trainable_parameter_filter = set_trainable

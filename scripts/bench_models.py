@@ -1,0 +1,122 @@
+"""Throughput of the models on this machine (a benchmark, not a test), graph mode (ms.jit).
+
+Rows: SmolLM2-135M forward (logits [B, L, V]) and forward+backward (all parameters),
+KV-cache sampling (Gumbel-max, no early stop), and the MiniLM-L6 encoder when
+ms_dfkd/models/bert.py is present. Compile time is reported separately from the
+timed runs (median of --repeats after one warm-up call).
+
+    python scripts/bench_models.py            # about 2-3 minutes on 2 CPU cores
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mindspore as ms  # noqa: E402
+from mindspore import Tensor  # noqa: E402
+
+from ms_dfkd.assets import asset_path  # noqa: E402
+
+
+def timed(fn, repeats):
+    """(first-call seconds incl. compile, median seconds of the next `repeats` calls)."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times)
+
+
+def bench_generator(rows, args):
+    from ms_dfkd.models.llama_sampling import sample
+    from ms_dfkd.models.llama_weights import load_gguf_llama
+    t = time.perf_counter()
+    cfg, model = load_gguf_llama(asset_path("smollm2_gguf"))
+    print(f"loaded SmolLM2 in {time.perf_counter() - t:.1f} s", flush=True)
+    rng = np.random.default_rng(0)
+    L = args.seq_len
+    for b in args.batches:
+        ids = Tensor(rng.integers(3, cfg.vocab_size, (b, L)).astype(np.int32))
+        mask = Tensor(np.ones((b, L), np.int32))
+
+        def fwd(i, m):
+            return model(i, attention_mask=m)
+
+        f = ms.jit(fwd)
+        first, med = timed(lambda: f(ids, mask).asnumpy(), args.repeats)
+        rows.append(("SmolLM2 forward", f"B={b} L={L}", first, med, b * L / med))
+
+    if args.backward:
+        b = args.batches[0]
+        ids = Tensor(rng.integers(3, cfg.vocab_size, (b, L)).astype(np.int32))
+        mask = Tensor(np.ones((b, L), np.int32))
+
+        def loss(i, m):
+            return model(i, attention_mask=m).mean()
+
+        g = ms.jit(ms.value_and_grad(loss, None, model.trainable_params()))
+        first, med = timed(lambda: g(ids, mask)[0].asnumpy(), max(1, args.repeats - 1))
+        rows.append(("SmolLM2 fwd+bwd (all params)", f"B={b} L={L}", first, med, b * L / med))
+
+    P, T = args.prompt_len, args.new_tokens
+    for b in args.batches:
+        ids = rng.integers(3, cfg.vocab_size, (b, P)).astype(np.int32)
+        mask = np.ones((b, P), np.int32)
+        first, med = timed(lambda: sample(model, ids, mask, T, seed=1, temperature=1.0, eos_id=-1),
+                           args.repeats)
+        rows.append(("SmolLM2 KV-cache sampling", f"B={b} P={P} T={T}", first, med, b * T / med))
+
+
+def bench_encoder(rows, args):
+    if not (Path(__file__).resolve().parents[1] / "ms_dfkd/models/bert.py").exists():
+        print("ms_dfkd/models/bert.py not present: encoder row skipped")
+        return
+    from ms_dfkd.models.bert_weights import load_hf_bert
+    model = load_hf_bert(asset_path("minilm_l6_dir"), head="model")
+    rng = np.random.default_rng(0)
+    L = args.seq_len
+    for b in (8, 32):
+        ids = Tensor(rng.integers(1000, 30000, (b, L)).astype(np.int32))
+        mask = Tensor(np.ones((b, L), np.int32))
+
+        def fwd(i, m):
+            out = model(i, attention_mask=m)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        f = ms.jit(fwd)
+        first, med = timed(lambda: f(ids, mask).asnumpy(), args.repeats)
+        rows.append(("MiniLM-L6 encoder forward", f"B={b} L={L}", first, med, b * L / med))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-backward", dest="backward", action="store_false")
+    args = ap.parse_args()
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the timed functions are ms.jit graphs
+    rows = []
+    t0 = time.perf_counter()
+    bench_generator(rows, args)
+    bench_encoder(rows, args)
+    print(f"\n{'model / mode':32s} {'shape':18s} {'1st call s':>10s} {'median s':>9s} {'tokens/s':>9s}")
+    for name, shape, first, med, tps in rows:
+        print(f"{name:32s} {shape:18s} {first:10.2f} {med:9.3f} {tps:9.0f}")
+    print(f"(device: {ms.get_context('device_target')}, total {time.perf_counter() - t0:.0f} s; "
+          f"1st call includes graph compilation)")
+
+
+if __name__ == "__main__":
+    main()

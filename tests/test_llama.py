@@ -1,0 +1,371 @@
+"""Llama generator: numpy reference forward, finite-difference gradients, KV-cache decoding,
+Gumbel-max contract, GGUF loading, byte-level BPE tokenizer, and the real SmolLM2."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor
+
+from ms_dfkd.gumbel import gumbel_np
+from ms_dfkd.models.checkpoint_io import CheckpointError, state_of
+from ms_dfkd.models.llama import LlamaConfig, LlamaForCausalLM, set_trainable
+from ms_dfkd.models.llama_sampling import sample
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+            max_position_embeddings=128, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    cfg = LlamaConfig(**TINY)
+    model = LlamaForCausalLM(cfg, seed=3)
+    return cfg, model, {k: v.astype(np.float64) for k, v in state_of(model).items()}
+
+
+# --- independent numpy reference (float64), one unpadded sequence ---------------------------------
+
+def np_forward(w, cfg, ids=None, embeds=None):
+    """Hugging Face Llama math written out per head: returns logits [L, V]."""
+    x = w["model.embed_tokens.weight"][ids] if embeds is None else np.asarray(embeds, np.float64)
+    L, D = x.shape[0], cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    angle = np.arange(L)[:, None] / cfg.rope_theta ** (np.arange(0, D, 2) / D)[None, :]
+    cos, sin = np.cos(angle), np.sin(angle)
+
+    def rope(v):  # pairs (i, i + D/2) rotated by the angle of frequency i
+        a, b = v[:, : D // 2], v[:, D // 2:]
+        return np.concatenate([a * cos - b * sin, b * cos + a * sin], 1)
+
+    def rms(v, g):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.rms_norm_eps) * g
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        heads = []
+        for hd in range(cfg.num_attention_heads):
+            kv = hd // group
+            s = rope(q[:, hd * D:(hd + 1) * D]) @ rope(k[:, kv * D:(kv + 1) * D]).T / np.sqrt(D)
+            s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+            e = np.exp(s - s.max(1, keepdims=True))
+            heads.append((e / e.sum(1, keepdims=True)) @ v[:, kv * D:(kv + 1) * D])
+        x = x + np.concatenate(heads, 1) @ w[p + "self_attn.o_proj.weight"].T
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        gate = h @ w[p + "mlp.gate_proj.weight"].T
+        x = x + ((gate / (1 + np.exp(-gate))) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+    return rms(x, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+
+
+ROWS = [[5, 9, 2, 33, 17, 40, 8], [11, 3, 60, 7], [21]]   # left-padded into one batch
+
+
+def left_pad(rows, pad=0):
+    L = max(map(len, rows))
+    ids = np.full((len(rows), L), pad, np.int32)
+    mask = np.zeros((len(rows), L), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, L - len(r):], mask[i, L - len(r):] = r, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_logits_match_numpy_with_left_padding(tiny, graph):
+    cfg, model, w = tiny
+    ids, mask = left_pad(ROWS)
+
+    def fwd(i, m):
+        return model(i, attention_mask=m)
+
+    out = (ms.jit(fwd) if graph else fwd)(Tensor(ids), Tensor(mask)).asnumpy()
+    assert out.shape == (3, ids.shape[1], cfg.vocab_size) and out.dtype == np.float32
+    for b, r in enumerate(ROWS):
+        ref = np_forward(w, cfg, ids=np.array(r))
+        np.testing.assert_allclose(out[b, ids.shape[1] - len(r):], ref, atol=1e-4, rtol=1e-4)
+    assert np.isfinite(out).all()  # padded query rows too
+
+
+def test_inputs_embeds_path_and_hidden_states(tiny):
+    cfg, model, w = tiny
+    ids = np.array([ROWS[0]], np.int32)
+    emb = w["model.embed_tokens.weight"][ids[0]]
+    out = model(inputs_embeds=Tensor(emb[None].astype(np.float32))).asnumpy()[0]
+    np.testing.assert_allclose(out, np_forward(w, cfg, ids=ids[0]), atol=1e-4, rtol=1e-4)
+    hid = model.hidden_states(Tensor(ids)).asnumpy()
+    head = model.lm_head_weight().asnumpy()
+    assert hid.shape == (1, 7, cfg.hidden_size) and head.shape == (cfg.vocab_size, cfg.hidden_size)
+    np.testing.assert_allclose(hid[0] @ head.T, out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_embedding_gradient_matches_finite_differences(tiny, graph):
+    cfg, model, w = tiny
+    rng = np.random.default_rng(0)
+    L = 5
+    emb = rng.normal(0, 1, (L, cfg.hidden_size))
+    R = rng.normal(0, 1, (L, cfg.vocab_size))
+
+    def loss(e):
+        return (model(inputs_embeds=e) * Tensor(R[None].astype(np.float32))).sum()
+
+    g = (ms.jit(ms.grad(loss)) if graph else ms.grad(loss))(Tensor(emb[None].astype(np.float32))).asnumpy()[0]
+    fd = np.zeros_like(emb)
+    eps = 1e-5
+    for i in range(L):
+        for j in range(cfg.hidden_size):
+            d = np.zeros_like(emb)
+            d[i, j] = eps
+            fd[i, j] = ((np_forward(w, cfg, embeds=emb + d) * R).sum()
+                        - (np_forward(w, cfg, embeds=emb - d) * R).sum()) / (2 * eps)
+    np.testing.assert_allclose(g, fd, atol=2e-3 * np.abs(fd).max(), rtol=1e-3)
+
+
+def test_parameter_gradients_and_trainable_modes(tiny):
+    cfg, model, _ = tiny
+    ids, mask = left_pad(ROWS)
+    try:
+        params = set_trainable(model, "top_k", 1)
+        names = {n for n, p in model.parameters_and_names() if p.requires_grad}
+        assert len(params) == 10 and all("layers.0." not in n for n in names) and "model.norm.weight" in names
+
+        def loss(i, m):
+            return model(i, attention_mask=m).mean()
+
+        grads = ms.jit(ms.value_and_grad(loss, None, params))(Tensor(ids), Tensor(mask))[1]
+        assert len(grads) == len(params) and all(np.abs(g.asnumpy()).max() > 0 for g in grads)
+        # tied head: training the head trains the embedding table
+        set_trainable(model, "head_norms")
+        assert model.model.embed_tokens.weight.requires_grad
+        assert len(set_trainable(model, "norms")) == 2 * cfg.num_hidden_layers + 1
+        assert set_trainable(model, "none") == []
+        with pytest.raises(ValueError, match="top_k"):
+            set_trainable(model, "top_k", 0)
+    finally:
+        set_trainable(model, "all")
+
+
+# --- KV-cache decoding -------------------------------------------------------------------------
+
+def full_reforward_greedy(model, rows, steps):
+    """Argmax of a full forward over prompt + tokens so far, each step (static shape, left-padded)."""
+    seqs = [list(r) for r in rows]
+    width = max(map(len, rows)) + steps
+
+    def fwd(i, m):
+        return model(i, attention_mask=m)[:, -1]
+
+    f = ms.jit(fwd)  # one compile: the width is fixed
+    for _ in range(steps):
+        ids, mask = left_pad(seqs)
+        pad = width - ids.shape[1]
+        ids = np.concatenate([np.zeros((len(rows), pad), np.int32), ids], 1)
+        mask = np.concatenate([np.zeros((len(rows), pad), np.int32), mask], 1)
+        z = f(Tensor(ids), Tensor(mask)).asnumpy().argmax(-1)
+        for s, t in zip(seqs, z):
+            s.append(int(t))
+    return np.array([s[len(r):] for s, r in zip(seqs, rows)])
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_kv_cache_greedy_equals_full_reforward(tiny, graph):
+    _, model, _ = tiny
+    ids, mask = left_pad(ROWS)
+    new, new_mask = sample(model, ids, mask, 20, greedy=True, eos_id=-1, graph=graph)
+    ref = full_reforward_greedy(model, ROWS, 20)
+    np.testing.assert_array_equal(new, ref)
+    assert new.dtype == np.int32 and new_mask.dtype == np.int32 and new_mask.all()
+    assert len(set(ref.ravel())) > 3  # the tiny model does not just repeat one token
+
+
+def test_gumbel_max_follows_the_noise_contract(tiny):
+    cfg, model, _ = tiny
+    ids, mask = left_pad(ROWS)
+    T, temp, seed = 12, 0.7, 1234
+    new, _, logits = sample(model, ids, mask, T, seed=seed, temperature=temp, eos_id=-1,
+                            return_logits=True, graph=True)
+    V = cfg.vocab_size
+    for b in range(len(ROWS)):
+        g = gumbel_np(seed, b * T + np.arange(T), np.arange(V))
+        np.testing.assert_array_equal(new[b], np.argmax(logits[b] / temp + g, -1))
+    # the logits it drew from are the model's: step 0 equals the prompt's last-position logits
+    full = model(Tensor(ids), attention_mask=Tensor(mask)).asnumpy()[:, -1]
+    np.testing.assert_allclose(logits[:, 0], full, atol=1e-4)
+    again = sample(model, ids, mask, T, seed=seed, temperature=temp, eos_id=-1, graph=True)[0]
+    other = sample(model, ids, mask, T, seed=seed + 1, temperature=temp, eos_id=-1, graph=True)[0]
+    np.testing.assert_array_equal(again, new)
+    assert (other != new).mean() > 0.3
+
+
+def test_top_p_nucleus(tiny):
+    cfg, model, _ = tiny
+    ids, mask = left_pad(ROWS)
+    T, temp, top_p, seed = 10, 1.3, 0.6, 7
+    new, _, logits = sample(model, ids, mask, T, seed=seed, temperature=temp, top_p=top_p, eos_id=-1,
+                            return_logits=True, graph=True)
+    for b in range(len(ROWS)):
+        for t in range(T):
+            s = logits[b, t].astype(np.float64) / temp
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            order = np.argsort(-p)
+            n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)  # smallest set with mass >= p
+            nucleus = order[:n_keep]
+            g = gumbel_np(seed, [b * T + t], np.arange(cfg.vocab_size))[0]
+            assert new[b, t] == nucleus[np.argmax(s[nucleus] + g[nucleus])]
+
+
+def test_stop_tokens_and_mask(tiny):
+    _, model, _ = tiny
+    ids, mask = left_pad(ROWS)
+    free = sample(model, ids, mask, 10, seed=5, eos_id=-1, graph=True)[0]
+    stop = int(free[0, 3])
+    t0 = int(np.argmax(free[0] == stop))  # first occurrence in row 0 (<= 3)
+    new, new_mask = sample(model, ids, mask, 10, seed=5, eos_id=-1, stop_ids=(stop,), pad_id=63, graph=True)
+    for b in range(len(ROWS)):
+        hits = np.flatnonzero(free[b] == stop)
+        if len(hits) == 0:
+            np.testing.assert_array_equal(new[b], free[b])
+            assert new_mask[b].all()
+            continue
+        s = hits[0]
+        np.testing.assert_array_equal(new[b, :s + 1], free[b, :s + 1])  # stop token kept
+        assert (new[b, s + 1:] == 63).all()
+        np.testing.assert_array_equal(new_mask[b], (np.arange(10) < s).astype(np.int32))
+    assert new_mask[0, t0] == 0
+
+
+def test_sample_rejects_right_padding(tiny):
+    _, model, _ = tiny
+    with pytest.raises(ValueError, match="left-padded"):
+        sample(model, np.array([[5, 6, 0]]), np.array([[1, 1, 0]]), 3, graph=False)
+
+
+# --- GGUF loading ------------------------------------------------------------------------------
+
+def llama_cpp_permute(w, n_head):
+    """What llama.cpp's converter does to Q/K rows (HF rotate-half -> adjacent pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, w, cfg, drop=None, bad_type_for=None):
+    import gguf
+    hf_to_gguf = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                  "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                  "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                  "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    wr = gguf.GGUFWriter(str(path), arch="llama")
+    wr.add_block_count(cfg.num_hidden_layers)
+    wr.add_context_length(cfg.max_position_embeddings)
+    wr.add_embedding_length(cfg.hidden_size)
+    wr.add_feed_forward_length(cfg.intermediate_size)
+    wr.add_head_count(cfg.num_attention_heads)
+    wr.add_head_count_kv(cfg.num_key_value_heads)
+    wr.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    wr.add_rope_freq_base(cfg.rope_theta)
+    wr.add_vocab_size(cfg.vocab_size)
+    for name, arr in w.items():
+        arr = arr.astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            i, rest = name[len("model.layers."):].split(".", 1)
+            gname = f"blk.{i}.{hf_to_gguf[rest[:-len('.weight')]]}.weight"
+            if rest.startswith("self_attn.q_proj"):
+                arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+            elif rest.startswith("self_attn.k_proj"):
+                arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        if gname == drop:
+            continue
+        if gname == bad_type_for:  # Q8_1: 32 values in 40 bytes; gguf has no dequantiser for it
+            raw = np.zeros((arr.shape[0], arr.shape[1] // 32 * 40), np.uint8)
+            wr.add_tensor(gname, raw, raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+        else:
+            wr.add_tensor(gname, arr)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+
+
+def test_gguf_roundtrip_unpermutes_qk(tiny, tmp_path):
+    from ms_dfkd.models.llama_weights import load_gguf_llama
+    cfg, _, w = tiny
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, w, cfg)
+    cfg2, model = load_gguf_llama(path)
+    assert (cfg2.num_key_value_heads, cfg2.rope_theta, cfg2.tie_word_embeddings) == (2, 10000.0, True)
+    got = state_of(model)
+    for k, v in w.items():
+        np.testing.assert_array_equal(got[k], v.astype(np.float32), err_msg=k)
+    out = model(Tensor(np.array([ROWS[0]], np.int32))).asnumpy()[0]
+    np.testing.assert_allclose(out, np_forward(w, cfg, ids=np.array(ROWS[0])), atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_bad_inputs(tiny, tmp_path):
+    from ms_dfkd.models.llama_weights import GGUFError, load_gguf_llama
+    cfg, _, w = tiny
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        load_gguf_llama(tmp_path / "nope.gguf")
+    bad = tmp_path / "bad.gguf"
+    write_tiny_gguf(bad, w, cfg, bad_type_for="blk.1.ffn_up.weight")
+    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_up\.weight.*Q8_1"):
+        load_gguf_llama(bad)
+    short = tmp_path / "short.gguf"
+    write_tiny_gguf(short, w, cfg, drop="blk.0.attn_k.weight")
+    with pytest.raises(CheckpointError, match=r"missing keys.*model\.layers\.0\.self_attn\.k_proj\.weight"):
+        load_gguf_llama(short)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="junk.gguf"):
+        load_gguf_llama(junk)
+
+
+# --- real SmolLM2-135M-Instruct ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from ms_dfkd.assets import asset_path
+    from ms_dfkd.models.llama_weights import load_gguf_llama
+    from ms_dfkd.tokenization import bpe_tokenizer_from_gguf
+    path = asset_path("smollm2_gguf")
+    cfg, model = load_gguf_llama(path)
+    return cfg, model, bpe_tokenizer_from_gguf(path)
+
+
+@pytest.mark.real
+def test_smollm2_config_and_paris_with_kv_cache(smollm2):
+    cfg, model, tok = smollm2
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, cfg.vocab_size, cfg.rope_theta) == (30, 576, 9, 3, 1536, 49152, 100000.0)
+    assert sum(int(np.prod(p.shape)) for p in model.get_parameters()) == 134_515_008
+    prompts = ["The capital of France is", "One, two, three, four,"]
+    ids, mask = tok.encode_batch(prompts, padding_side="left")
+    new, new_mask = sample(model, ids, mask, 20, greedy=True, graph=True)
+    assert tok.decode(new[0]).startswith(" Paris")
+    rows = [[int(i) for i, m in zip(r, mr) if m] for r, mr in zip(ids, mask)]
+    ref = full_reforward_greedy(model, rows, 20)
+    np.testing.assert_array_equal(new * new_mask, ref * new_mask)
+
+
+@pytest.mark.real
+def test_bpe_roundtrip_and_specials(smollm2):
+    from ms_dfkd.tokenization import smollm2_chat_prompt
+    _, _, tok = smollm2
+    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == ("bpe", 49152, 1, 2, 2)
+    for s in ["Hello, world!", "  two  spaces\tand a tab", "digits 2024 and 3.14159", "line one\nline two\n\n",
+              "café, naïve, Ærøskøbing", "中文字符测试", "emoji 😀🎉 done", "it's a \"quote\" (x) [y] {z} #1!", ""]:
+        assert tok.decode(tok.encode(s)) == s, s
+    assert len(tok.encode("2024")) == 4                     # digits are split one by one
+    assert tok.encode("<|im_start|>user") [0] == 1           # special tokens are never split
+    assert tok.id_to_token(2) == "<|im_end|>"
+    assert "<|im_start|>" in tok.chat_template
+    expected = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+                "<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    assert smollm2_chat_prompt("Hi there") == expected
+    assert smollm2_chat_prompt("Q", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    chat = tok.encode(expected)
+    assert chat.count(1) == 3 and chat.count(2) == 2
