@@ -13,7 +13,9 @@ computed in int64 with a 32-bit mask so that no product overflows int64
 u = ((h >> 9) + 0.5) / 2**23 lies strictly inside (0, 1) and is then clamped to
 [U_MIN, U_MAX] so that -log(-log(u)) is finite on every backend.
 """
+import mindspore as ms
 import numpy as np
+from mindspore import ops
 
 MASK32 = 0xFFFFFFFF
 MIX_MULT = 0x45D9F3B
@@ -58,17 +60,10 @@ def gumbel_np(seed, rows, cols):
     return (-np.log(-np.log(u))).astype(np.float32)
 
 
-# ---- MindSpore (graph-mode safe) ------------------------------------------------
-
-def _ms():
-    import mindspore as ms
-    from mindspore import ops
-    return ms, ops
-
+# ---- MindSpore (graph-mode safe: no imports inside, so ms.jit can compile these) -----
 
 def mix32_ms(x):
     """x: int64 tensor holding values in [0, 2**32)."""
-    _, ops = _ms()
     x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
     x = ops.bitwise_and(x * MIX_MULT, MASK32)
     x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
@@ -79,7 +74,6 @@ def mix32_ms(x):
 
 def gumbel_ms(row_keys, cols):
     """Gumbel noise [N, C] from int64 row keys [N] (``row_keys_np``) and int64 column ids [C]."""
-    ms, ops = _ms()
     h = mix32_ms(ops.bitwise_xor(row_keys.reshape(-1, 1), mix32_ms(cols).reshape(1, -1)))
     u = (ops.bitwise_right_shift(h, 9).astype(ms.float32) + 0.5) * (2.0 ** -23)
     u = ops.clamp(u, U_MIN, U_MAX)
