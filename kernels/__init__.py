@@ -1,0 +1,27 @@
+"""Fused ops of ms-dfkd: Gumbel-softmax soft embedding (plain and fused with the LM head) and KD loss.
+
+Each op has a numpy reference (tests only), a vocabulary-chunked MindSpore composite (default on CPU and
+Ascend), and Triton kernels run either ahead-of-time compiled on GPU (``aot``) or by Triton's
+interpreter on CPU (``triton_interpret``). ``set_kernel_backend`` / MS_DFKD_KERNELS pick the path.
+
+The public names are imported lazily so that the numpy-only modules (references, aot_build) load
+without MindSpore.
+"""
+import importlib
+
+_EXPORTS = {
+    "soft_embedding": "kernels.soft_embedding_op",
+    "fused_linear_soft_embedding": "kernels.soft_embedding_op",
+    "kd_loss": "kernels.kd_loss_op",
+    "set_kernel_backend": "kernels.dispatch",
+    "resolve_backend": "kernels.dispatch",
+    "requested_backend": "kernels.dispatch",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

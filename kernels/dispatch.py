@@ -1,0 +1,80 @@
+"""Which implementation of the fused ops runs: chosen by device, overridable, logged once.
+
+Paths:
+    composite         MindSpore ops, chunked over the vocabulary (default on CPU and Ascend)
+    aot               the Triton kernels compiled ahead of time into an ``aot`` custom op (default on GPU;
+                      needs scripts/build_kernels.sh to have been run)
+    triton_interpret  the same Triton kernels run by Triton's interpreter on CPU through a ``pyfunc``
+                      custom op (slow; for tests and for checking the kernels without a GPU)
+    triton            the Triton kernels on whatever runs them here: ``aot`` on GPU, ``triton_interpret``
+                      elsewhere
+
+Order of precedence: ``set_kernel_backend(name)``, then the environment variable MS_DFKD_KERNELS, then
+the device target. A path that was asked for but cannot run raises; nothing falls back silently.
+"""
+import logging
+import os
+
+from mindspore import ops
+
+logger = logging.getLogger("ms_dfkd.kernels")
+
+BACKENDS = ("composite", "aot", "triton_interpret", "triton")
+ENV_VAR = "MS_DFKD_KERNELS"
+
+_override = None
+_logged = set()
+
+
+def set_kernel_backend(name):
+    """Force a path for every op (None or "auto" returns to the environment variable / device default)."""
+    global _override
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS} or 'auto'")
+    _override = None if name == "auto" else name
+
+
+def _device_target():
+    import mindspore as ms
+    return ms.get_context("device_target")
+
+
+def requested_backend():
+    """(name, why) before resolving the 'triton' alias and before checking availability."""
+    if _override is not None:
+        return _override, "set_kernel_backend"
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env != "auto":
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a kernel backend; expected one of {BACKENDS} or 'auto'")
+        return env, f"{ENV_VAR}={env}"
+    target = _device_target()
+    return ("aot" if target == "GPU" else "composite"), f"device target {target}"
+
+
+@ops.constexpr(reuse_result=False)
+def resolve_backend(op_name):
+    """The concrete path for ``op_name`` (composite | aot | triton_interpret); logged once per op and path.
+
+    A constexpr: in graph mode it runs in Python while the graph compiles, and the graph keeps the
+    answer (a graph compiled under one backend keeps it; set the backend before compiling)."""
+    name, why = requested_backend()
+    if name == "triton":
+        name = "aot" if _device_target() == "GPU" else "triton_interpret"
+        why = f"{why} (triton on {_device_target()})"
+    if name == "aot":
+        from kernels import aot_ops
+        problem = aot_ops.unavailable_reason()
+        if problem:
+            raise RuntimeError(f"{op_name}: the aot Triton path was requested ({why}) but cannot run: {problem}. "
+                               f"Build it with scripts/build_kernels.sh, or set {ENV_VAR}=composite.")
+    if name == "triton_interpret":
+        from kernels import triton_runtime
+        problem = triton_runtime.interpreter_problem()
+        if problem:
+            raise RuntimeError(f"{op_name}: the triton_interpret path was requested ({why}) but cannot run: "
+                               f"{problem}")
+    if (op_name, name) not in _logged:
+        _logged.add((op_name, name))
+        logger.info("%s: running the %s path (chosen by %s)", op_name, name, why)
+    return name
