@@ -22,9 +22,9 @@ from mindspore import nn, ops
 
 from ms_dfkd.gumbel import MASK32, MIX_MULT, U_MAX, U_MIN, mix32_np
 
-# The clamp bounds as float32 values, as gumbel_np applies them.
-_U_MIN32 = float(np.float32(U_MIN))
+# The upper clamp bound as a float32 value, as gumbel_np applies it.
 _U_MAX32 = float(np.float32(U_MAX))
+assert U_MIN < 2.0 ** -24
 # One chunk holds about this many elements ([rows, cols]); the loop is unrolled in graph mode, so the
 # number of chunks is also capped.
 CHUNK_ELEMENTS = 1 << 22
@@ -47,8 +47,10 @@ def row_chunks(n_rows, vocab):
 
 
 def mix32(x):
-    """ms_dfkd.gumbel.mix32_ms, repeated here because that one imports MindSpore inside the function,
-    which graph mode cannot parse. x: int64 tensor of values in [0, 2**32)."""
+    """The hash of ms_dfkd.gumbel.mix32_ms. The noise below is this module's own rather than gumbel_ms
+    for two reasons: its logs run in float64 (1 float32 ulp from gumbel_np instead of about 4e-6), and
+    the column hashes are constants (graph mode's arange over constant bounds fails to compile inside a
+    bprop). x: int64 tensor of values in [0, 2**32)."""
     x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
     x = ops.bitwise_and(x * MIX_MULT, MASK32)
     x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
@@ -56,7 +58,7 @@ def mix32(x):
     return ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)
 def _column_hashes(start, stop):
     """mix32(col) for col in start..stop-1, as a constant [1, C] int64 tensor (graph mode's arange with
     constant bounds fails to compile, and the hash of a column never changes)."""
@@ -73,10 +75,11 @@ def gumbel(keys, start, stop):
 
     The logs run in float64: MindSpore's float32 log on CPU in graph mode is off by up to 5e-6 and
     returns 0 just below 1, which turns into errors of 5e-3 in -log(-log u). The float64 result rounded
-    to float32 is within 2e-7 of gumbel_np."""
+    to float32 is within one float32 ulp of gumbel_np. The lower clamp of gumbel_np (U_MIN = 1e-10)
+    never binds, since u >= 2**-24, so only the upper one is applied."""
     h = mix32(ops.bitwise_xor(keys.reshape(-1, 1), _column_hashes(start, stop)))
     u = (ops.bitwise_right_shift(h, 9).astype(ms.float64) + 0.5) * (2.0 ** -23)
-    u = ops.minimum(ops.maximum(u, _U_MIN32), _U_MAX32)
+    u = ops.minimum(u, _U_MAX32)
     return (-ops.log(-ops.log(u))).astype(ms.float32)
 
 
