@@ -19,9 +19,16 @@ def _setup_logging(verbose=False):
                         format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S")
 
 
-def _mode(cfg):
+def _mode(cfg, device_target=None):
     import mindspore as ms
     ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
+    if device_target:
+        try:
+            ms.set_context(device_target=device_target)
+        except RuntimeError as e:  # e.g. GPU asked of the CPU wheel: MindSpore's first line says so
+            raise ValueError(f"--device-target {device_target}: {str(e).splitlines()[0]}") from None
+        if device_target != "CPU" and "DEVICE_ID" in os.environ:  # msrun and the standalone scripts set it
+            ms.set_context(device_id=int(os.environ["DEVICE_ID"]))
     ms.set_seed(cfg.run.seed)
 
 
@@ -67,12 +74,21 @@ def cmd_train_teacher(cfg, args):
 
 
 def cmd_distill(cfg, args):
+    from . import distributed
     from .train import Distiller
-    d = Distiller(cfg)
+    rank, world, reducer = 0, 1, None
+    if distributed.launched_by_msrun():  # scripts/run_distributed.sh: one process per device
+        rank, world = distributed.init_data_parallel()
+        reducer = distributed.grad_reducer_factory(world) if world > 1 else None
+    d = Distiller(cfg, rank=rank, world_size=world, grad_reducer_factory=reducer)
     t0 = time.time()
     hist = d.run(resume=not args.fresh)
+    if args.dump_params:
+        distributed.dump_parameters(d)
     if hist is None:
         return {"interrupted": True, "out_dir": str(d.out)}
+    if rank > 0:  # rank 0 evaluates and reports
+        return {"rank": rank, "out_dir": str(d.out)}
     report = d.final_report()
     report["wall_s"] = round(time.time() - t0, 1)
     report["out_dir"] = str(d.out)
@@ -242,12 +258,16 @@ def build_parser():
         s = sub.add_parser(name, help=help)
         s.add_argument("--config", default=None, help="YAML config (configs/*.yaml)")
         s.add_argument("-v", "--verbose", action="store_true")
+        s.add_argument("--device-target", default=None, choices=["CPU", "GPU", "Ascend"],
+                       help="MindSpore device (default: the one the installed MindSpore wheel targets)")
         return s
     s = with_cfg("train-teacher", "fine-tune the teacher classifier on task.train")
     s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     s = with_cfg("distill", "run a method (run.method) and report test accuracy")
     s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in run.out_dir "
                                                         "(refuses if one exists; use another out_dir)")
+    s.add_argument("--dump-params", action="store_true", help="also write this rank's final trainable "
+                   "parameters to RUN_DIR/params.rank<r>.safetensors (to check that ranks agree)")
     s = with_cfg("generate", "generate texts only")
     s.add_argument("--num", type=int, default=32)
     s.add_argument("--out", required=True)
@@ -282,7 +302,7 @@ def main(argv=None):
             cmd_inspect(args)
             return 0
         cfg = _load_cfg(args, extra)
-        _mode(cfg)
+        _mode(cfg, args.device_target)
         if args.cmd == "distill" and args.fresh:
             from .train import CKPT_NAME
             ck = Path(cfg.fmt(cfg.run.out_dir)) / CKPT_NAME

@@ -10,7 +10,7 @@ fail in MindSpore with "parameter 'global_step' already exists").
 """
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
+from mindspore import amp, nn, ops
 
 import kernels
 
@@ -99,18 +99,38 @@ class StudentLoss(nn.Cell):
         return loss, s_logits
 
 
-def make_train_step(loss_cell, optimizer, jit=True, grad_reducer=None):
+def make_train_step(loss_cell, optimizer, jit=True, grad_reducer=None, loss_scaler=None):
     """value_and_grad over the optimizer's parameters; returns step(*inputs) -> (loss, *aux).
 
     grad_reducer (e.g. nn.DistributedGradReducer) averages gradients across ranks.
+    loss_scaler (mindspore.amp.DynamicLossScaler) is for float16 compute: the loss is scaled
+    before the backward pass so that small gradients do not underflow in float16, and the
+    gradients are unscaled after it. A step whose gradients are not finite is skipped (no
+    parameter or optimizer-state change) and the scale is lowered; the check runs on the
+    rank-averaged gradients, so every rank skips the same steps. Parameters and optimizer
+    states stay float32 (the models cast weights to their compute dtype inside the matmuls).
     """
-    grad_fn = ms.value_and_grad(loss_cell, None, optimizer.parameters, has_aux=True)
+    if loss_scaler is None:
+        forward = loss_cell
+    else:
+        def forward(*inputs):
+            loss, *aux = loss_cell(*inputs)
+            return (loss_scaler.scale(loss), *aux)
+    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters, has_aux=True)
 
     def step(*inputs):
         (loss, *aux), grads = grad_fn(*inputs)
         if grad_reducer is not None:
             grads = grad_reducer(grads)
-        loss = ops.depend(loss, optimizer(grads))
+        if loss_scaler is None:
+            loss = ops.depend(loss, optimizer(grads))
+            return (loss, *aux)
+        loss = loss_scaler.unscale(loss)
+        grads = loss_scaler.unscale(grads)
+        finite = amp.all_finite(grads)
+        if finite:
+            loss = ops.depend(loss, optimizer(grads))
+        loss_scaler.adjust(finite)
         return (loss, *aux)
 
     return ms.jit(step) if jit else step

@@ -26,6 +26,7 @@ from . import metrics as M
 from .classify import EncoderRunner, evaluate, softmax_np
 from .config import save_config
 from .data import Corpus, CorpusSampler, balanced_labels
+from .distributed import rewind_shards, shard_name
 from .gumbel import derive_seed
 from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
 from .replay import JsonlWriter, ReplayBuffer
@@ -81,7 +82,9 @@ class Distiller:
         self.opt_s = nn.AdamWeightDecay(self.student_loss.trainable_params(), learning_rate=cfg.student.lr,
                                         weight_decay=0.01)
         red = self.reducer_factory(self.opt_s.parameters) if self.reducer_factory else None
-        self.student_step = make_train_step(self.student_loss, self.opt_s, jit=self.jit, grad_reducer=red)
+        self.scaler_s = _loss_scaler(self.teacher, self.student)
+        self.student_step = make_train_step(self.student_loss, self.opt_s, jit=self.jit, grad_reducer=red,
+                                            loss_scaler=self.scaler_s)
         # data sources
         self.replay = ReplayBuffer(cfg.run.replay_size, derive_seed(cfg.run.seed, self.rank, 7))
         self.corpus_sampler = None
@@ -93,8 +96,7 @@ class Distiller:
         self.generator = None
         if self.method in ("prompted", "dfkd-t3"):
             self._setup_generator()
-        suffix = f".rank{self.rank}" if self.world > 1 else ""
-        self.texts_out = JsonlWriter(self.out / f"generated{suffix}.jsonl")
+        self.texts_out = JsonlWriter(self.out / shard_name(self.rank, self.world))
         self.metrics_out = JsonlWriter(self.out / "metrics.jsonl") if self.is_main else None
 
     def _setup_generator(self):
@@ -121,7 +123,9 @@ class Distiller:
                                       cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau)
         self.opt_g = nn.AdamWeightDecay(self.generator.trainable_params(), learning_rate=g.lr, weight_decay=0.0)
         red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
-        self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red)
+        self.scaler_g = _loss_scaler(self.teacher, self.student, self.generator)
+        self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red,
+                                        loss_scaler=self.scaler_g)
         P, T = self.P, self.T
         frozen = self.frozen
 
@@ -356,6 +360,9 @@ class Distiller:
                    round_s=seconds, peak_rss_mb=peak_rss_mb())
         if toks:
             rec["gen_tokens_per_s"] = toks / max(seconds, 1e-9)
+        for name in ("scaler_g", "scaler_s"):
+            if getattr(self, name, None) is not None:
+                rec["loss_scale_" + name[-1]] = float(getattr(self, name).scale_value.asnumpy())
         recent = [r for r in self.replay.records if r["round"] == c["round"]]
         if recent:
             texts = [r["text"] for r in recent]
@@ -452,11 +459,19 @@ class Distiller:
         if self.corpus_sampler is not None and state["corpus"] is not None:
             self.corpus_sampler.load_state_dict(state["corpus"])
         self.data_rng.bit_generator.state = state["data_rng"]
+        if self.rank > 0:
+            # the samplers saved are rank 0's: reseed this rank's own streams so that ranks keep
+            # drawing different batches (the replay records themselves are rank 0's until refilled)
+            step = self.counters["gen_steps"]
+            self.replay.rng = np.random.default_rng(derive_seed(self.cfg.run.seed, self.rank, 7, step))
+            self.data_rng = np.random.default_rng(derive_seed(self.cfg.run.seed, self.rank, 11, step))
         tag = f"after-step{self.counters['gen_steps']}"
-        if self.world == state.get("world_size", 1) or self.rank == 0:
-            side = self.texts_out.rewind(state["texts_offset"], tag) if self.world == state.get("world_size", 1) else None
+        if self.world == 1 and state.get("world_size", 1) == 1:
+            side = self.texts_out.rewind(state["texts_offset"], tag)
             if side:
                 log.warning(f"samples written after the checkpoint were moved to {side}")
+        else:
+            rewind_shards(self.out, self.counters["gen_steps"], tag, self.rank, self.world)
         if self.is_main:
             self.metrics_out.rewind(state["metrics_offset"], tag)
         if self.method == "dfkd-t3":
@@ -479,6 +494,15 @@ class Distiller:
         if self.is_main:
             (self.out / "final.json").write_text(json.dumps(out, indent=2))
         return out
+
+
+def _loss_scaler(*models):
+    """Dynamic loss scaling when a model on the backward path computes in float16 (small
+    gradients underflow there); float32 and bfloat16 (float32's exponent range) need none."""
+    if not any(getattr(m.config, "compute_dtype", "float32") == "float16" for m in models):
+        return None
+    from mindspore import amp
+    return amp.DynamicLossScaler(scale_value=2.0 ** 16, scale_factor=2, scale_window=1000)
 
 
 def _perplexity(logits, ids, mask):
