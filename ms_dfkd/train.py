@@ -357,7 +357,7 @@ class Distiller:
         cfg, c = self.cfg, self.counters
         rec = {k: float(np.mean(v)) for k, v in round_info.items()}
         rec.update(round=c["round"], gen_steps=c["gen_steps"], stu_steps=c["stu_steps"], samples=c["samples"],
-                   round_s=seconds, peak_rss_mb=peak_rss_mb())
+                   round_s=seconds, peak_rss_mb=peak_rss_mb(), world_size=self.world)  # samples: per rank
         if toks:
             rec["gen_tokens_per_s"] = toks / max(seconds, 1e-9)
         for name in ("scaler_g", "scaler_s"):

@@ -20,7 +20,7 @@ options (each also read from the environment variable in brackets):
   --master-port P      free TCP port on node 0, 1024-65535                 [MASTER_PORT, 8118]
   --rank-table FILE    Ascend rank-table JSON (optional, legacy HCCL set-up) [RANK_TABLE_FILE]
   --device-target T    CPU | GPU | Ascend (default: what MindSpore targets) [DEVICE_TARGET]
-  --log-dir DIR        per-rank logs worker_<r>.log and scheduler.log      [LOG_DIR, RUN_DIR/msrun_log]
+  --log-dir DIR        logs: worker_<r>.log per rank, scheduler.log, msrun.log [LOG_DIR, RUN_DIR/msrun_log]
   --timeout S          seconds to wait for all ranks to join the cluster   [CLUSTER_TIMEOUT, 600]
   --dump-params        every rank also writes RUN_DIR/params.rank<r>.safetensors at the end
   -h, --help           this text
@@ -94,6 +94,9 @@ command -v msrun >/dev/null 2>&1 || die "msrun not found on PATH: it comes with 
 activate the environment that has MindSpore (bash scripts/setup.sh makes .venv)"
 command -v python >/dev/null 2>&1 || die "python not found on PATH (msrun starts each rank with 'python')"
 export GLOG_v=${GLOG_v:-3}   # MindSpore's C++ log: errors only
+# CPU collectives give up after about 30 s of waiting for a peer (measured), which a rank compiling its
+# graph on a busy machine, or rank 0 evaluating at the end of a round, easily exceeds
+export MS_CPU_COMM_OP_TIMEOUT=${MS_CPU_COMM_OP_TIMEOUT:-1800}
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$ROOT"
 
 # the config and overrides are checked here, before any process starts; this also gives RUN_DIR
@@ -140,8 +143,11 @@ echo "run_distributed.sh: $WORLD ranks ($NNODES node(s) x $NPROC_PER_NODE), node
 # msrun stops every rank on Ctrl-C (and then exits 0): remember it to report it
 interrupted=0
 trap 'interrupted=1' INT
-msrun "${MSRUN_ARGS[@]}" python -m ms_dfkd.cli "${DISTILL_ARGS[@]}" "$@"
-rc=$?
+mkdir -p "$LOG_DIR"
+# msrun's own messages (which worker died) also go to msrun.log; tee ignores Ctrl-C so that msrun can
+# still report while it stops the ranks
+{ msrun "${MSRUN_ARGS[@]}" python -m ms_dfkd.cli "${DISTILL_ARGS[@]}" "$@" 2>&1 1>&3 3>&- |
+  (trap '' INT; exec tee "$LOG_DIR/msrun.log" >&2); rc=${PIPESTATUS[0]}; } 3>&1
 trap - INT
 if (( interrupted )); then
   echo "run_distributed.sh: interrupted; every rank was stopped. Rerun the same command to resume from" \
@@ -150,6 +156,14 @@ if (( interrupted )); then
 fi
 if (( rc != 0 )); then
   echo "run_distributed.sh: error: the distributed job failed (msrun exit $rc); every rank was stopped." >&2
+  # which rank failed first: msrun names its pid, each rank logged "rank R of W (pid P)"
+  grep -o "Worker process [0-9]* exit with exception. Error code: -\?[0-9]*" "$LOG_DIR/msrun.log" 2>/dev/null |
+  while read -r _ _ pid _ _ _ _ _ code; do
+    f=$(grep -l "of $WORLD (pid $pid)" "$LOG_DIR"/worker_*.log 2>/dev/null | head -n 1)
+    who=${f:+rank $(basename "$f" .log | sed 's/worker_//')}
+    if (( code < 0 )); then how="was killed by signal $(( -code ))"; else how="exited with code $code"; fi
+    echo "  ${who:-a rank} (pid $pid) $how" >&2
+  done
   for f in "$LOG_DIR"/worker_*.log; do
     [[ -f "$f" ]] || continue
     err=$(grep -E "^[A-Za-z_.]*(Error|Exception|Interrupt)\b|^ms-dfkd .*: error:" "$f" | tail -n 1)

@@ -241,6 +241,7 @@ def test_killed_rank_leaves_loadable_checkpoint_and_one_process_resume(teacher, 
             proc.kill()
     assert proc.returncode == 1
     assert "the distributed job failed" in err and str(log_dir) in err and "resumes with the same command" in err
+    assert f"rank 1 (pid {pid}) was killed by signal 9" in err
 
     # the last checkpoint loads: it is a whole run checkpoint of round 1 (or 2, if saved just before the kill)
     from ms_dfkd.models.checkpoint_io import load_safetensors, safetensors_metadata
