@@ -6,7 +6,9 @@ so a fused kernel can replace the composite without touching this file.
 import mindspore as ms
 from mindspore import ops
 
-import kernels
+# Imported by name: MindSpore's graph parser reads module __dict__s and does not see the lazy
+# module-level __getattr__ of the kernels package.
+from kernels import kd_loss
 
 
 def specificity_loss(teacher_logits, target_labels):
@@ -28,7 +30,7 @@ def diversity_loss(features, target_labels, num_labels):
 
 def adversarial_loss(student_logits, teacher_logits, kd_temperature):
     """-tau^2 KL(p_T || p_S): seek samples the student still gets wrong."""
-    return -kernels.kd_loss(student_logits, teacher_logits, kd_temperature)
+    return -kd_loss(student_logits, teacher_logits, kd_temperature)
 
 
 def fluency_loss(gen_logits, frozen_logits, mask):
@@ -38,9 +40,9 @@ def fluency_loss(gen_logits, frozen_logits, mask):
     first argument of the KL, which is the *teacher* side of kd_loss (it returns
     gradients for both sides).
     """
-    return kernels.kd_loss(frozen_logits, gen_logits, 1.0, row_weights=mask)
+    return kd_loss(frozen_logits, gen_logits, 1.0, row_weights=mask)
 
 
 def student_kd_loss(student_logits, teacher_logits, kd_temperature):
     """tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau)); teacher logits carry no gradient."""
-    return kernels.kd_loss(student_logits, ops.stop_gradient(teacher_logits), kd_temperature)
+    return kd_loss(student_logits, ops.stop_gradient(teacher_logits), kd_temperature)

@@ -12,7 +12,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import amp, nn, ops
 
-import kernels
+from kernels import soft_embedding  # by name: graph mode cannot see kernels' lazy __getattr__
 
 from . import losses
 
@@ -61,7 +61,7 @@ class GeneratorLoss(nn.Cell):
         # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2
         gl = logits[:, self.P - 1:self.P - 1 + T, :].reshape(B * T, -1).astype(ms.float32)
         H_t = table_t.shape[1]
-        emb = kernels.soft_embedding(gl, (table_t, table_s), seed, self.tau, hard=True,
+        emb = soft_embedding(gl, (table_t, table_s), seed, self.tau, hard=True,
                                      ids=gen_ids.reshape(-1))
         e_t = emb[:, :H_t].reshape(B, T, H_t)
         e_s = emb[:, H_t:].reshape(B, T, -1)
