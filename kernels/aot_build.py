@@ -41,6 +41,9 @@ def kernel_specs(k):
             k.kd_backward_kernel, {"s_ptr": ptr_l, "t_ptr": ptr_l, "temp_ptr": "*fp32", "lse_s_ptr": "*fp32",
                                    "lse_t_ptr": "*fp32", "loss_ptr": "*fp32", "dloss_ptr": "*fp32",
                                    "ds_ptr": ptr_l, "dt_ptr": ptr_l}), {"BLOCK": k.KD_BLOCK}))
+    specs.append(("gumbel_kernel", "fp32", k.gumbel_kernel, _sig(
+        k.gumbel_kernel, {"seed_ptr": "*i64", "row_offset_ptr": "*i64", "out_ptr": "*fp32", "u_ptr": "*fp32"}),
+        {"BLOCK_M": k.SE_BLOCK_M, "BLOCK_V": k.SE_BLOCK_V}))
     for accumulate in (0, 1):
         specs.append(("matmul_kernel", f"acc{accumulate}", k.matmul_kernel, _sig(
             k.matmul_kernel, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"}),

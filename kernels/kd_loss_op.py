@@ -43,7 +43,7 @@ def kd_loss(student_logits, teacher_logits, temperature, reduction="mean", row_w
     _check(tuple(student_logits.shape), tuple(teacher_logits.shape), float(temperature), reduction, weights_shape)
     path = dispatch.resolve_backend("kd_loss")
     if path == "composite":
-        rows = _rows_cell(float(temperature))(student_logits, teacher_logits)[0]
+        rows = _rows_cell(float(temperature))(student_logits, teacher_logits)
     else:
         module = importlib.import_module("kernels.triton_ops" if path == "triton_interpret" else "kernels.aot_ops")
         rows = module.kd_loss_rows(student_logits, teacher_logits, float(temperature))

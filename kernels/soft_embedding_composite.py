@@ -1,18 +1,24 @@
-"""Gumbel-softmax soft embedding as MindSpore ops, chunked so that no N x V temporary exists.
+"""Gumbel-softmax soft embedding as MindSpore ops, in slabs of rows so that no N x V temporary exists.
 
-soft_embedding: the vocabulary is walked in chunks with an online softmax (running max, running sum,
-running y @ T), so the forward holds an [N, chunk] slice at a time. The backward regenerates the Gumbel
-noise of each chunk from the seed (it is never stored) and needs only the soft output and the
-log-sum-exp saved by the forward:
-    dlogits = y * (dout @ T^T - rowsum(soft * dout)) / tau.
+Both ops walk the tokens in slabs of [rows, V] (about CHUNK_ELEMENTS values each): a slab's noise,
+probabilities and gradients live only while it is processed. Every output is at most [N, V] (the
+logits' gradient, which the op must return) or [N, sum H].
 
-fused_linear_soft_embedding: the tokens are walked in chunks; each chunk computes its [rows, V] logits
-from the hidden states and the LM head, embeds them, and drops them. The backward recomputes them, so
-the N x V logits and their gradient never exist in full.
+soft_embedding: forward, per slab, x = logits + g, then k = argmax(x) (hard mode: the value is the
+gathered rows, no softmax is needed) or y = softmax(x / tau) and soft = y @ T. The backward regenerates
+the noise from the seed (it is never stored) and recomputes y:
+    dlogits = y * (dout @ T^T - rowsum(soft * dout)) / tau
+fused_linear_soft_embedding: the same, with each slab's logits computed from the hidden states and the
+LM head and recomputed in the backward, so the N x V logits and their gradient never exist at all.
+
+Why slabs of rows rather than of columns: full-width rows let MindSpore's fused softmax do the
+normalisation, and on CPU MindSpore is slow at what column chunks need (concatenating along the
+vocabulary axis costs ~10x an add, as does broadcasting a [rows, 1] column across a row); per-row
+values are therefore tiled to full width before use.
 
 Both are ``nn.Cell`` with a ``bprop`` method, which is how MindSpore takes a custom backward in
-GRAPH_MODE as well as PyNative. The chunk loops are Python loops over static shapes (unrolled in graph
-mode). Forward and backward compute in float32 whatever the input dtype.
+GRAPH_MODE as well as PyNative. The slab loops are Python loops over static shapes (unrolled in graph
+mode, hence MAX_CHUNKS). Forward and backward compute in float32 whatever the input dtype.
 """
 import functools
 
@@ -25,79 +31,88 @@ from ms_dfkd.gumbel import MASK32, MIX_MULT, U_MAX, U_MIN, mix32_np
 # The upper clamp bound as a float32 value, as gumbel_np applies it.
 _U_MAX32 = float(np.float32(U_MAX))
 assert U_MIN < 2.0 ** -24
-# One chunk holds about this many elements ([rows, cols]); the loop is unrolled in graph mode, so the
-# number of chunks is also capped.
+# One slab holds about this many values. The fused-linear op, whose point is memory, uses smaller
+# slabs (each slab also pays a pass over the LM head, so smaller is slower). The slab loops are
+# unrolled in graph mode, so their number is capped.
 CHUNK_ELEMENTS = 1 << 22
-MAX_CHUNKS = 32
+FUSED_CHUNK_ELEMENTS = 1 << 21
+MAX_CHUNKS = 256
+
+# Primitive instances: inside a bprop, graph mode fails to compile some functional wrappers
+# (ops.tile, ops.clamp, ops.arange: "The func graph is empty").
+_matmul_tb = ops.MatMul(transpose_b=True)
+_matmul_ta = ops.MatMul(transpose_a=True)
+_tile = ops.Tile()
+_softmax = ops.Softmax(axis=-1)
 
 
-# The chunkers are lru_cache objects, which graph mode runs in Python (their shapes are constants).
+# The chunker is an lru_cache object, which graph mode runs in Python (its arguments are constants).
 @functools.lru_cache(maxsize=None)
-def vocab_chunks(n_rows, vocab):
-    """((start, stop), ...) over the vocabulary: about CHUNK_ELEMENTS per chunk, at most MAX_CHUNKS chunks."""
-    size = min(vocab, max(CHUNK_ELEMENTS // max(n_rows, 1), -(-vocab // MAX_CHUNKS), 1))
-    return tuple((start, min(start + size, vocab)) for start in range(0, vocab, size))
-
-
-@functools.lru_cache(maxsize=None)
-def row_chunks(n_rows, vocab):
-    """((start, stop), ...) over the tokens, for the fused-linear op: [rows, V] logits per chunk."""
-    size = min(n_rows, max(CHUNK_ELEMENTS // max(vocab, 1), -(-n_rows // (4 * MAX_CHUNKS)), 1))
+def row_chunks(n_rows, vocab, elements=None):
+    """((start, stop), ...) over the tokens: slabs of about ``elements`` values (CHUNK_ELEMENTS by
+    default), at most MAX_CHUNKS of them."""
+    elements = elements or CHUNK_ELEMENTS
+    size = min(n_rows, max(elements // max(vocab, 1), -(-n_rows // MAX_CHUNKS), 1))
     return tuple((start, min(start + size, n_rows)) for start in range(0, n_rows, size))
 
 
+_MIX = ms.Tensor(np.uint32(MIX_MULT))
+_SHIFT16 = ms.Tensor(np.uint32(16))
+_SHIFT9 = ms.Tensor(np.uint32(9))
+
+
 def mix32(x):
-    """The hash of ms_dfkd.gumbel.mix32_ms. The noise below is this module's own rather than gumbel_ms
-    for two reasons: its logs run in float64 (1 float32 ulp from gumbel_np instead of about 4e-6), and
-    the column hashes are constants (graph mode's arange over constant bounds fails to compile inside a
-    bprop). x: int64 tensor of values in [0, 2**32)."""
-    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
-    x = ops.bitwise_and(x * MIX_MULT, MASK32)
-    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
-    x = ops.bitwise_and(x * MIX_MULT, MASK32)
-    return ops.bitwise_xor(x, ops.bitwise_right_shift(x, 16))
+    """The hash of ms_dfkd.gumbel on uint32 lanes, whose products wrap mod 2**32 like the numpy
+    version's int64 & 0xFFFFFFFF (half the memory of int64 lanes, and no masking).
+
+    The noise below is this module's own rather than gumbel_ms for three reasons: uint32 lanes; logs
+    in float64 (1 float32 ulp from gumbel_np instead of about 4e-6); constant column hashes (graph
+    mode's arange over constant bounds fails to compile inside a bprop)."""
+    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, _SHIFT16))
+    x = x * _MIX
+    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, _SHIFT16))
+    x = x * _MIX
+    return ops.bitwise_xor(x, ops.bitwise_right_shift(x, _SHIFT16))
 
 
 @functools.lru_cache(maxsize=128)
 def _column_hashes(start, stop):
-    """mix32(col) for col in start..stop-1, as a constant [1, C] int64 tensor (graph mode's arange with
-    constant bounds fails to compile, and the hash of a column never changes)."""
-    return ms.Tensor(mix32_np(np.arange(start, stop)).reshape(1, -1), ms.int64)
+    """mix32(col) for col in start..stop-1, as a constant [1, C] uint32 tensor (graph mode's arange
+    with constant bounds fails to compile, and the hash of a column never changes)."""
+    return ms.Tensor(mix32_np(np.arange(start, stop)).astype(np.uint32).reshape(1, -1))
 
 
 @functools.lru_cache(maxsize=64)
 def _row_ids(n_rows, row_offset):
-    return ms.Tensor((np.arange(n_rows, dtype=np.int64) + row_offset) & MASK32, ms.int64)
+    return ms.Tensor(((np.arange(n_rows, dtype=np.int64) + row_offset) & MASK32).astype(np.uint32))
+
+
+def per_row(column, width):
+    """[R, 1] -> [R, width], materialised: MindSpore's CPU kernels are ~10x slower on a broadcast
+    operand than on two same-shape ones, and tiling costs less than an add."""
+    return _tile(column, (1, width))
 
 
 def gumbel(keys, start, stop):
-    """Gumbel noise [N, stop - start] of ms_dfkd.gumbel for row keys [N] and columns start..stop-1.
+    """Gumbel noise [R, stop - start] of ms_dfkd.gumbel for uint32 row keys [R] and columns start..stop-1.
 
     The logs run in float64: MindSpore's float32 log on CPU in graph mode is off by up to 5e-6 and
     returns 0 just below 1, which turns into errors of 5e-3 in -log(-log u). The float64 result rounded
     to float32 is within one float32 ulp of gumbel_np. The lower clamp of gumbel_np (U_MIN = 1e-10)
     never binds, since u >= 2**-24, so only the upper one is applied."""
-    h = mix32(ops.bitwise_xor(keys.reshape(-1, 1), _column_hashes(start, stop)))
-    u = (ops.bitwise_right_shift(h, 9).astype(ms.float64) + 0.5) * (2.0 ** -23)
+    cols = _column_hashes(start, stop)
+    h = mix32(ops.bitwise_xor(per_row(keys.reshape(-1, 1), stop - start), _tile(cols, (keys.shape[0], 1))))
+    u = (ops.bitwise_right_shift(h, _SHIFT9).astype(ms.float64) + 0.5) * (2.0 ** -23)
     u = ops.minimum(u, _U_MAX32)
     return (-ops.log(-ops.log(u))).astype(ms.float32)
 
 
-def log_f64(x):
-    """Accurate log of a float32 tensor (see gumbel)."""
-    return ops.log(x.astype(ms.float64)).astype(ms.float32)
-
-
 def row_keys(seed, n_rows, row_offset=0):
-    """int64 [N]: the per-row hash mix(mix(seed) ^ row) of ms_dfkd.gumbel.row_keys_np."""
+    """uint32 [N]: the per-row hash mix(mix(seed) ^ row) of ms_dfkd.gumbel.row_keys_np."""
     if isinstance(seed, int):
         seed = ms.Tensor(seed & MASK32, ms.int64)
-    seed = ops.bitwise_and(seed.astype(ms.int64).reshape(1), MASK32)
+    seed = ops.bitwise_and(seed.astype(ms.int64).reshape(1), MASK32).astype(ms.uint32)
     return mix32(ops.bitwise_xor(mix32(seed), _row_ids(n_rows, row_offset)))
-
-
-def _table_slice(tables, start, stop):
-    return ops.concat([t[start:stop].astype(ms.float32) for t in tables], 1)
 
 
 def _split_columns(x, tables):
@@ -121,130 +136,134 @@ def _scatter_rows(tables, k, dvalue):
     return grads
 
 
-def _embed_forward(logits, keys, tables, tau, want_argmax):
-    """Online softmax over vocabulary chunks. Returns (soft [N, sum H], lse [N, 1], argmax [N] int32)."""
-    n, vocab = logits.shape
-    width = sum([t.shape[1] for t in tables])
-    inv_tau = 1.0 / tau
-    run_max = ops.full((n, 1), float("-inf"), dtype=ms.float32)
-    run_sum = ops.zeros((n, 1), ms.float32)
-    acc = ops.zeros((n, width), ms.float32)
-    best = ops.full((n,), float("-inf"), dtype=ms.float32)
-    best_k = ops.zeros((n,), ms.int32)
-    for start, stop in vocab_chunks(n, vocab):
-        x = logits[:, start:stop].astype(ms.float32) + gumbel(keys, start, stop)
-        if want_argmax:
-            # Argmax of logits + g itself (not of its tau-scaled copy) so ties break as in the reference.
-            chunk_best, chunk_k = ops.max(x, axis=1)
-            better = chunk_best > best
-            best = ops.where(better, chunk_best, best)
-            best_k = ops.where(better, chunk_k.astype(ms.int32) + start, best_k)
-        z = x * inv_tau
-        new_max = ops.maximum(run_max, z.max(axis=1, keepdims=True))
-        rescale = ops.exp(run_max - new_max)
-        p = ops.exp(z - new_max)
-        run_sum = run_sum * rescale + p.sum(axis=1, keepdims=True)
-        acc = acc * rescale + ops.matmul(p, _table_slice(tables, start, stop))
-        run_max = new_max
-    return acc / run_sum, run_max + log_f64(run_sum), best_k
+def _probs(logits, keys, inv_tau):
+    """y = softmax((logits + g) / tau) for one slab, float32."""
+    x = logits.astype(ms.float32) + gumbel(keys, 0, logits.shape[1])
+    return _softmax(x * inv_tau)
 
 
-def _embed_backward(logits, keys, tables, tau, lse, soft, dout, want_table_grad):
-    """dlogits [N, V] (float32) and, if asked, y^T @ dout [V, sum H]."""
-    n, vocab = logits.shape
-    inv_tau = 1.0 / tau
-    delta = (soft * dout).sum(axis=1, keepdims=True)
-    dlogits, dtable = [], []
-    for start, stop in vocab_chunks(n, vocab):
-        x = logits[:, start:stop].astype(ms.float32) + gumbel(keys, start, stop)
-        y = ops.exp(x * inv_tau - lse)
-        table = _table_slice(tables, start, stop)
-        dy = ops.matmul(dout, table.T)
-        dlogits.append((y * (dy - delta) * inv_tau).astype(logits.dtype))
-        if want_table_grad:
-            dtable.append(ops.matmul(y.T, dout))
-    return ops.concat(dlogits, 1), (ops.concat(dtable, 0) if want_table_grad else None)
+def _soft_value(y, tables):
+    return ops.concat([ops.matmul(y, t.astype(ms.float32)) for t in tables], 1)
+
+
+def _slab_forward(logits, keys, tables, inv_tau, hard, ids):
+    """One slab: (value [R, sum H] float32, k [R] int32)."""
+    if hard and ids is not None:  # given tokens: a plain gather, no noise needed
+        return _gather_rows(tables, ids.astype(ms.int32)), ids.astype(ms.int32)
+    x = logits.astype(ms.float32) + gumbel(keys, 0, logits.shape[1])
+    # argmax of logits + g itself, not of its tau-scaled copy, so that ties break as in the reference
+    k = ops.argmax(x, dim=1).astype(ms.int32) if ids is None else ids.astype(ms.int32)
+    if hard:
+        return _gather_rows(tables, k), k
+    return _soft_value(_softmax(x * inv_tau), tables), k
+
+
+def _slab_backward(logits, keys, tables, inv_tau, soft, dout, want_table_grad):
+    """One slab: (dlogits [R, V] float32, [y^T @ dout_i] or None). soft may be None (recomputed)."""
+    y = _probs(logits, keys, inv_tau)
+    if soft is None:
+        soft = _soft_value(y, tables)
+    vocab = logits.shape[1]
+    scaled = dout * inv_tau
+    delta = (soft * scaled).sum(axis=1, keepdims=True)
+    dy = None
+    for tbl, d in zip(tables, _split_columns(scaled, tables)):
+        part = _matmul_tb(d, tbl.astype(ms.float32))
+        dy = part if dy is None else dy + part
+    dlogits = y * (dy - per_row(delta, vocab))
+    table_grads = None
+    if want_table_grad:
+        table_grads = [_matmul_ta(y, d) for d in _split_columns(dout, tables)]
+    return dlogits, table_grads
 
 
 class SoftEmbedding(nn.Cell):
-    """(logits [N, V], row keys [N], tables (tuple of [V, H_i]), ids [N] or None) -> (value, soft, lse, k)."""
+    """(logits [N, V], row keys [N], tables (tuple of [V, H_i]), ids [N] or None) -> (value, k)."""
 
     def __init__(self, tau, hard, grad_tables):
         super().__init__()
-        self.tau = float(tau)
+        self.inv_tau = 1.0 / float(tau)
         self.hard = hard
         self.grad_tables = grad_tables
 
     def construct(self, logits, keys, tables, ids):
-        want_argmax = self.hard and ids is None
-        soft, lse, k = _embed_forward(logits, keys, tables, self.tau, want_argmax)
-        if ids is not None:
-            k = ids.astype(ms.int32)
-        value = _gather_rows(tables, k) if self.hard else soft
-        return value.astype(tables[0].dtype), soft, lse, k
+        n, vocab = logits.shape
+        values, ks = [], []
+        for start, stop in row_chunks(n, vocab):
+            slab_ids = None if ids is None else ids[start:stop]
+            value, k = _slab_forward(logits[start:stop], keys[start:stop], tables, self.inv_tau, self.hard, slab_ids)
+            values.append(value)
+            ks.append(k)
+        return ops.concat(values, 0).astype(tables[0].dtype), ops.concat(ks, 0)
 
     def bprop(self, logits, keys, tables, ids, out, dout):
-        _, soft, lse, k = out
-        # Straight-through: in hard mode the value's gradient is taken as that of the soft y.
-        dvalue = dout[0].astype(ms.float32) + dout[1]
+        value, k = out
+        # Straight-through: in hard mode the value's gradient is taken as that of the soft y @ T.
+        dvalue = dout[0].astype(ms.float32)
         want_soft_table_grad = self.grad_tables and not self.hard
-        dlogits, dtable = _embed_backward(logits, keys, tables, self.tau, lse, soft, dvalue, want_soft_table_grad)
+        n, vocab = logits.shape
+        dlogits, table_grads = [], []
+        if want_soft_table_grad:
+            for tbl in tables:
+                table_grads.append(ops.zeros(tbl.shape, ms.float32))
+        for start, stop in row_chunks(n, vocab):
+            soft = None if self.hard else value[start:stop].astype(ms.float32)
+            dl, tg = _slab_backward(logits[start:stop], keys[start:stop], tables, self.inv_tau, soft,
+                                    dvalue[start:stop], want_soft_table_grad)
+            dlogits.append(dl.astype(logits.dtype))
+            if want_soft_table_grad:
+                for acc, grad in zip(table_grads, tg):
+                    ops.assign_add(acc, grad)  # in place: a [V, H] sum would cost a third buffer
         dtables = []
         if want_soft_table_grad:
-            for tbl, d in zip(tables, _split_columns(dtable, tables)):
-                dtables.append(d.astype(tbl.dtype))
+            for tbl, grad in zip(tables, table_grads):
+                dtables.append(grad.astype(tbl.dtype))
         elif self.grad_tables:
-            dtables = _scatter_rows(tables, k, dout[0].astype(ms.float32))
+            dtables = _scatter_rows(tables, k, dvalue)
         else:
             for tbl in tables:
                 dtables.append(ops.zeros_like(tbl))
         dids = None if ids is None else ops.zeros_like(ids)
-        return dlogits, ops.zeros_like(keys), tuple(dtables), dids
+        return ops.concat(dlogits, 0), ops.zeros_like(keys), tuple(dtables), dids
 
 
 class FusedLinearSoftEmbedding(nn.Cell):
-    """(hidden [N, Hg], lm_head [V, Hg], row keys, tables, ids or None) -> (value, soft, lse, k).
+    """(hidden [N, Hg], lm_head [V, Hg], row keys, tables, ids or None) -> (value, k).
 
     The tables get no gradient on this path (they are frozen where it is used)."""
 
     def __init__(self, tau, hard):
         super().__init__()
-        self.tau = float(tau)
+        self.inv_tau = 1.0 / float(tau)
         self.hard = hard
 
     def construct(self, hidden, lm_head, keys, tables, ids):
-        n = hidden.shape[0]
-        vocab = lm_head.shape[0]
+        n, vocab = hidden.shape[0], lm_head.shape[0]
         weight = lm_head.astype(ms.float32)
-        want_argmax = self.hard and ids is None
-        softs, lses, ks = [], [], []
-        for start, stop in row_chunks(n, vocab):
-            logits = ops.matmul(hidden[start:stop].astype(ms.float32), weight.T)
-            soft, lse, k = _embed_forward(logits, keys[start:stop], tables, self.tau, want_argmax)
-            softs.append(soft)
-            lses.append(lse)
+        values, ks = [], []
+        for start, stop in row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS):
+            logits = _matmul_tb(hidden[start:stop].astype(ms.float32), weight)
+            slab_ids = None if ids is None else ids[start:stop]
+            value, k = _slab_forward(logits, keys[start:stop], tables, self.inv_tau, self.hard, slab_ids)
+            values.append(value)
             ks.append(k)
-        soft, lse, k = ops.concat(softs, 0), ops.concat(lses, 0), ops.concat(ks, 0)
-        if ids is not None:
-            k = ids.astype(ms.int32)
-        value = _gather_rows(tables, k) if self.hard else soft
-        return value.astype(tables[0].dtype), soft, lse, k
+        return ops.concat(values, 0).astype(tables[0].dtype), ops.concat(ks, 0)
 
     def bprop(self, hidden, lm_head, keys, tables, ids, out, dout):
-        _, soft, lse, _ = out
-        dvalue = dout[0].astype(ms.float32) + dout[1]
-        n = hidden.shape[0]
-        vocab = lm_head.shape[0]
+        value, _ = out
+        dvalue = dout[0].astype(ms.float32)
+        n, vocab = hidden.shape[0], lm_head.shape[0]
         weight = lm_head.astype(ms.float32)
-        dhidden, dweight = [], None
-        for start, stop in row_chunks(n, vocab):
+        dhidden = []
+        dweight = ops.zeros(weight.shape, ms.float32)
+        for start, stop in row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS):
             h = hidden[start:stop].astype(ms.float32)
-            logits = ops.matmul(h, weight.T)
-            dlogits, _ = _embed_backward(logits, keys[start:stop], tables, self.tau, lse[start:stop],
-                                         soft[start:stop], dvalue[start:stop], False)
+            soft = None if self.hard else value[start:stop].astype(ms.float32)
+            dlogits, _ = _slab_backward(_matmul_tb(h, weight), keys[start:stop], tables, self.inv_tau, soft,
+                                        dvalue[start:stop], False)
             dhidden.append(ops.matmul(dlogits, weight))
-            dw = ops.matmul(dlogits.T, h)
-            dweight = dw if dweight is None else dweight + dw
+            # in place: dweight + dw would hold a third [V, Hg] buffer (113 MB at SmolLM2's size)
+            ops.assign_add(dweight, _matmul_ta(dlogits, h))
         dtables = []
         for tbl in tables:
             dtables.append(ops.zeros_like(tbl))

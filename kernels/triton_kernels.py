@@ -62,9 +62,9 @@ def gumbel_kernel(seed_ptr, row_offset_ptr, out_ptr, u_ptr, N, V,
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask = (offs_m < N)[:, None] & (cols < V)[None, :]
     keys = row_keys(seed_ptr, row_offset_ptr, 0, offs_m)
-    where = offs_m.to(tl.int64)[:, None] * V + cols[None, :]
-    tl.store(u_ptr + where, uniform(keys, cols), mask=mask)
-    tl.store(out_ptr + where, gumbel(keys, cols), mask=mask)
+    offs = offs_m.to(tl.int64)[:, None] * V + cols[None, :]
+    tl.store(u_ptr + offs, uniform(keys, cols), mask=mask)
+    tl.store(out_ptr + offs, gumbel(keys, cols), mask=mask)
 
 
 @triton.jit

@@ -87,6 +87,7 @@ CALLS = [
     ("MsDfkdKdForward", [((N, V), "float16"), ((N, V), "float16"), ((1,), "float32")] + [((N,), "float32")] * 3),
     ("MsDfkdKdBackward", [((N, V), "bfloat16"), ((N, V), "bfloat16"), ((1,), "float32")] + [((N,), "float32")] * 4
      + [((N, V), "bfloat16")] * 2),
+    ("MsDfkdGumbel", [((1,), "int64"), ((1,), "int64"), ((N, V), "float32"), ((N, V), "float32")]),
 ]
 
 
@@ -145,6 +146,8 @@ def expected_launches():
         "MsDfkdKdForward": [launch("kd_forward_kernel", "fp16", (N, 1), [ptr(i) for i in range(6)] + [V] * 3)],
         "MsDfkdKdBackward": [launch("kd_backward_kernel", "bf16", (N, cdiv(V, cfg.KD_BLOCK)),
                                     [ptr(i) for i in range(9)] + [V] * 5)],
+        "MsDfkdGumbel": [launch("gumbel_kernel", "fp32", (cdiv(N, cfg.SE_BLOCK_M), cdiv(V, cfg.SE_BLOCK_V)),
+                                [ptr(0), ptr(1), ptr(2), ptr(3), N, V])],
         "MsDfkdFusedForward": [],
         "MsDfkdFusedBackward": [],
     }
@@ -181,8 +184,8 @@ def launcher(tmp_path_factory):
     if not (nvcc and cc and include):
         pytest.skip(f"needs nvcc, a C compiler and cuda.h (nvcc={nvcc}, cc={cc}, cuda.h in {include})")
     tmp = tmp_path_factory.mktemp("aot")
-    kernels = [(k, v) for k in LOGIT_KERNELS for v in aot_build.LOGIT_DTYPES] + [("matmul_kernel", "acc0"),
-                                                                                ("matmul_kernel", "acc1")]
+    kernels = [(k, v) for k in LOGIT_KERNELS for v in aot_build.LOGIT_DTYPES] + [
+        ("matmul_kernel", "acc0"), ("matmul_kernel", "acc1"), ("gumbel_kernel", "fp32")]
     fake = [{"name": k, "variant": v, "cubin": b"\x7fELF" + f"{k}:{v}".encode() + b"\0", "num_warps": 4,
              "shared": SHARED.get(k, 1024), "n_scratch": 2} for k, v in kernels]
     aot_build.write_header(fake, cfg, tmp / "aot_kernels.h", 90)
@@ -239,7 +242,7 @@ def ctypes_i32(value):
 def _signatures():
     from kernels import triton_kernels
     kinds = {}
-    for name in LOGIT_KERNELS + ("matmul_kernel",):
+    for name in LOGIT_KERNELS + ("matmul_kernel", "gumbel_kernel"):
         params = inspect.signature(getattr(triton_kernels, name).fn).parameters.values()
         kinds[name] = [("ptr" if p.name.endswith("_ptr") else "i32") for p in params
                        if "constexpr" not in str(p.annotation)] + ["ptr", "ptr"]

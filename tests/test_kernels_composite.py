@@ -23,12 +23,11 @@ def composite_backend():
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    """Force several vocabulary and row chunks on test-sized inputs."""
+    """Force several row slabs on test-sized inputs."""
     monkeypatch.setattr(composite, "CHUNK_ELEMENTS", 3000)
-    composite.vocab_chunks.cache_clear()
+    monkeypatch.setattr(composite, "FUSED_CHUNK_ELEMENTS", 2000)
     composite.row_chunks.cache_clear()
     yield
-    composite.vocab_chunks.cache_clear()
     composite.row_chunks.cache_clear()
 
 
@@ -227,7 +226,7 @@ def test_soft_embedding_at_generator_vocabulary_with_default_chunks():
     which works because a row's noise depends only on (seed, row id, column). The N=4096 case takes
     over 30 s on two cores and is measured by scripts/bench_kernels.py instead."""
     n, v = 256, 49152
-    assert len(composite.vocab_chunks(n, v)) > 1
+    assert len(composite.row_chunks(n, v)) > 1
     rng = np.random.default_rng(11)
     logits = rng.normal(size=(n, v)).astype(np.float32)
     tables = [rng.normal(size=(v, 8)).astype(np.float32), rng.normal(size=(v, 4)).astype(np.float32)]

@@ -327,3 +327,14 @@ MS_DFKD_AOT(MsDfkdKdBackward) {
   a.i32(vocab).i32(vocab).i32(vocab).i32(vocab).i32(vocab);
   return launch("kd_backward_kernel", variant, static_cast<int>(n), cdiv(vocab, KD_BLOCK), a, stream);
 }
+
+// The Gumbel noise alone, for checking it on a GPU against ms_dfkd.gumbel.gumbel_np.
+// inputs: seed [1] int64, row_offset [1] int64;  outputs: g [N, V] f32, u [N, V] f32
+MS_DFKD_AOT(MsDfkdGumbel) {
+  if (nparam != 4) return 1;
+  int64_t n = shapes[2][0], vocab = shapes[2][1];
+  Args a;
+  for (int i = 0; i < 4; ++i) a.ptr(params[i]);
+  a.i32(n).i32(vocab);
+  return launch("gumbel_kernel", "fp32", cdiv(n, SE_BLOCK_M), cdiv(vocab, SE_BLOCK_V), a, stream);
+}
