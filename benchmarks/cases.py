@@ -337,6 +337,33 @@ class MSSide:
         names = {id(p): n for n, p in cell.parameters_and_names()}
         return {names[id(p)]: g.asnumpy() for p, g in zip(params, grads)}
 
+    # --- timing pieces (benchmark profile): each returns after the result is on the host ----------
+    def frozen_forward(self):
+        return float(self.frozen_fwd(*self.full)[0, 0, 0].asnumpy())
+
+    def generator_forward(self):
+        """The generator loss without gradients (G0 forward included, as in the step)."""
+        if not hasattr(self, "_gen_fwd"):
+            loss_cell = self.gen_loss
+
+            def loss_only(*inputs):
+                return loss_cell(*inputs)[0]
+            self._gen_fwd = self._jit(loss_only)
+        return float(self._gen_fwd(*self._gen_inputs()).asnumpy())
+
+    def generator_grad(self):
+        """Loss and gradients, no optimizer update."""
+        loss, _, grads = self._gen_grad(*self._gen_inputs())
+        grads[-1].asnumpy()
+        return float(loss.asnumpy())
+
+    def sample(self, eos_id=-1):
+        from ms_dfkd.models.llama_sampling import sample
+        a = self.case.arrays
+        ids, _ = sample(self.frozen, a["batch/prompt_ids"], a["batch/prompt_mask"], self.T, self.case.seed,
+                        temperature=1.0, eos_id=eos_id, graph=self.jit)
+        return ids
+
     # --- full steps with the optimizer, as ms_dfkd's driver runs them ---------------------------
     def generator_step(self):
         from mindspore import nn

@@ -105,6 +105,30 @@ class TorchSide:
         grads.update({"proj." + n: p.grad.numpy() for n, p in self.proj.named_parameters()})
         return {"total": out["total"].item()}, grads
 
+    # --- timing pieces (benchmark profile) -------------------------------------------------------
+    def frozen_forward(self):
+        a = self.batch
+        with torch.no_grad():
+            return self.frozen(torch.cat([a["prompt_ids"], a["gen_ids"]], 1),
+                               torch.cat([a["prompt_mask"], a["gen_mask"]], 1))[0, 0, 0].item()
+
+    def generator_forward(self):
+        with torch.no_grad():
+            return self._gen_loss()["total"].item()
+
+    def generator_grad(self):
+        self.gen.zero_grad(set_to_none=True)
+        out = self._gen_loss()
+        out["total"].backward()
+        return out["total"].item()
+
+    def sample(self, eos_id=-1):
+        from .sampling import sample
+        a = self.case.arrays
+        ids, _ = sample(self.frozen, a["batch/prompt_ids"], a["batch/prompt_mask"], a["batch/gen_ids"].shape[1],
+                        seed=self.case.seed, temperature=1.0, eos_id=eos_id, pad_id=self.case.gen_cfg["pad_token_id"])
+        return ids
+
     def generator_step(self):
         if self._opt_g is None:
             self._opt_g = torch.optim.AdamW([p for p in self.gen.parameters() if p.requires_grad],
