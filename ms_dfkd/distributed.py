@@ -48,6 +48,22 @@ def grad_reducer_factory(world_size):
     return make
 
 
+def ranks_agree(values):
+    """True on every rank if every rank passed the same small non-negative integers.
+
+    One MindSpore AllReduce: each rank puts its values in its own row of a zero matrix and the sum
+    gathers every row (CPU collectives only reduce by sum); float32 is exact below 2**24.
+    """
+    import mindspore as ms
+    import numpy as np
+    from mindspore import ops
+    from mindspore.communication import get_group_size, get_rank
+    rows = np.zeros((get_group_size(), len(values)), np.float32)
+    rows[get_rank()] = values
+    rows = ops.AllReduce(ops.ReduceOp.SUM)(ms.Tensor(rows)).asnumpy()
+    return bool((rows == rows[0]).all())
+
+
 def shard_name(rank, world_size):
     """The JSONL file a rank appends its samples to (a single process keeps the plain name)."""
     return f"generated.rank{rank}.jsonl" if world_size > 1 else "generated.jsonl"

@@ -26,7 +26,7 @@ from . import metrics as M
 from .classify import EncoderRunner, evaluate, softmax_np
 from .config import save_config
 from .data import Corpus, CorpusSampler, balanced_labels
-from .distributed import rewind_shards, shard_name
+from .distributed import ranks_agree, rewind_shards, shard_name
 from .gumbel import derive_seed
 from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
 from .replay import JsonlWriter, ReplayBuffer
@@ -304,6 +304,11 @@ class Distiller:
         elif self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
+        if self.world > 1 and not ranks_agree([self.counters["round"], self.counters["gen_steps"]]):
+            # e.g. run.out_dir on a disk that only some nodes see: ranks would start from different weights
+            raise CheckpointError(f"rank {self.rank}: the ranks did not all resume from the same checkpoint in "
+                                  f"{self.out} (this rank is at round {self.counters['round']}); put run.out_dir "
+                                  f"on a filesystem every node sees")
         kG, kS = cfg.run.gen_steps_per_round, cfg.run.student_steps_per_round
         total = cfg.run.rounds * (kG + kS)
         done = self.counters["round"] * (kG + kS) + self.counters["gen_in_round"] + self.counters["stu_in_round"]

@@ -207,6 +207,22 @@ def test_two_process_cpu_run(teacher, tmp_path):
     assert r.returncode == 0 and "32 generated texts" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
+def test_ranks_agree_under_msrun(tmp_path):
+    """The resume guard: equal values agree on every rank, rank-dependent ones disagree on every rank."""
+    script = tmp_path / "agree.py"
+    script.write_text("import sys\nsys.path.insert(0, %r)\n" % str(ROOT) + (
+        "from ms_dfkd import distributed as D\n"
+        "rank, world = D.init_data_parallel()\n"
+        "print('RESULT', rank, world, D.ranks_agree([3, 7]), D.ranks_agree([3, rank]), flush=True)\n"))
+    r = subprocess.run(["msrun", "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+                        f"--log_dir={tmp_path / 'log'}", "--join=True", str(script)], cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"RESULT {rank} 2 True False" in (tmp_path / "log" / f"worker_{rank}.log").read_text()
+
+
 def _wait_for(cond, proc, timeout, what):
     end = time.time() + timeout
     while time.time() < end:
