@@ -146,3 +146,24 @@ def test_reference_models_on_known_outputs():
     f = torch.nn.functional.normalize(feat, dim=-1)
     assert abs(float(f[0] @ f[1]) - 0.755) < 0.01
     assert abs(float(f[0] @ f[2]) + 0.10) < 0.05
+
+
+def test_reference_fluency_is_float64_accurate(sides):
+    """The arbiter when the two sides disagree on L_flu (a KL of two close distributions, where float32
+    cancellation is easy to get wrong): the float32 reference must match a float64 rerun to 1e-6."""
+    case, _, ref = sides
+    if case.name != "smoke":
+        pytest.skip("float64 rerun only on the smoke models (cheap)")
+    import copy
+    import torch
+    from benchmarks.reference_torch.steps import kl_rows
+    b = ref.batch
+    ids, mask = torch.cat([b["prompt_ids"], b["gen_ids"]], 1), torch.cat([b["prompt_mask"], b["gen_mask"]], 1)
+    P, T = b["prompt_ids"].shape[1], b["gen_ids"].shape[1]
+    w = b["gen_mask"].reshape(-1).double()
+    g, g0 = copy.deepcopy(ref.gen).double(), copy.deepcopy(ref.frozen).double()
+    with torch.no_grad():
+        lo, lo0 = (m(ids, mask)[:, P - 1:P - 1 + T].reshape(-1, m.config.vocab_size) for m in (g, g0))
+        exact = float((kl_rows(lo, lo0) * w).sum() / w.sum())
+    ref32 = ref.generator_losses_and_grads()[0]["flu"]
+    assert abs(ref32 - exact) <= 1e-6 * exact, (ref32, exact)
