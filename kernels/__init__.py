@@ -1,6 +1,6 @@
 """Fused ops of ms-dfkd: Gumbel-softmax soft embedding (plain and fused with the LM head) and KD loss.
 
-Each op has a numpy reference (tests only), a vocabulary-chunked MindSpore composite (default on CPU and
+Each op has a numpy reference (tests only), a chunked MindSpore composite (row slabs; default on CPU and
 Ascend), and Triton kernels run either ahead-of-time compiled on GPU (``aot``) or by Triton's
 interpreter on CPU (``triton_interpret``). ``set_kernel_backend`` / MS_DFKD_KERNELS pick the path.
 
@@ -24,4 +24,6 @@ __all__ = list(_EXPORTS)
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # a plain attribute from now on (MindSpore's graph parser skips __getattr__)
+    return value

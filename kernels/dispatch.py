@@ -1,7 +1,7 @@
 """Which implementation of the fused ops runs: chosen by device, overridable, logged once.
 
 Paths:
-    composite         MindSpore ops, chunked over the vocabulary (default on CPU and Ascend)
+    composite         MindSpore ops in [rows, V] slabs, no N x V temporary (default on CPU and Ascend)
     aot               the Triton kernels compiled ahead of time into an ``aot`` custom op (default on GPU;
                       needs scripts/build_kernels.sh to have been run)
     triton_interpret  the same Triton kernels run by Triton's interpreter on CPU through a ``pyfunc``

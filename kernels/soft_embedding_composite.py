@@ -61,6 +61,12 @@ _SHIFT16 = ms.Tensor(np.uint32(16))
 _SHIFT9 = ms.Tensor(np.uint32(9))
 
 
+@functools.lru_cache(maxsize=None)
+def _vocab_blocks(vocab, n_blocks=8):
+    size = -(-vocab // n_blocks)
+    return tuple((start, min(start + size, vocab)) for start in range(0, vocab, size))
+
+
 def mix32(x):
     """The hash of ms_dfkd.gumbel on uint32 lanes, whose products wrap mod 2**32 like the numpy
     version's int64 & 0xFFFFFFFF (half the memory of int64 lanes, and no masking).
@@ -124,7 +130,10 @@ def _split_columns(x, tables):
 
 
 def _gather_rows(tables, k):
-    return ops.concat([ops.gather(t, k, 0).astype(ms.float32) for t in tables], 1)
+    rows = []
+    for tbl in tables:
+        rows.append(ops.gather(tbl, k, 0).astype(ms.float32))
+    return ops.concat(rows, 1)
 
 
 def _scatter_rows(tables, k, dvalue):
@@ -143,7 +152,10 @@ def _probs(logits, keys, inv_tau):
 
 
 def _soft_value(y, tables):
-    return ops.concat([ops.matmul(y, t.astype(ms.float32)) for t in tables], 1)
+    parts = []
+    for tbl in tables:
+        parts.append(ops.matmul(y, tbl.astype(ms.float32)))
+    return ops.concat(parts, 1)
 
 
 def _slab_forward(logits, keys, tables, inv_tau, hard, ids):
@@ -158,8 +170,8 @@ def _slab_forward(logits, keys, tables, inv_tau, hard, ids):
     return _soft_value(_softmax(x * inv_tau), tables), k
 
 
-def _slab_backward(logits, keys, tables, inv_tau, soft, dout, want_table_grad):
-    """One slab: (dlogits [R, V] float32, [y^T @ dout_i] or None). soft may be None (recomputed)."""
+def _slab_backward(logits, keys, tables, inv_tau, soft, dout):
+    """One slab: (dlogits [R, V] float32, y [R, V]). soft may be None (then recomputed from y)."""
     y = _probs(logits, keys, inv_tau)
     if soft is None:
         soft = _soft_value(y, tables)
@@ -170,11 +182,7 @@ def _slab_backward(logits, keys, tables, inv_tau, soft, dout, want_table_grad):
     for tbl, d in zip(tables, _split_columns(scaled, tables)):
         part = _matmul_tb(d, tbl.astype(ms.float32))
         dy = part if dy is None else dy + part
-    dlogits = y * (dy - per_row(delta, vocab))
-    table_grads = None
-    if want_table_grad:
-        table_grads = [_matmul_ta(y, d) for d in _split_columns(dout, tables)]
-    return dlogits, table_grads
+    return y * (dy - per_row(delta, vocab)), y
 
 
 class SoftEmbedding(nn.Cell):
@@ -202,18 +210,19 @@ class SoftEmbedding(nn.Cell):
         dvalue = dout[0].astype(ms.float32)
         want_soft_table_grad = self.grad_tables and not self.hard
         n, vocab = logits.shape
-        dlogits, table_grads = [], []
-        if want_soft_table_grad:
-            for tbl in tables:
-                table_grads.append(ops.zeros(tbl.shape, ms.float32))
+        dlogits, table_grads = [], None
         for start, stop in row_chunks(n, vocab):
             soft = None if self.hard else value[start:stop].astype(ms.float32)
-            dl, tg = _slab_backward(logits[start:stop], keys[start:stop], tables, self.inv_tau, soft,
-                                    dvalue[start:stop], want_soft_table_grad)
+            dl, y = _slab_backward(logits[start:stop], keys[start:stop], tables, self.inv_tau, soft,
+                                   dvalue[start:stop])
             dlogits.append(dl.astype(logits.dtype))
             if want_soft_table_grad:
-                for acc, grad in zip(table_grads, tg):
-                    ops.assign_add(acc, grad)  # in place: a [V, H] sum would cost a third buffer
+                # y^T @ dout; a plain sum (an in-place one, as for the fused op's dlm_head, fails to
+                # compile in this bprop's graph), so table gradients cost two [V, H] buffers
+                grads = []
+                for d in _split_columns(dvalue[start:stop], tables):
+                    grads.append(_matmul_ta(y, d))
+                table_grads = grads if table_grads is None else [a + g for a, g in zip(table_grads, grads)]
         dtables = []
         if want_soft_table_grad:
             for tbl, grad in zip(tables, table_grads):
@@ -255,15 +264,23 @@ class FusedLinearSoftEmbedding(nn.Cell):
         n, vocab = hidden.shape[0], lm_head.shape[0]
         weight = lm_head.astype(ms.float32)
         dhidden = []
-        dweight = ops.zeros(weight.shape, ms.float32)
+        # dlm_head is summed over slabs in place, in blocks of vocabulary rows: a whole-matrix sum
+        # would hold two more [V, Hg] buffers (113 MB each at SmolLM2's size), the blocks hold 1/8.
+        blocks = _vocab_blocks(vocab)
+        # computed zeros: graph mode would fold equal-shaped constant zeros into one shared buffer
+        dweight = []
+        for v0, v1 in blocks:
+            dweight.append(weight[v0:v1] * 0.0)
         for start, stop in row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS):
             h = hidden[start:stop].astype(ms.float32)
             soft = None if self.hard else value[start:stop].astype(ms.float32)
             dlogits, _ = _slab_backward(_matmul_tb(h, weight), keys[start:stop], tables, self.inv_tau, soft,
-                                        dvalue[start:stop], False)
+                                        dvalue[start:stop])
             dhidden.append(ops.matmul(dlogits, weight))
-            # in place: dweight + dw would hold a third [V, Hg] buffer (113 MB at SmolLM2's size)
-            ops.assign_add(dweight, _matmul_ta(dlogits, h))
+            for i, (v0, v1) in enumerate(blocks):
+                # keep assign_add's result: graph mode orders the in-place add only through it
+                dweight[i] = ops.assign_add(dweight[i], _matmul_ta(dlogits[:, v0:v1], h))
+        dweight = ops.concat(dweight, 0)
         dtables = []
         for tbl in tables:
             dtables.append(ops.zeros_like(tbl))

@@ -9,7 +9,7 @@ RSS high-water mark, getrusage) is its own; the table shows that peak above the 
 the op first runs at full size (inputs built, libraries set up by a tiny run), and the whole-process
 peak. Variants:
     soft_embedding   naive: one [N, V] noise / softmax / matmul with autodiff (straight-through hard);
-                     composite: kernels.soft_embedding (vocabulary-chunked, noise regenerated in bprop)
+                     composite: kernels.soft_embedding (row slabs, noise regenerated in bprop)
     fused_linear     logits+naive, logits+composite: hidden @ lm_head^T then the above;
                      fused: kernels.fused_linear_soft_embedding (token-chunked, logits never whole)
     kd_loss          naive: log_softmax KL with autodiff; composite: kernels.kd_loss (chunked)

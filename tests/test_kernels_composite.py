@@ -221,6 +221,33 @@ def test_graph_mode_step_matches_reference():
     _close(grad, dlogits, "float32")
 
 
+def test_graph_mode_fused_linear_and_soft_table_gradients(small_chunks):
+    """The in-place gradient sums of the bprops (table and LM-head gradients) inside ms.jit."""
+    rng = np.random.default_rng(12)
+    n, v, hg = 40, 301, 16
+    hidden = rng.normal(size=(n, hg)).astype(np.float32)
+    lm_head = rng.normal(size=(v, hg)).astype(np.float32)
+    tables = [rng.normal(size=(v, 8)).astype(np.float32), rng.normal(size=(v, 3)).astype(np.float32)]
+    dout = rng.normal(size=(n, 11)).astype(np.float32)
+
+    def loss(h, w, t0, t1):
+        logits = ms.ops.matmul(h, w.T)
+        soft = soft_embedding(logits, [t0, t1], 5, 0.7, hard=False, grad_tables=True)
+        fused = fused_linear_soft_embedding(h, w, [t0, t1], 5, 0.7, hard=True)
+        return ((soft + fused) * ms.Tensor(dout)).sum()
+
+    step = ms.jit(ms.value_and_grad(loss, grad_position=(0, 1, 2, 3)))
+    _, (dh, dw, dt0, dt1) = step(*[ms.Tensor(x) for x in (hidden, lm_head, *tables)])
+    logits = (hidden.astype(np.float64) @ lm_head.T).astype(np.float32)
+    dl_soft, ref_dt = sref.soft_embedding_backward(logits, tables, 5, 0.7, dout, hard=False)
+    dl_hard, _ = sref.soft_embedding_backward(logits, tables, 5, 0.7, dout, hard=True)
+    dlogits = dl_soft + dl_hard
+    _close(dh, dlogits @ lm_head, "float32")
+    _close(dw, dlogits.T @ hidden, "float32")
+    _close(dt0, ref_dt[0], "float32")
+    _close(dt1, ref_dt[1], "float32")
+
+
 def test_soft_embedding_at_generator_vocabulary_with_default_chunks():
     """V = 49,152 (SmolLM2's vocabulary) with the default chunking; the reference checks sampled rows,
     which works because a row's noise depends only on (seed, row id, column). The N=4096 case takes
