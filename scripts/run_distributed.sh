@@ -22,6 +22,7 @@ options (each also read from the environment variable in brackets):
   --device-target T    CPU | GPU | Ascend (default: what MindSpore targets) [DEVICE_TARGET]
   --log-dir DIR        logs: worker_<r>.log per rank, scheduler.log, msrun.log [LOG_DIR, RUN_DIR/msrun_log]
   --timeout S          seconds to wait for all ranks to join the cluster   [CLUSTER_TIMEOUT, 600]
+  --bind-core          pin each rank to its own CPU cores (msrun --bind_core): helps CPU runs [BIND_CORE=1]
   --dump-params        every rank also writes RUN_DIR/params.rank<r>.safetensors at the end
   -h, --help           this text
 
@@ -44,6 +45,7 @@ RANK_TABLE_FILE=${RANK_TABLE_FILE:-}
 DEVICE_TARGET=${DEVICE_TARGET:-}
 LOG_DIR=${LOG_DIR:-}
 CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-600}
+BIND_CORE=${BIND_CORE:-}
 DUMP_PARAMS=""
 
 need_value() { [[ $# -ge 2 && "$2" != --* ]] || die "option $1 needs a value (see --help)"; }
@@ -59,6 +61,7 @@ while [[ $# -gt 0 ]]; do
     --device-target) need_value "$@"; DEVICE_TARGET=$2; shift 2 ;;
     --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
     --timeout) need_value "$@"; CLUSTER_TIMEOUT=$2; shift 2 ;;
+    --bind-core) BIND_CORE=1; shift ;;
     --dump-params) DUMP_PARAMS="--dump-params"; shift ;;
     --) shift; break ;;
     --*.*) die "config override $1 given before CONFIG: put CONFIG first, then the overrides" ;;
@@ -134,6 +137,7 @@ MSRUN_ARGS=(--worker_num="$WORLD" --local_worker_num="$NPROC_PER_NODE" --node_ra
             --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" --log_dir="$LOG_DIR"
             --cluster_time_out="$CLUSTER_TIMEOUT" --join=True --tail_worker_log=0)
 [[ -n "$RANK_TABLE_FILE" ]] && MSRUN_ARGS+=(--rank_table_file="$RANK_TABLE_FILE")
+[[ -n "$BIND_CORE" && "$BIND_CORE" != 0 ]] && MSRUN_ARGS+=(--bind_core=True)
 DISTILL_ARGS=(distill --config "$CONFIG")
 [[ -n "$DEVICE_TARGET" ]] && DISTILL_ARGS+=(--device-target "$DEVICE_TARGET")
 [[ -n "$DUMP_PARAMS" ]] && DISTILL_ARGS+=("$DUMP_PARAMS")
