@@ -148,6 +148,26 @@ def test_reference_models_on_known_outputs():
     assert abs(float(f[0] @ f[2]) + 0.10) < 0.05
 
 
+def test_reference_adversarial_is_float64_accurate(sides):
+    """The arbiter for L_adv: its forward value depends only on the encoders and the hard rows
+    E_hat[z] (straight-through), so a float64 rerun of teacher and student is cheap on any case."""
+    case, _, ref = sides
+    import copy
+    import torch
+    from benchmarks.reference_torch.steps import encoder_inputs, kl_rows
+    b = ref.batch
+    t, s = copy.deepcopy(ref.teacher).double(), copy.deepcopy(ref.student).double()
+    tables, sp = [x.double() for x in ref.tables], [x.double() for x in ref.specials]
+    with torch.no_grad():
+        x_t, m = encoder_inputs(tables[0][b["gen_ids"]], b["gen_mask"], sp[0], sp[1])
+        x_s, _ = encoder_inputs(tables[1][b["gen_ids"]], b["gen_mask"], sp[2], sp[3])
+        kd_t = case.kd_temperature
+        exact = float(-kd_t ** 2 * kl_rows(t(inputs_embeds=x_t, attention_mask=m)[0],
+                                           s(inputs_embeds=x_s, attention_mask=m)[0], kd_t).mean())
+    ref32 = ref.generator_losses_and_grads()[0]["adv"]
+    assert abs(ref32 - exact) <= 1e-5 * abs(exact), (ref32, exact)
+
+
 def test_reference_fluency_is_float64_accurate(sides):
     """The arbiter when the two sides disagree on L_flu (a KL of two close distributions, where float32
     cancellation is easy to get wrong): the float32 reference must match a float64 rerun to 1e-6."""
