@@ -16,6 +16,7 @@ import pathlib
 import mindspore as ms
 from mindspore import nn, ops
 
+from kernels.soft_embedding_composite import zero_grad
 from kernels.triton_config import FUSED_ROWS
 from kernels.triton_ops import ids_or_argmax, scalar_tensor, scatter_rows, table_slots
 
@@ -73,15 +74,15 @@ class SoftEmbeddingOp(nn.Cell):
             if grad_tables and not hard:
                 dt0, dt1 = tables_op(logits, seed, tau, row_offset, lse, dtotal, t0, t1)
                 if not two_tables:
-                    dt1 = ops.zeros_like(t1)
+                    dt1 = zero_grad(t1)
             elif grad_tables:
                 h0 = t0.shape[1]
                 dt0 = scatter_rows(t0, k, dout[1][:, :h0])
-                dt1 = scatter_rows(t1, k, dout[1][:, h0:]) if two_tables else ops.zeros_like(t1)
+                dt1 = scatter_rows(t1, k, dout[1][:, h0:]) if two_tables else zero_grad(t1)
             else:
-                dt0, dt1 = ops.zeros_like(t0), ops.zeros_like(t1)
-            return (dlogits, dt0, dt1, ops.zeros_like(ids), ops.zeros_like(seed), ops.zeros_like(tau),
-                    ops.zeros_like(row_offset))
+                dt0, dt1 = zero_grad(t0), zero_grad(t1)
+            return (dlogits, dt0, dt1, zero_grad(ids), zero_grad(seed), zero_grad(tau),
+                    zero_grad(row_offset))
 
         self.op = _aot(_entry("MsDfkdSeForward", two_tables),
                        lambda lg, t0, t1, *rest: ([lg[0], _width(t0, t1, two_tables)],
@@ -105,8 +106,8 @@ class FusedLinearSoftEmbeddingOp(nn.Cell):
             soft, _, lse, _, _ = out
             dhidden, dlm_head, _ = backward_op(hidden, lm_head, t0, t1, seed, tau, row_offset, lse, soft,
                                                dout[0] + dout[1])
-            return (dhidden, dlm_head, ops.zeros_like(t0), ops.zeros_like(t1), ops.zeros_like(ids),
-                    ops.zeros_like(seed), ops.zeros_like(tau), ops.zeros_like(row_offset))
+            return (dhidden, dlm_head, zero_grad(t0), zero_grad(t1), zero_grad(ids),
+                    zero_grad(seed), zero_grad(tau), zero_grad(row_offset))
 
         def out_shape(h, w, t0, t1, *rest):
             width = _width(t0, t1, two_tables)
@@ -129,7 +130,7 @@ class KDLossRowsOp(nn.Cell):
         def bprop(student, teacher, temperature, out, dout):
             loss, lse_s, lse_t = out
             dstudent, dteacher = backward_op(student, teacher, temperature, lse_s, lse_t, loss, dout[0])
-            return dstudent, dteacher, ops.zeros_like(temperature)
+            return dstudent, dteacher, zero_grad(temperature)
 
         self.op = _aot("MsDfkdKdForward", lambda s, t, temp: ([s[0]], [s[0]], [s[0]]),
                        lambda s, t, temp: (ms.float32, ms.float32, ms.float32), bprop)

@@ -121,6 +121,12 @@ def row_keys(seed, n_rows, row_offset=0):
     return mix32(ops.bitwise_xor(mix32(seed), _row_ids(n_rows, row_offset)))
 
 
+def zero_grad(x):
+    """A zero gradient for an input that gets none: a broadcast view, which in PyNative allocates
+    nothing (ops.zeros_like of a [V, H] table would allocate 113 MB at SmolLM2's size)."""
+    return ops.broadcast_to(ops.zeros((1,) * len(x.shape), x.dtype), x.shape)
+
+
 def _split_columns(x, tables):
     parts, start = [], 0
     for tbl in tables:
@@ -231,9 +237,9 @@ class SoftEmbedding(nn.Cell):
             dtables = _scatter_rows(tables, k, dvalue)
         else:
             for tbl in tables:
-                dtables.append(ops.zeros_like(tbl))
-        dids = None if ids is None else ops.zeros_like(ids)
-        return ops.concat(dlogits, 0), ops.zeros_like(keys), tuple(dtables), dids
+                dtables.append(zero_grad(tbl))
+        dids = None if ids is None else zero_grad(ids)
+        return ops.concat(dlogits, 0), zero_grad(keys), tuple(dtables), dids
 
 
 class FusedLinearSoftEmbedding(nn.Cell):
@@ -264,26 +270,22 @@ class FusedLinearSoftEmbedding(nn.Cell):
         n, vocab = hidden.shape[0], lm_head.shape[0]
         weight = lm_head.astype(ms.float32)
         dhidden = []
-        # dlm_head is summed over slabs in place, in blocks of vocabulary rows: a whole-matrix sum
-        # would hold two more [V, Hg] buffers (113 MB each at SmolLM2's size), the blocks hold 1/8.
+        # dlm_head is summed over slabs in place, a block of vocabulary rows at a time: a whole-matrix
+        # sum would hold two more [V, Hg] buffers (113 MB each at SmolLM2's size), a block holds 1/8.
+        # (In PyNative slice assignment writes in place; graph mode plans its own buffers.)
         blocks = _vocab_blocks(vocab)
-        # computed zeros: graph mode would fold equal-shaped constant zeros into one shared buffer
-        dweight = []
-        for v0, v1 in blocks:
-            dweight.append(weight[v0:v1] * 0.0)
+        dweight = ops.zeros(weight.shape, ms.float32)
         for start, stop in row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS):
             h = hidden[start:stop].astype(ms.float32)
             soft = None if self.hard else value[start:stop].astype(ms.float32)
             dlogits, _ = _slab_backward(_matmul_tb(h, weight), keys[start:stop], tables, self.inv_tau, soft,
                                         dvalue[start:stop])
             dhidden.append(ops.matmul(dlogits, weight))
-            for i, (v0, v1) in enumerate(blocks):
-                # keep assign_add's result: graph mode orders the in-place add only through it
-                dweight[i] = ops.assign_add(dweight[i], _matmul_ta(dlogits[:, v0:v1], h))
-        dweight = ops.concat(dweight, 0)
+            for v0, v1 in blocks:
+                dweight[v0:v1] += _matmul_ta(dlogits[:, v0:v1], h)
         dtables = []
         for tbl in tables:
-            dtables.append(ops.zeros_like(tbl))
-        dids = None if ids is None else ops.zeros_like(ids)
+            dtables.append(zero_grad(tbl))
+        dids = None if ids is None else zero_grad(ids)
         return (ops.concat(dhidden, 0).astype(hidden.dtype), dweight.astype(lm_head.dtype),
-                ops.zeros_like(keys), tuple(dtables), dids)
+                zero_grad(keys), tuple(dtables), dids)

@@ -15,6 +15,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from kernels import triton_runtime as rt
+from kernels.soft_embedding_composite import zero_grad
 from ms_dfkd.gumbel import MASK32
 
 
@@ -67,10 +68,10 @@ class SoftEmbeddingOp(nn.Cell):
             elif grad_tables:
                 h0 = t0.shape[1]
                 dt0 = scatter_rows(t0, k, dout[1][:, :h0])
-                dt1 = scatter_rows(t1, k, dout[1][:, h0:]) if two_tables else ops.zeros_like(t1)
+                dt1 = scatter_rows(t1, k, dout[1][:, h0:]) if two_tables else zero_grad(t1)
             else:
-                dt0, dt1 = ops.zeros_like(t0), ops.zeros_like(t1)
-            return (dlogits, dt0, dt1, ops.zeros_like(ids), ops.zeros_like(seed), ops.zeros_like(row_offset))
+                dt0, dt1 = zero_grad(t0), zero_grad(t1)
+            return (dlogits, dt0, dt1, zero_grad(ids), zero_grad(seed), zero_grad(row_offset))
 
         self.op = _custom(forward,
                           lambda lg, t0, t1, *rest: ([lg[0], width(t0, t1)], [lg[0], width(t0, t1)], [lg[0]], [lg[0]]),
@@ -104,8 +105,8 @@ class FusedLinearSoftEmbeddingOp(nn.Cell):
         def bprop(hidden, lm_head, t0, t1, ids, seed, row_offset, out, dout):
             soft, _, lse, _ = out
             dhidden, dlm_head = backward_op(hidden, lm_head, t0, t1, seed, row_offset, lse, soft, dout[0] + dout[1])
-            return (dhidden, dlm_head, ops.zeros_like(t0), ops.zeros_like(t1), ops.zeros_like(ids),
-                    ops.zeros_like(seed), ops.zeros_like(row_offset))
+            return (dhidden, dlm_head, zero_grad(t0), zero_grad(t1), zero_grad(ids),
+                    zero_grad(seed), zero_grad(row_offset))
 
         self.op = _custom(forward,
                           lambda h, w, t0, t1, *rest: ([h[0], width(t0, t1)], [h[0], width(t0, t1)], [h[0]], [h[0]]),

@@ -58,6 +58,8 @@ def worker(case):
     from kernels import dispatch, fused_linear_soft_embedding, kd_loss, soft_embedding
     from kernels import soft_embedding_composite as composite
 
+    if case.get("fused_chunk_elements"):
+        composite.FUSED_CHUNK_ELEMENTS = case["fused_chunk_elements"]
     if case["mode"] == "graph":
         ms.set_context(mode=ms.GRAPH_MODE)
     if case["backend"]:
@@ -150,6 +152,8 @@ def main():
     parser.add_argument("--mode", choices=["pynative", "graph"], default="pynative")
     parser.add_argument("--backend", default="", help="kernels backend for the fused variants (default: auto)")
     parser.add_argument("--device", default="", help="MindSpore device_target (default: MindSpore's)")
+    parser.add_argument("--fused-chunk-elements", type=int, default=0,
+                        help="values per slab of the fused-linear op (default: kernels' FUSED_CHUNK_ELEMENTS)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     parser.add_argument("--json", help="also append every result as a JSON line to this file")
     args = parser.parse_args()
@@ -170,7 +174,8 @@ def main():
                         if args.variants and variant not in args.variants:
                             continue
                         case = {"op": op, "variant": variant, "n": n, "v": v, "h": h, "repeats": args.repeats,
-                                "mode": args.mode, "backend": args.backend, "device": args.device}
+                                "mode": args.mode, "backend": args.backend, "device": args.device,
+                                "fused_chunk_elements": args.fused_chunk_elements}
                         r = run_case(case, args.timeout)
                         results[variant] = r
                         if args.json:
