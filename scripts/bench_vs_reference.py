@@ -15,7 +15,9 @@ Only the worker being timed runs: the other one is parked with SIGSTOP, so that 
 threads (MindSpore's CPU thread pool, OpenMP spin-waits) cannot take CPU from the timed one.
 Memory: each worker's resident-set high-water mark (VmHWM) over the timed repeats of that row, reset
 through /proc/self/clear_refs after the warm-up; it includes the models, optimizer states and
-framework. MindSpore runs its own CPU thread pool; torch gets --threads intra-op threads.
+framework. MindSpore runs its own CPU thread pool; torch gets --threads intra-op threads and, by
+default, OMP_WAIT_POLICY=PASSIVE: on a 2-core machine shared with other work, torch's default
+OpenMP spin-wait made the smoke sampler 100x slower (3.7 s vs 0.034 s, CPU time = wall time).
 
     python scripts/bench_vs_reference.py [--kinds smoke,real] [--repeats 5] [--threads 2] [--profile]
 """
@@ -92,11 +94,14 @@ def worker(framework, case_path, threads):
 # --- parent side ------------------------------------------------------------------------------------
 
 class Worker:
-    def __init__(self, framework, case_path, threads, log):
+    def __init__(self, framework, case_path, threads, log, wait_policy="passive"):
         self.name = framework
+        env = dict(os.environ)
+        if framework == "torch" and wait_policy == "passive":
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
         self.p = subprocess.Popen([sys.executable, __file__, "--worker", framework, "--case", str(case_path),
                                    "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=log, text=True, cwd=ROOT)
+                                  stderr=log, text=True, cwd=ROOT, env=env)
         self.ready_s = self._read()["ready"]
         os.kill(self.p.pid, signal.SIGSTOP)
 
@@ -146,7 +151,7 @@ def measure(kind, ops, args, out_dir, rows):
         # fresh workers per row: MindSpore keeps every compiled graph's memory, and a worker that has
         # compiled the sampler, both steps and the profile graphs of the real models outgrew 20 GB
         ms_w = Worker("ms", case_path, args.threads, args.log)
-        pt_w = Worker("torch", case_path, args.threads, args.log)
+        pt_w = Worker("torch", case_path, args.threads, args.log, args.torch_wait_policy)
         try:
             rows.append(measure_op(kind, op, ms_w, pt_w, args))
         finally:
@@ -184,7 +189,8 @@ def table(rows, args, load_before, load_after):
     import mindspore
     import torch
     lines = [f"ms_dfkd (MindSpore {mindspore.__version__}, graph mode, composite kernels) vs PyTorch "
-             f"{torch.__version__} eager reference; {os.cpu_count()} CPU cores, torch threads {args.threads}; "
+             f"{torch.__version__} eager reference; {os.cpu_count()} CPU cores, torch threads {args.threads} "
+             f"(OMP_WAIT_POLICY {args.torch_wait_policy}); "
              f"medians of {args.repeats} interleaved repeats",
              f"load average before/after: {load_before:.2f} / {load_after:.2f} (1 min)",
              f"shapes: " + "; ".join(f"{k}: {v}" for k, v in SHAPES.items() if k in args.kinds),
@@ -214,6 +220,8 @@ def main(argv=None):
     ap.add_argument("--kinds", default="smoke,real", help="comma list of: smoke, real")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--torch-wait-policy", choices=("passive", "default"), default="passive",
+                    help="OMP_WAIT_POLICY of the torch worker (see the module docstring)")
     ap.add_argument("--profile", action="store_true", help="also time the pieces of the generator step")
     ap.add_argument("--out", default=None, help="folder for cases, worker logs and table.md (default: a temp dir)")
     ap.add_argument("--worker", choices=("ms", "torch"), help=argparse.SUPPRESS)
