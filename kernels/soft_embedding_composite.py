@@ -31,11 +31,14 @@ from ms_dfkd.gumbel import MASK32, MIX_MULT, U_MAX, U_MIN, mix32_np
 # The upper clamp bound as a float32 value, as gumbel_np applies it.
 _U_MAX32 = float(np.float32(U_MAX))
 assert U_MIN < 2.0 ** -24
-# One slab holds about this many values. The fused-linear op, whose point is memory, uses smaller
-# slabs (each slab also pays a pass over the LM head, so smaller is slower). The slab loops are
-# unrolled in graph mode, so their number is capped.
+# One slab holds about this many values. The fused-linear op's point is memory, so its slabs are
+# small; on CPU each slab also re-reads the LM head in three matmuls with few rows, so its time grows
+# as slabs shrink. Measured at N=4096, V=49152, Hg=576 on 2 cores (peak above inputs / time, against
+# 2864 MB / 23 s for logits + the composite): 1M values 268 MB / 66 s, 2M 334 MB / 40 s,
+# 4M 509 MB / 30 s, 8M 785 MB / 26 s (times vary by a third between runs on a shared machine).
+# The slab loops are unrolled in graph mode, so their number is capped.
 CHUNK_ELEMENTS = 1 << 22
-FUSED_CHUNK_ELEMENTS = 1 << 21
+FUSED_CHUNK_ELEMENTS = 1 << 20
 MAX_CHUNKS = 256
 
 # Primitive instances: inside a bprop, graph mode fails to compile some functional wrappers
