@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 LOSS_RTOL = 1e-4
-# float32 floor for terms near zero: a KL of ~3e-3 computed in float32 from logits of size ~10
-# carries ~1e-6 absolute rounding error on either side (seen: fluency 0.0030539 vs 0.0030547)
+# Absolute floor for terms near zero. Measured: ms_dfkd's composite KL (lse_t - lse_s of two ~10.8
+# values) gave fluency 0.0030539 where the reference gives 0.0030547, and a float64 rerun 0.00305471:
+# the error is ms_dfkd's, not the reference's (see the float64 arbiter tests below).
 LOSS_ATOL = 1e-6
 GRAD_RTOL = 1e-3
 TERMS = ("total", "spec", "div", "adv", "flu")
