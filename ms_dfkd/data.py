@@ -210,6 +210,19 @@ def load_glue_tsv(path, task):
     return out
 
 
+def iter_jsonl(path, error=ValueError):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line raises ``error``
+    naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{i}: invalid JSON ({e.msg})") from None
+
+
 def load_labelled_file(path, label_names, text_field="text", label_field="label"):
     """Read (text, label_id) pairs from a .tsv/.csv (with a header) or a .jsonl file.
 
@@ -221,17 +234,10 @@ def load_labelled_file(path, label_names, text_field="text", label_field="label"
     suffix = path.suffix.lower()
     out = []
     if suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or text_field not in rec or label_field not in rec:
-                    raise ValueError(f"{path}:{i}: each line needs the fields {text_field!r} and {label_field!r}")
-                out.append((str(rec[text_field]), _label_id(rec[label_field], label_names, f"{path}:{i}")))
+        for i, rec in iter_jsonl(path):
+            if not isinstance(rec, dict) or text_field not in rec or label_field not in rec:
+                raise ValueError(f"{path}:{i}: each line needs the fields {text_field!r} and {label_field!r}")
+            out.append((str(rec[text_field]), _label_id(rec[label_field], label_names, f"{path}:{i}")))
     elif suffix in (".tsv", ".csv"):
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
@@ -352,17 +358,10 @@ def _file_paragraphs(path):
     if not path.is_file():
         raise FileNotFoundError(f"corpus file not found: {path}")
     if path.suffix.lower() == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or "text" not in rec:
-                    raise CorpusError(f"{path}:{i}: each line needs a 'text' field")
-                yield str(rec["text"])
+        for i, rec in iter_jsonl(path, CorpusError):
+            if not isinstance(rec, dict) or "text" not in rec:
+                raise CorpusError(f"{path}:{i}: each line needs a 'text' field")
+            yield str(rec["text"])
     else:
         yield from (l for l in _read_text(path).splitlines() if l.strip())
 

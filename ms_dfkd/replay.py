@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .data import iter_jsonl
+
 
 class ReplayBuffer:
     """The most recent ``capacity`` samples (text, target label, teacher probabilities, round).
@@ -101,12 +103,5 @@ def read_jsonl(paths):
         p = Path(p)
         if not p.is_file():
             raise FileNotFoundError(f"JSONL file not found: {p}")
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}:{i}: not valid JSON ({e})") from None
+        out.extend(rec for _, rec in iter_jsonl(p))
     return out

@@ -111,6 +111,8 @@ class Distiller:
         if self.method != "dfkd-t3":
             set_trainable(self.generator, "none")
             self.generator.set_train(False)
+            self.frozen = self.generator  # prompted: the generator never trains, it is G_theta0
+            self._make_frozen_fwd()
             return
         set_trainable(self.generator, g.trainable, g.top_k_layers)
         self.frozen, _ = B.build_generator(cfg)  # G_theta0: the same pretrained (or same-seed) weights
@@ -126,8 +128,11 @@ class Distiller:
         self.scaler_g = _loss_scaler(self.teacher, self.student, self.generator)
         self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red,
                                         loss_scaler=self.scaler_g)
-        P, T = self.P, self.T
-        frozen = self.frozen
+        self._make_frozen_fwd()
+
+    def _make_frozen_fwd(self):
+        """No-grad G_theta0 logits at the sample's positions: [B, P+T] ids -> [B, T, V]."""
+        P, T, frozen = self.P, self.T, self.frozen
 
         def frozen_fwd(ids, mask):
             lo = frozen(input_ids=ids, attention_mask=mask)
@@ -249,18 +254,10 @@ class Distiller:
         """Perplexity of the sampled tokens under the frozen generator (no gradient)."""
         full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
         full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
-        model = self.frozen if self.method == "dfkd-t3" else self.generator
-        if not hasattr(self, "_ppl_fwd"):
-            P, T = self.P, self.T
-
-            def fwd(ids, mask):
-                return ops.stop_gradient(model(input_ids=ids, attention_mask=mask)[:, P - 1:P - 1 + T, :])
-            self._ppl_fwd = ms.jit(fwd) if self.jit else fwd
-        lo = self._ppl_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask)).asnumpy()
-        return {"perplexity_g0": _perplexity(lo, s["ids"], s["mask"]), "_frozen_logits": lo}
+        lo = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask)).asnumpy()
+        return {"perplexity_g0": _perplexity(lo, s["ids"], s["mask"])}
 
     def _generator_update(self, s):
-        cfg = self.cfg
         B_, T = s["ids"].shape
         full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
         full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
@@ -320,7 +317,6 @@ class Distiller:
                 while self.counters["gen_in_round"] < kG:
                     self._check_stop()
                     recs, info = self._produce()
-                    info.pop("_frozen_logits", None)
                     toks += info.pop("gen_tokens", 0)
                     self.replay.add(recs)
                     self.texts_out.write(recs)
