@@ -43,6 +43,11 @@ def kd_loss(student_logits, teacher_logits, temperature, reduction="mean", row_w
     _check(tuple(student_logits.shape), tuple(teacher_logits.shape), float(temperature), reduction, weights_shape)
     path = dispatch.resolve_backend("kd_loss")
     if path == "composite":
+        # MindSpore's CPU slice has no bfloat16 kernel; the composite computes in float32 anyway
+        if student_logits.dtype == ms.bfloat16:
+            student_logits = student_logits.astype(ms.float32)
+        if teacher_logits.dtype == ms.bfloat16:
+            teacher_logits = teacher_logits.astype(ms.float32)
         rows = _rows_cell(float(temperature))(student_logits, teacher_logits)
     else:
         module = importlib.import_module("kernels.triton_ops" if path == "triton_interpret" else "kernels.aot_ops")

@@ -20,6 +20,7 @@ dispatch, op caches) lives in constexpr / lru_cache helpers that run while the g
 import functools
 import importlib
 
+import mindspore as ms
 from mindspore import ops
 
 from kernels import dispatch
@@ -71,6 +72,12 @@ def _check_tables(name, n_rows, vocab, tables, tau, ids):
     return _check(name, n_rows, vocab, shapes, dtypes, float(tau), ids_shape)
 
 
+def _cpu_slicable(x):
+    """The composite slices its inputs in row slabs and computes in float32; MindSpore's CPU slice has no
+    bfloat16 kernel, so bfloat16 is cast once here (the cast's gradient returns bfloat16)."""
+    return x.astype(ms.float32) if x.dtype == ms.bfloat16 else x
+
+
 def soft_embedding(logits, tables, seed, tau, hard=True, ids=None, row_offset=0, grad_tables=False):
     """Gumbel-softmax soft embedding of logits [N, V] through tables [V, H_i] -> [N, sum H_i]."""
     _check_2d("soft_embedding", "logits", logits.shape)
@@ -80,6 +87,7 @@ def soft_embedding(logits, tables, seed, tau, hard=True, ids=None, row_offset=0,
     path = dispatch.resolve_backend("soft_embedding")
     if path == "composite":
         keys = composite.row_keys(seed, n_rows, row_offset)
+        logits = _cpu_slicable(logits)
         return _soft_cell(float(tau), bool(hard), bool(grad_tables))(logits, keys, tables, ids)[0]
     return _path_module(path).soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
 
