@@ -87,8 +87,9 @@ def soft_embedding(logits, tables, seed, tau, hard=True, ids=None, row_offset=0,
     path = dispatch.resolve_backend("soft_embedding")
     if path == "composite":
         keys = composite.row_keys(seed, n_rows, row_offset)
-        logits = _cpu_slicable(logits)
-        return _soft_cell(float(tau), bool(hard), bool(grad_tables))(logits, keys, tables, ids)[0]
+        out = _soft_cell(float(tau), bool(hard), bool(grad_tables))(
+            _cpu_slicable(logits), keys, tuple(_cpu_slicable(t) for t in tables), ids)[0]
+        return out.astype(ms.bfloat16) if ms.bfloat16 in (logits.dtype, *[t.dtype for t in tables]) else out
     return _path_module(path).soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
 
 
