@@ -57,9 +57,11 @@ class GeneratorLoss(nn.Cell):
     def construct(self, full_ids, full_mask, gen_ids, gen_mask, frozen_logits, targets, seed,
                   table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask):
         B, T = gen_ids.shape
-        logits = self.generator(input_ids=full_ids, attention_mask=full_mask)
-        # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2
-        gl = logits[:, self.P - 1:self.P - 1 + T, :].reshape(B * T, -1).astype(ms.float32)
+        hidden = self.generator.hidden_states(input_ids=full_ids, attention_mask=full_mask)
+        # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2. The LM head
+        # runs on those T positions only (the prompt's [B, P, V] logits would be dead weight).
+        gl = self.generator.logits_from_hidden(hidden[:, self.P - 1:self.P - 1 + T, :])
+        gl = gl.reshape(B * T, -1).astype(ms.float32)
         H_t = table_t.shape[1]
         emb = soft_embedding(gl, (table_t, table_s), seed, self.tau, hard=True,
                                      ids=gen_ids.reshape(-1))

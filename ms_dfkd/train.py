@@ -135,8 +135,8 @@ class Distiller:
         P, T, frozen = self.P, self.T, self.frozen
 
         def frozen_fwd(ids, mask):
-            lo = frozen(input_ids=ids, attention_mask=mask)
-            return ops.stop_gradient(lo[:, P - 1:P - 1 + T, :])
+            hidden = frozen.hidden_states(input_ids=ids, attention_mask=mask)
+            return ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
 
         self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
 

@@ -122,27 +122,42 @@ class RMSNorm(nn.Cell):
     def construct(self, x):
         x32 = cast(x, ms.float32)
         var = ops.mean(x32 * x32, -1, keep_dims=True)
-        return cast(x32 * ops.rsqrt(var + self.eps) * self.weight, self.compute_dtype)
+        # explicit broadcast_to: MindSpore's CPU broadcasting Mul keeps index tables of about 4x
+        # its output for the life of the compiled graph (2 GB per SmolLM2 forward at B=8, L=104)
+        scale = ops.broadcast_to(ops.rsqrt(var + self.eps), x32.shape)
+        return cast(x32 * scale * ops.broadcast_to(self.weight, x32.shape), self.compute_dtype)
 
 
-def rope_cos_sin(positions, inv_freq):
-    """cos, sin [B, 1, L, D] for integer positions [B, L] ("rotate half" layout: both halves share a frequency)."""
+def rope_cos_sin(positions, inv_freq, n_heads, n_kv):
+    """cos, sin for integer positions [B, L] ("rotate half" layout: both halves share a frequency),
+    already broadcast to the query heads [B, n_heads, L, D] and the key heads [B, n_kv, L, D].
+
+    Returns (cos_q, sin_q, cos_k, sin_k). They are broadcast once here and shared by every layer:
+    a broadcasting multiply inside each layer costs persistent memory on MindSpore's CPU backend
+    (see RMSNorm)."""
+    b, l = positions.shape
     angles = positions.astype(ms.float32).expand_dims(-1) * inv_freq  # [B, L, D/2]
-    angles = ops.concat((angles, angles), -1).expand_dims(1)
-    return ops.cos(angles), ops.sin(angles)
+    angles = ops.concat((angles, angles), -1).expand_dims(1)          # [B, 1, L, D]
+    cos, sin = ops.cos(angles), ops.sin(angles)
+    d = cos.shape[-1]
+    q_shape, k_shape = (b, n_heads, l, d), (b, n_kv, l, d)
+    return (ops.broadcast_to(cos, q_shape), ops.broadcast_to(sin, q_shape),
+            ops.broadcast_to(cos, k_shape), ops.broadcast_to(sin, k_shape))
 
 
 def apply_rope(x, cos, sin):
-    """x [B, heads, L, D]: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]."""
+    """x [B, heads, L, D] with cos, sin of the same shape: x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]."""
     half = x.shape[-1] // 2
     rotated = ops.concat((-x[..., half:], x[..., :half]), -1)
     return cast(cast(x, ms.float32) * cos + cast(rotated, ms.float32) * sin, x.dtype)
 
 
-def attention_bias(query_valid_keys):
-    """Additive bias from a bool "may attend" mask of shape [B, Lq, Lk] -> [B, 1, 1, Lq, Lk]."""
+def attention_bias(query_valid_keys, n_kv, n_rep):
+    """Additive bias from a bool "may attend" mask [B, Lq, Lk] -> [B, n_kv, n_rep, Lq, Lk] (broadcast
+    once per forward and shared by the layers, like the rotary tables)."""
     bias = (1.0 - query_valid_keys.astype(ms.float32)) * _MASK_VALUE
-    return bias.expand_dims(1).expand_dims(1)
+    b, lq, lk = bias.shape
+    return ops.broadcast_to(bias.expand_dims(1).expand_dims(1), (b, n_kv, n_rep, lq, lk))
 
 
 class LlamaAttention(nn.Cell):
@@ -165,16 +180,17 @@ class LlamaAttention(nn.Cell):
         self.v_proj = Linear(h, self.n_kv * d, cdt, std, rng)
         self.o_proj = Linear(self.n_heads * d, h, cdt, std, rng)
 
-    def project(self, x, cos, sin):
-        """x [B, L, H] -> q [B, n_heads, L, D], k, v [B, n_kv, L, D] with RoPE applied to q and k."""
+    def project(self, x, rope):
+        """x [B, L, H] -> q [B, n_heads, L, D], k, v [B, n_kv, L, D] with RoPE applied to q and k.
+        rope = (cos_q, sin_q, cos_k, sin_k) from rope_cos_sin."""
         b, l, _ = x.shape
         q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[2], rope[3]), v
 
     def attend(self, q, k, v, bias):
-        """q [B, n_heads, Lq, D]; k, v [B, n_kv, Lk, D]; bias [B, 1, 1, Lq, Lk] -> [B, Lq, n_heads*D]."""
+        """q [B, n_heads, Lq, D]; k, v [B, n_kv, Lk, D]; bias [B, n_kv, n_rep, Lq, Lk] -> [B, Lq, n_heads*D]."""
         b, _, lq, d = q.shape
         lk = k.shape[2]
         qg = q.reshape(b, self.n_kv, self.n_rep * lq, d)
@@ -207,14 +223,14 @@ class LlamaDecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cdt)
         self.mlp = LlamaMLP(cfg, cdt, rng)
 
-    def construct(self, x, cos, sin, bias, cache_k=None, cache_v=None, write_slot=None):
+    def construct(self, x, rope, bias, cache_k=None, cache_v=None, write_slot=None):
         """Returns (x, k, v). Without a cache k, v are this call's keys/values [B, n_kv, L, D].
 
         With a cache (one-token decoding): the new key/value is written where
         ``write_slot`` ([1, 1, S, 1] bool) is true, attention reads the whole cache
         [B, n_kv, S, D], and the updated cache is returned.
         """
-        q, k, v = self.self_attn.project(self.input_layernorm(x), cos, sin)
+        q, k, v = self.self_attn.project(self.input_layernorm(x), rope)
         if cache_k is not None:
             k = ops.where(write_slot, k, cache_k)
             v = ops.where(write_slot, v, cache_v)
@@ -233,27 +249,28 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cdt)
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
         self.inv_freq = Tensor(inv_freq.astype(np.float32))  # a constant, not a parameter
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.compute_dtype = cdt
 
     def embed(self, input_ids):
         return cast(ops.gather(self.embed_tokens.weight, input_ids, 0), self.compute_dtype)
 
     def rope_and_bias(self, attention_mask):
-        """cos, sin and the causal + padding bias of a whole (left- or right-padded) sequence."""
+        """Rotary tables and the causal + padding bias of a whole (left- or right-padded) sequence."""
         mask = cast(attention_mask, ms.int32)
         positions = ops.relu(ops.cumsum(mask, 1) - 1)                  # first real token -> 0
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         l = mask.shape[1]
         causal = ops.tril(ops.ones((l, l), ms.int32)).expand_dims(0)    # [1, L, L]
-        bias = attention_bias((causal * mask.expand_dims(1)) > 0)       # key must be real and not later
-        return cos, sin, bias
+        bias = attention_bias((causal * mask.expand_dims(1)) > 0, self.n_kv, self.n_heads // self.n_kv)
+        return rope, bias
 
     def construct(self, inputs_embeds, attention_mask):
         """inputs_embeds [B, L, H], attention_mask [B, L] (1 real, 0 pad) -> normed hidden [B, L, H]."""
-        cos, sin, bias = self.rope_and_bias(attention_mask)
+        rope, bias = self.rope_and_bias(attention_mask)
         x = cast(inputs_embeds, self.compute_dtype)
         for layer in self.layers:
-            x, _, _ = layer(x, cos, sin, bias)
+            x, _, _ = layer(x, rope, bias)
         return self.norm(x)
 
     def prefill(self, input_ids, attention_mask, cache_len):
@@ -262,12 +279,12 @@ class LlamaModel(nn.Cell):
         caches is a tuple (k_0, v_0, k_1, v_1, ...) of [B, n_kv, cache_len, D] with the
         prompt's keys/values in slots [0, P) and zeros after.
         """
-        cos, sin, bias = self.rope_and_bias(attention_mask)
+        rope, bias = self.rope_and_bias(attention_mask)
         p = input_ids.shape[1]
         x = self.embed(input_ids)
         caches = ()
         for layer in self.layers:
-            x, k, v = layer(x, cos, sin, bias)
+            x, k, v = layer(x, rope, bias)
             pad = ops.zeros((k.shape[0], k.shape[1], cache_len - p, k.shape[3]), k.dtype)
             caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
         return self.norm(x), caches
@@ -275,13 +292,13 @@ class LlamaModel(nn.Cell):
     def decode_step(self, input_ids, positions, key_mask, write_slot, caches):
         """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
         including the slot being written); write_slot [S] bool. Returns (hidden [B, 1, H], caches)."""
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
-        bias = attention_bias(key_mask.expand_dims(1) > 0)
+        rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
+        bias = attention_bias(key_mask.expand_dims(1) > 0, self.n_kv, self.n_heads // self.n_kv)
         slot = write_slot.reshape(1, 1, -1, 1)
         x = self.embed(input_ids)
         new = ()
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, bias, caches[2 * i], caches[2 * i + 1], slot)
+            x, k, v = layer(x, rope, bias, caches[2 * i], caches[2 * i + 1], slot)
             new = new + (k, v)
         return self.norm(x), new
 
