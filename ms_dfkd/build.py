@@ -53,12 +53,12 @@ def build_teacher_arch(cfg, pretrained=True):
     arch = cfg.teacher.arch
     if arch == "minilm_l6":
         from .models.bert_weights import load_hf_bert
-        return load_hf_bert(asset_path("minilm_l6_dir"), num_labels=K)
+        return set_compute_dtype(load_hf_bert(asset_path("minilm_l6_dir"), num_labels=K), cfg)
     if arch == "tiny":
         import mindspore as ms
         ms.set_seed(cfg.run.seed)
-        return _tiny_bert(teacher_tokenizer().vocab_size, cfg.teacher.hidden_size, cfg.teacher.num_layers,
-                          cfg.teacher.num_heads, K)
+        return set_compute_dtype(_tiny_bert(teacher_tokenizer().vocab_size, cfg.teacher.hidden_size,
+                                            cfg.teacher.num_layers, cfg.teacher.num_heads, K), cfg)
     raise ValueError(f"teacher.arch: unknown architecture {arch!r} (minilm_l6 | tiny)")
 
 
@@ -92,7 +92,7 @@ def load_teacher(cfg, path=None):
     model = BertForSequenceClassification(bcfg)
     load_state(model, state, source=str(path))
     freeze(model)
-    return model
+    return set_compute_dtype(model, cfg)
 
 
 def build_student(cfg):
@@ -121,7 +121,7 @@ def build_student(cfg):
         raise ValueError(f"student.arch: unknown architecture {arch!r} "
                          f"(minilm_l3_onnx | minilm_l6_layers:N | bert_random:N | tiny)")
     model.set_train(False)  # no dropout in DFKD runs: the step must be reproducible
-    return model
+    return set_compute_dtype(model, cfg)
 
 
 def _arch_int(arch, key):
@@ -140,7 +140,7 @@ def build_generator(cfg, seed=None):
     if arch == "smollm2":
         from .models.llama_weights import load_gguf_llama
         lcfg, model = load_gguf_llama(asset_path("smollm2_gguf"))
-        return model, lcfg
+        return set_compute_dtype(model, cfg), lcfg
     if arch == "tiny":
         from .models.llama import LlamaConfig, LlamaForCausalLM
         g = cfg.generator
@@ -148,8 +148,31 @@ def build_generator(cfg, seed=None):
                            intermediate_size=int(8 * g.hidden_size / 3) // 8 * 8, num_hidden_layers=g.num_layers,
                            num_attention_heads=g.num_heads, num_key_value_heads=g.num_kv_heads,
                            max_position_embeddings=1024)
-        return LlamaForCausalLM(lcfg, seed=cfg.run.seed if seed is None else seed), lcfg
+        return set_compute_dtype(LlamaForCausalLM(lcfg, seed=cfg.run.seed if seed is None else seed), cfg), lcfg
     raise ValueError(f"generator.arch: unknown architecture {arch!r} (smollm2 | tiny)")
+
+
+def set_compute_dtype(model, cfg):
+    """Switch every matmul of a built model to run.precision (float32 | float16 | bfloat16).
+
+    Parameters stay float32 (master weights); the cells cast them at each matmul, and norms,
+    softmax and logits stay float32 (see models/bert.py, models/llama.py). Called by every
+    builder before anything is compiled, since graph mode reads the dtype at compile time."""
+    import mindspore as ms
+    name = cfg.run.precision
+    dtypes = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+    dtype = dtypes[name]
+    if name == "bfloat16" and ms.get_context("device_target") == "CPU":
+        from .config import ConfigError
+        raise ConfigError("run.precision: bfloat16 needs a GPU or Ascend (MindSpore's CPU MatMul has no "
+                          "bfloat16 kernel); use float32 or float16 on CPU")
+    for _, cell in model.cells_and_names():
+        for attr in ("cdt", "compute_dtype"):  # bert.py names it cdt, llama.py compute_dtype
+            if any(getattr(cell, attr, None) is d for d in dtypes.values()):
+                setattr(cell, attr, dtype)
+        if hasattr(getattr(cell, "config", None), "compute_dtype"):
+            cell.config.compute_dtype = name
+    return model
 
 
 def freeze(model):

@@ -94,6 +94,9 @@ class LossConfig:
     kd_temperature: float = 2.0
 
 
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
 @dataclass
 class RunConfig:
     method: str = "dfkd-t3"
@@ -107,6 +110,8 @@ class RunConfig:
     eval_examples: int = 0         # dev examples for the per-round eval; 0 = all (test is always whole)
     mode: str = "graph"            # graph | pynative
     kernels: str = "auto"          # auto | composite | triton_interpret | aot
+    precision: str = "float32"     # compute dtype of all three models: float32 | float16 (dynamic loss
+    #                                scaling) | bfloat16 (GPU/Ascend); master weights stay float32
     checkpoint_every: int = 1      # rounds
     show_samples: int = 3          # generated texts per label printed at the end
 
@@ -126,6 +131,8 @@ class Config:
             raise ConfigError(f"run.method: {self.run.method!r} is not one of {METHODS}")
         if self.run.mode not in ("graph", "pynative"):
             raise ConfigError(f"run.mode: {self.run.mode!r} is not 'graph' or 'pynative'")
+        if self.run.precision not in PRECISIONS:
+            raise ConfigError(f"run.precision: {self.run.precision!r} is not one of {PRECISIONS}")
         if self.generator.trainable not in ("all", "top_k", "head_norms"):
             raise ConfigError(f"generator.trainable: {self.generator.trainable!r} is not all | top_k | head_norms")
         if len(self.task.label_names) < 2:

@@ -36,7 +36,10 @@ def _distiller(cfg):
     return Distiller(cfg)
 
 
-def test_smoke_distill_cli(teacher, tmp_path, capsys):
+def test_smoke_distill_cli(teacher, tmp_path, capsys, monkeypatch):
+    # a PyTorch-free driver: with sys.modules["torch"] = None any `import torch` raises, whatever ran
+    # before this test in the same process (the parity tests import torch)
+    monkeypatch.setitem(sys.modules, "torch", None)
     out = tmp_path / "run"
     assert main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out)]) == 0
     final = json.loads((out / "final.json").read_text())
@@ -53,8 +56,6 @@ def test_smoke_distill_cli(teacher, tmp_path, capsys):
     assert all(abs(sum(r["teacher_probs"]) - 1) < 1e-4 for r in recs)
     printed = capsys.readouterr().out
     assert "teacher test accuracy" in printed and "student test accuracy" in printed
-    # a PyTorch-free driver
-    assert "torch" not in sys.modules
 
 
 def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
@@ -93,6 +94,30 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     for n, p in d.generator.parameters_and_names():
         same = np.array_equal(p.asnumpy(), gen0[n])
         assert same != (n in trainable), n  # trainable ones moved, the rest did not
+
+
+def test_float16_precision_runs_with_loss_scaling(teacher, tmp_path):
+    import mindspore as ms
+    d = _distiller(_cfg(teacher, tmp_path / "fp16", "--run.rounds", "1", "--run.precision", "float16"))
+    for model in (d.teacher, d.student, d.generator, d.frozen):
+        assert model.config.compute_dtype == "float16"
+    assert d.scaler_g is not None and d.scaler_s is not None  # float16 backward: dynamic loss scaling
+    gen0 = {n: p.asnumpy().copy() for n, p in d.generator.parameters_and_names() if p.requires_grad}
+    hist = d.run()
+    assert all(p.dtype == ms.float32 for p in d.generator.get_parameters())  # master weights stay float32
+    for k in ("loss_g", "loss_s", "loss_scale_g", "loss_scale_s"):
+        assert np.isfinite(hist[-1][k]), k
+    moved = [n for n, p in d.generator.parameters_and_names() if n in gen0 and not np.array_equal(p.asnumpy(), gen0[n])]
+    assert moved  # at least one finite step was applied
+
+
+def test_bfloat16_on_cpu_is_a_clear_error(teacher, tmp_path):
+    from ms_dfkd.config import ConfigError
+    with pytest.raises(ConfigError, match="run.precision: bfloat16"):
+        _distiller(_cfg(teacher, tmp_path / "bf16", "--run.precision", "bfloat16"))
+    with pytest.raises(ConfigError, match="run.precision: 'float8'"):
+        _cfg(teacher, tmp_path / "bad", "--run.precision", "float8")
+    assert not (tmp_path / "bf16").exists()
 
 
 def _ckpt(out):

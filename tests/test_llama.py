@@ -99,6 +99,23 @@ def test_inputs_embeds_path_and_hidden_states(tiny):
     np.testing.assert_allclose(hid[0] @ head.T, out, atol=1e-4, rtol=1e-4)
 
 
+def test_float16_compute_close_to_numpy(tiny):
+    """run.precision=float16 through build.set_compute_dtype: every matmul in float16, logits float32."""
+    from types import SimpleNamespace
+    from ms_dfkd.build import set_compute_dtype
+    cfg, _, w = tiny
+    model = LlamaForCausalLM(LlamaConfig(**TINY), seed=3)  # same weights as the fixture's
+    set_compute_dtype(model, SimpleNamespace(run=SimpleNamespace(precision="float16")))
+    assert model.config.compute_dtype == "float16"
+    assert all(c.compute_dtype == ms.float16 for _, c in model.cells_and_names() if hasattr(c, "compute_dtype"))
+    out = model(Tensor(np.array([ROWS[0]], np.int32)))
+    assert out.dtype == ms.float32
+    ref = np_forward(w, cfg, ids=np.array(ROWS[0]))
+    err = np.abs(out.asnumpy()[0] - ref).max()
+    assert err < 2e-2 * np.abs(ref).max(), err
+    assert err > 1e-6  # float16 really ran: a float32 path would match to ~1e-6
+
+
 @pytest.mark.parametrize("graph", [False, True])
 def test_embedding_gradient_matches_finite_differences(tiny, graph):
     cfg, model, w = tiny
