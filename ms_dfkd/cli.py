@@ -290,6 +290,11 @@ def build_parser():
 
 
 def main(argv=None):
+    if argv is None and os.environ.get("MS_ROLE") is None:
+        # run as a program, not under msrun (msrun stops all ranks on Ctrl-C itself): take Ctrl-C
+        # away from MindSpore's own handler before mindspore is imported (see interrupts.py)
+        from . import interrupts
+        interrupts.install()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -311,11 +316,14 @@ def main(argv=None):
                                   f"or remove it yourself")
         fn = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "generate": cmd_generate,
               "distill-from-texts": cmd_distill_from_texts, "eval": cmd_eval}[args.cmd]
-        fn(cfg, args)
-        return 0
+        result = fn(cfg, args)
+        return 130 if isinstance(result, dict) and result.get("interrupted") else 0
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"ms-dfkd {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"ms-dfkd {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ the corpus cursor, the RNG state and the JSONL offsets. Ctrl-C saves and exits.
 import json
 import logging
 import resource
-import signal
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from mindspore import nn, ops
 from tqdm import tqdm
 
 from . import build as B
+from . import interrupts
 from . import metrics as M
 from .classify import EncoderRunner, evaluate, softmax_np
 from .config import save_config
@@ -310,42 +310,46 @@ class Distiller:
         total = cfg.run.rounds * (kG + kS)
         done = self.counters["round"] * (kG + kS) + self.counters["gen_in_round"] + self.counters["stu_in_round"]
         bar = tqdm(total=total, initial=done, desc=f"{self.method}", unit="step", disable=not self.is_main)
-        old = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            while self.counters["round"] < cfg.run.rounds:
-                round_info, t_round, toks = {}, time.time(), 0
-                while self.counters["gen_in_round"] < kG:
-                    self._check_stop()
-                    recs, info = self._produce()
-                    toks += info.pop("gen_tokens", 0)
-                    self.replay.add(recs)
-                    self.texts_out.write(recs)
-                    _accumulate(round_info, info)
-                    self.counters["gen_in_round"] += 1
-                    bar.update(1)
-                    bar.set_postfix(_postfix(info))
-                while self.counters["stu_in_round"] < kS:
-                    self._check_stop()
-                    loss = self._student_update()
-                    _accumulate(round_info, {"loss_s": loss})
-                    self.counters["stu_in_round"] += 1
-                    bar.update(1)
-                    bar.set_postfix(loss_s=f"{loss:.3f}")
-                if self.method == "dfkd-t3" and kS:
-                    self._refresh_tables()
-                self._end_round(round_info, time.time() - t_round, toks)
-        except StopRequested:
-            bar.close()
-            self.save_checkpoint()
-            log.warning(f"interrupted: checkpoint saved to {self.out / CKPT_NAME}; rerun the same command to resume")
-            return None
-        finally:
-            signal.signal(signal.SIGINT, old)
+        with interrupts.on_sigint(self._on_sigint):
+            try:
+                self._rounds(bar, kG, kS)
+            except StopRequested:
+                bar.close()
+                self.save_checkpoint()
+                log.warning(f"interrupted: checkpoint saved to {self.out / CKPT_NAME}; rerun the same command to resume")
+                return None
         bar.close()
         return self.history
 
+    def _rounds(self, bar, kG, kS):
+        cfg = self.cfg
+        while self.counters["round"] < cfg.run.rounds:
+            round_info, t_round, toks = {}, time.time(), 0
+            while self.counters["gen_in_round"] < kG:
+                self._check_stop()
+                recs, info = self._produce()
+                toks += info.pop("gen_tokens", 0)
+                self.replay.add(recs)
+                self.texts_out.write(recs)
+                _accumulate(round_info, info)
+                self.counters["gen_in_round"] += 1
+                bar.update(1)
+                bar.set_postfix(_postfix(info))
+            while self.counters["stu_in_round"] < kS:
+                self._check_stop()
+                loss = self._student_update()
+                _accumulate(round_info, {"loss_s": loss})
+                self.counters["stu_in_round"] += 1
+                bar.update(1)
+                bar.set_postfix(loss_s=f"{loss:.3f}")
+            if self.method == "dfkd-t3" and kS:
+                self._refresh_tables()
+            self._end_round(round_info, time.time() - t_round, toks)
+
     def _on_sigint(self, signum, frame):
         if self.stop_flag:  # second Ctrl-C: stop now, without saving
+            if interrupts.installed():  # called on the watcher thread: exit from there
+                interrupts.abort()
             raise KeyboardInterrupt
         self.stop_flag = True
         log.warning("Ctrl-C: finishing the current step, then saving a checkpoint (Ctrl-C again to abort)")
