@@ -256,6 +256,11 @@ class FusedLinearSoftEmbedding(nn.Cell):
         self.hard = hard
 
     def construct(self, hidden, lm_head, keys, tables, ids):
+        if self.hard and ids is not None:
+            # DFKD-T3's case (the sampled tokens are given): the value is a row gather, so the forward
+            # needs no logits at all; only the backward computes them, slab by slab
+            k = ids.astype(ms.int32)
+            return _gather_rows(tables, k).astype(tables[0].dtype), k
         n, vocab = hidden.shape[0], lm_head.shape[0]
         weight = lm_head.astype(ms.float32)
         values, ks = [], []

@@ -77,7 +77,8 @@ def worker(case):
         if op == "soft_embedding":
             return t(n, v, scale=3.0), t(v, h), t(n, h)
         if op == "fused_linear":
-            return t(n, h), t(v, h, scale=h ** -0.5 * 3), t(v, h), t(n, h)
+            ids = (ms.Tensor(rng.integers(0, v, size=n).astype(np.int32)),) if case.get("given_ids") else ()
+            return (t(n, h), t(v, h, scale=h ** -0.5 * 3), t(v, h), t(n, h)) + ids
         return t(n, v, scale=2.0), t(n, v, scale=2.0)
 
     if op == "soft_embedding":
@@ -87,13 +88,17 @@ def worker(case):
             return (soft_embedding(x, [table], seed, tau, hard=True) * dout).sum()
         grad_position = 0
     elif op == "fused_linear":
-        def loss(hidden, lm_head, table, dout):
+        # --given-ids: the tokens are known (DFKD-T3 passes the sampled ones), so the hard forward is a
+        # gather; the naive variant has no such input and always takes the argmax
+        def loss(hidden, lm_head, table, dout, *ids):
+            given = ids[0] if ids else None
             if variant == "fused":
-                return (fused_linear_soft_embedding(hidden, lm_head, [table], seed, tau, hard=True) * dout).sum()
+                return (fused_linear_soft_embedding(hidden, lm_head, [table], seed, tau, hard=True, ids=given)
+                        * dout).sum()
             logits = ops.matmul(hidden, lm_head.T)
             if variant == "logits+naive":
                 return (_naive_soft_embedding(logits, table, seed, tau, composite, ms, ops) * dout).sum()
-            return (soft_embedding(logits, [table], seed, tau, hard=True) * dout).sum()
+            return (soft_embedding(logits, [table], seed, tau, hard=True, ids=given) * dout).sum()
         grad_position = (0, 1)
     else:
         def loss(s, te):
@@ -154,6 +159,8 @@ def main():
     parser.add_argument("--device", default="", help="MindSpore device_target (default: MindSpore's)")
     parser.add_argument("--fused-chunk-elements", type=int, default=0,
                         help="values per slab of the fused-linear op (default: kernels' FUSED_CHUNK_ELEMENTS)")
+    parser.add_argument("--given-ids", action="store_true",
+                        help="fused_linear: pass the tokens (as DFKD-T3 does), so the hard forward is a gather")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per case")
     parser.add_argument("--json", help="also append every result as a JSON line to this file")
     args = parser.parse_args()
@@ -161,7 +168,8 @@ def main():
         worker(json.loads(args.worker))
         return
 
-    print(f"mode {args.mode}, backend {args.backend or 'auto'}, {args.repeats} timed run(s) after one warm-up\n")
+    print(f"mode {args.mode}, backend {args.backend or 'auto'}, {args.repeats} timed run(s) after one warm-up"
+          f"{', tokens given (hard forward is a gather)' if args.given_ids else ''}\n")
     print("| op | N | V | H | variant | fwd+bwd s | first run s | peak above inputs MiB | process peak MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     summary = []
@@ -175,7 +183,7 @@ def main():
                             continue
                         case = {"op": op, "variant": variant, "n": n, "v": v, "h": h, "repeats": args.repeats,
                                 "mode": args.mode, "backend": args.backend, "device": args.device,
-                                "fused_chunk_elements": args.fused_chunk_elements}
+                                "fused_chunk_elements": args.fused_chunk_elements, "given_ids": args.given_ids}
                         r = run_case(case, args.timeout)
                         results[variant] = r
                         if args.json:
