@@ -25,7 +25,7 @@ from . import interrupts
 from . import metrics as M
 from .classify import EncoderRunner, evaluate, softmax_np
 from .config import save_config
-from .data import Corpus, CorpusSampler, balanced_labels
+from .corpus import Corpus, CorpusSampler, balanced_labels
 from .distributed import ranks_agree, rewind_shards, shard_name
 from .gumbel import derive_seed
 from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
