@@ -17,8 +17,6 @@ from .data import iter_jsonl, normalize_ws
 
 logger = logging.getLogger(__name__)
 
-csv.field_size_limit(1 << 30)  # the convention speeches are single CSV fields of ~50k chars
-
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 CORPUS_SOURCES = ("bbc", "political", "fortunes", "file:<path>")
 

@@ -19,6 +19,10 @@ import numpy as np
 
 from .assets import asset_path
 
+# Set once for every CSV reader here and in corpus.py (which imports this module): the convention
+# speeches are single CSV fields of ~50k chars, and a user's labelled CSV may have long fields too.
+csv.field_size_limit(1 << 30)
+
 
 # ----------------------------------------------------------------------------- tasks
 

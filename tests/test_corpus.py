@@ -7,15 +7,7 @@ import numpy as np
 import pytest
 
 from ms_dfkd import corpus as corpus_mod
-from ms_dfkd.assets import AssetNotFoundError, asset_path
 from ms_dfkd.corpus import Corpus, CorpusError, CorpusSampler, balanced_labels, paragraph_passages
-
-
-def _asset_or_skip(name):
-    try:
-        return asset_path(name)
-    except AssetNotFoundError as e:
-        pytest.skip(str(e))
 
 
 # ------------------------------------------------------------------ corpus
@@ -29,9 +21,9 @@ def test_paragraph_passages_join_and_bounds():
     assert out == ["Yes. It works. The market rose sharply on Monday after the strong results were announced."]
 
 
-def test_real_corpus_nonempty_in_bounds_unique():
-    _asset_or_skip("bbcnews_dir")
-    _asset_or_skip("political_csv")
+def test_real_corpus_nonempty_in_bounds_unique(asset_or_skip):
+    asset_or_skip("bbcnews_dir")
+    asset_or_skip("political_csv")
     corpus = Corpus(["bbc", "political"], min_words=8, max_words=60)
     assert len(corpus) > 10000
     assert set(corpus.source_counts) == {"bbc", "political"} and min(corpus.source_counts.values()) > 1000

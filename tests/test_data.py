@@ -7,23 +7,15 @@ from collections import defaultdict
 import pytest
 
 from ms_dfkd import data
-from ms_dfkd.assets import AssetNotFoundError, asset_path
 from ms_dfkd.data import get_task, load_glue_tsv, load_labelled_file, load_rotten_tomatoes, load_task_file
-
-
-def _asset_or_skip(name):
-    try:
-        return asset_path(name)
-    except AssetNotFoundError as e:
-        pytest.skip(str(e))
 
 
 # ------------------------------------------------------------------ Rotten Tomatoes
 
 @pytest.fixture(scope="module")
-def rt_raw():
+def rt_raw(asset_or_skip):
     """The raw CSV rows, read here independently of ms_dfkd.data."""
-    path = _asset_or_skip("rotten_tomatoes_csv")
+    path = asset_or_skip("rotten_tomatoes_csv")
     with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
         return [(r["category"], " ".join(r["text"].split())) for r in csv.DictReader(f)]
 
