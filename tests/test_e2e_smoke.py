@@ -244,3 +244,22 @@ def test_distill_from_texts_and_inspect(teacher, tmp_path, capsys):
     assert set(res) == {"teacher", "student"} and res["student"]["n"] > 1000
     assert main(["inspect", str(out)]) == 0
     assert "8 generated texts" in capsys.readouterr().out
+
+
+def test_prompt_specificity_tool(teacher, capsys):
+    """scripts/prompt_specificity.py: every setting reads the same passages and noise, so one template
+    given twice scores the same; a template without {text} is refused by name."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import prompt_specificity
+    tpl = "Write a {label} review.\\n{text}"
+    prompt_specificity.main(["--config", SMOKE, "--teacher.checkpoint", teacher, "--template", tpl,
+                             "--template", tpl, "--template", "Say {label} things about {text} please",
+                             "--batches", "2"])
+    rows = [l.split("|")[1:-1] for l in capsys.readouterr().out.splitlines() if l.startswith("| ")][1:]
+    assert len(rows) == 3
+    rates = [float(r[2]) for r in rows]
+    assert [int(r[4]) for r in rows] == [8, 8, 8]  # 2 batches of the smoke config's 4
+    assert rates[0] == rates[1] and all(0.0 <= x <= 1.0 for x in rates)
+    assert all(abs(x * 8 - round(x * 8)) < 1e-2 for x in rates)
+    with pytest.raises(SystemExit, match="needs both"):
+        prompt_specificity.main(["--config", SMOKE, "--teacher.checkpoint", teacher, "--template", "{label} only"])
