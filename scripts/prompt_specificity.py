@@ -7,7 +7,9 @@ frozen generator, per prompt template and sampling temperature.
         --template "Here is a text:\n{text}\n\nNow write one sentence of a {label} review of a film, like a critic." \
         --temperatures 1.0 0.7 --batches 6
 
-Specificity is the share of samples whose teacher argmax is the label the prompt asked for (METHOD.md).
+Specificity is the share of samples whose teacher argmax is the label the prompt asked for (METHOD.md);
+distinct-2 and self-BLEU of the same samples are printed beside it, because a more specific prompt can
+be a less diverse one (configs/sentiment_offline.yaml has such a case: specificity up, students no better).
 It needs only the teacher and the general corpus, so a user without the teacher's data can use it; the
 same corpus passages and noise seeds are used for every (template, temperature). Templates take
 {label} and {text}; "\n" in a template on the command line is a newline. Other arguments are config
@@ -37,6 +39,7 @@ def main(argv=None):
 
     import mindspore as ms
     import numpy as np
+    from ms_dfkd import metrics as M
     from ms_dfkd.config import load_config, parse_overrides
     ms.set_context(mode=ms.GRAPH_MODE)
     cfg = load_config(args.config, parse_overrides(rest))
@@ -67,13 +70,16 @@ def main(argv=None):
                     hits += list(pred == s["labels"])
                     shown += [(cfg.task.label_names[y], t) for y, t in zip(s["labels"], s["texts"])]
                 rate, n = float(np.mean(hits)), len(hits)
-                rows.append((ti, temp, rate, math.sqrt(rate * (1 - rate) / n), n, time.time() - t0))
+                texts = [t for _, t in shown]
+                rows.append((ti, temp, rate, math.sqrt(rate * (1 - rate) / n), n, time.time() - t0,
+                             M.distinct_n(texts, 2), M.self_bleu(texts, max_samples=64)))
                 print(f"\n[template {ti}, temperature {temp}] specificity {rate:.3f} over {n} samples", flush=True)
                 for label, text in shown[:args.show]:
                     print(f"  {label:>10}: {text[:160]!r}")
-    print("\n| template | temperature | specificity | std. error | samples | s |\n|---|---|---|---|---|---|")
-    for ti, temp, rate, se, n, sec in rows:
-        print(f"| {ti} | {temp} | {rate:.3f} | {se:.3f} | {n} | {sec:.0f} |")
+    print("\n| template | temperature | specificity | std. error | samples | s | distinct-2 | self-BLEU |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for ti, temp, rate, se, n, sec, d2, sb in rows:
+        print(f"| {ti} | {temp} | {rate:.3f} | {se:.3f} | {n} | {sec:.0f} | {d2:.3f} | {sb:.3f} |")
     for ti, t in enumerate(templates):
         print(f"template {ti}: {t!r}")
 

@@ -260,6 +260,7 @@ def test_prompt_specificity_tool(teacher, capsys):
     rates = [float(r[2]) for r in rows]
     assert [int(r[4]) for r in rows] == [8, 8, 8]  # 2 batches of the smoke config's 4
     assert rates[0] == rates[1] and all(0.0 <= x <= 1.0 for x in rates)
+    assert rows[0][6:] == rows[1][6:]  # the same texts: the same distinct-2 and self-BLEU
     assert all(abs(x * 8 - round(x * 8)) < 1e-2 for x in rates)
     with pytest.raises(SystemExit, match="needs both"):
         prompt_specificity.main(["--config", SMOKE, "--teacher.checkpoint", teacher, "--template", "{label} only"])
