@@ -63,19 +63,19 @@ def main(argv=None):
             for temp in temps:
                 cfg.task.prompt_template, cfg.generator.sample_temperature = template, temp
                 d.corpus_sampler.load_state_dict(state)
-                t0, hits, shown = time.time(), [], []
+                t0, preds, labels, texts = time.time(), [], [], []
                 for b in range(args.batches):
                     s = d._generate(b)
-                    pred = d.teacher_run.probs(s["texts"]).argmax(-1)
-                    hits += list(pred == s["labels"])
-                    shown += [(cfg.task.label_names[y], t) for y, t in zip(s["labels"], s["texts"])]
-                rate, n = float(np.mean(hits)), len(hits)
-                texts = [t for _, t in shown]
+                    preds.append(d.teacher_run.probs(s["texts"]).argmax(-1))
+                    labels.append(s["labels"])
+                    texts += s["texts"]
+                labels = np.concatenate(labels)
+                rate, n = M.specificity_rate(np.concatenate(preds), labels), len(texts)
                 rows.append((ti, temp, rate, math.sqrt(rate * (1 - rate) / n), n, time.time() - t0,
                              M.distinct_n(texts, 2), M.self_bleu(texts, max_samples=64)))
                 print(f"\n[template {ti}, temperature {temp}] specificity {rate:.3f} over {n} samples", flush=True)
-                for label, text in shown[:args.show]:
-                    print(f"  {label:>10}: {text[:160]!r}")
+                for y, text in list(zip(labels, texts))[:args.show]:
+                    print(f"  {cfg.task.label_names[y]:>10}: {text[:160]!r}")
     print("\n| template | temperature | specificity | std. error | samples | s | distinct-2 | self-BLEU |\n"
           "|---|---|---|---|---|---|---|---|")
     for ti, temp, rate, se, n, sec, d2, sb in rows:
