@@ -32,17 +32,25 @@ from ms_dfkd.gumbel import MASK32, MIX_MULT, U_MAX, U_MIN, mix32_np
 _U_MAX32 = float(np.float32(U_MAX))
 assert U_MIN < 2.0 ** -24
 # One slab holds about this many values. The fused-linear op's point is memory, so its slabs are
-# small; on CPU each slab also re-reads the LM head in three matmuls with few rows, so its time grows
-# as slabs shrink. Measured at N=4096, V=49152, Hg=576 on 2 cores (peak above inputs / time, against
-# 2864 MB / 23 s for logits + the composite): 1M values 268 MB / 66 s, 2M 334 MB / 40 s,
-# 4M 509 MB / 30 s, 8M 785 MB / 26 s (times vary by a third between runs on a shared machine).
+# small; on CPU each slab also re-reads the LM head in matmuls with few rows, so its time grows
+# as slabs shrink. Measured at N=4096, V=49152, Hg=576 on 2 cores before the grouped backward below
+# (peak above inputs / time, against 2864 MB / 23 s for logits + the composite): 1M values 268 MB /
+# 66 s, 2M 334 MB / 40 s, 4M 509 MB / 30 s, 8M 785 MB / 26 s (times vary by a third between runs).
 # The slab loops are unrolled in graph mode, so their number is capped.
 CHUNK_ELEMENTS = 1 << 22
 FUSED_CHUNK_ELEMENTS = 1 << 20
 MAX_CHUNKS = 256
+# The fused backward computes dhidden = dlogits @ lm_head and dlm_head += dlogits^T @ h once per this
+# many slabs, not once per slab: with slabs of ~20 rows those GEMMs and the read-modify-write of the
+# [V, Hg] sum are memory-bound, and per slab they took about half the backward. A group's dlogits
+# (FUSED_CHUNK_ELEMENTS values a slab) are held in one buffer, so 8 adds about 32 MB; the dlm_head sum
+# then goes in 16 vocabulary blocks, not 8, to stay under the 10% memory target (286 MB at N=4096,
+# V=49152, Hg=576: 298 MB with 8 blocks, 274-277 MB with 16). Times: kernels/README.md.
+FUSED_DWEIGHT_GROUP = 8
 
 # Primitive instances: inside a bprop, graph mode fails to compile some functional wrappers
 # (ops.tile, ops.clamp, ops.arange: "The func graph is empty").
+_matmul = ops.MatMul()
 _matmul_tb = ops.MatMul(transpose_b=True)
 _matmul_ta = ops.MatMul(transpose_a=True)
 _tile = ops.Tile()
@@ -278,19 +286,29 @@ class FusedLinearSoftEmbedding(nn.Cell):
         n, vocab = hidden.shape[0], lm_head.shape[0]
         weight = lm_head.astype(ms.float32)
         dhidden = []
-        # dlm_head is summed over slabs in place, a block of vocabulary rows at a time: a whole-matrix
-        # sum would hold two more [V, Hg] buffers (113 MB each at SmolLM2's size), a block holds 1/8.
+        # dlm_head is summed over groups in place, a block of vocabulary rows at a time: a whole-matrix
+        # sum would hold two more [V, Hg] buffers (113 MB each at SmolLM2's size), a block holds 1/16.
         # (In PyNative slice assignment writes in place; graph mode plans its own buffers.)
-        blocks = _vocab_blocks(vocab)
+        blocks = _vocab_blocks(vocab, 16)
         dweight = ops.zeros(weight.shape, ms.float32)
-        for start, stop in row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS):
-            h = hidden[start:stop].astype(ms.float32)
-            soft = None if self.hard else value[start:stop].astype(ms.float32)
-            dlogits, _ = _slab_backward(_matmul_tb(h, weight), keys[start:stop], tables, self.inv_tau, soft,
-                                        dvalue[start:stop])
-            dhidden.append(ops.matmul(dlogits, weight))
+        chunks = row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS)
+        # A group's dlogits go into one buffer, written slab by slab, so that they are held once.
+        group_rows = min(n, (chunks[0][1] - chunks[0][0]) * FUSED_DWEIGHT_GROUP)
+        dl_group = ops.zeros((group_rows, vocab), ms.float32)
+        for g0 in range(0, len(chunks), FUSED_DWEIGHT_GROUP):
+            group = chunks[g0:g0 + FUSED_DWEIGHT_GROUP]
+            first, last = group[0][0], group[-1][1]
+            for start, stop in group:
+                h = hidden[start:stop].astype(ms.float32)
+                soft = None if self.hard else value[start:stop].astype(ms.float32)
+                dlogits, _ = _slab_backward(_matmul_tb(h, weight), keys[start:stop], tables, self.inv_tau, soft,
+                                            dvalue[start:stop])
+                dl_group[start - first:stop - first] = dlogits
+            dl = dl_group if last - first == group_rows else dl_group[:last - first]
+            dhidden.append(_matmul(dl, weight))
+            h = hidden[first:last].astype(ms.float32)
             for v0, v1 in blocks:
-                dweight[v0:v1] += _matmul_ta(dlogits[:, v0:v1], h)
+                dweight[v0:v1] += _matmul_ta(dl[:, v0:v1], h)
         dtables = []
         for tbl in tables:
             dtables.append(zero_grad(tbl))

@@ -3,6 +3,8 @@
     python scripts/bench_kernels.py                          # the issue's grid (slow on 2 cores)
     python scripts/bench_kernels.py --n 512 --v 30522 --h 384 --ops soft_embedding kd_loss
     python scripts/bench_kernels.py --backend aot            # on a GPU with MindSpore and the built library
+    python scripts/bench_kernels.py --ops fused_linear --n 4096 --v 49152 --h 576 \
+        --variants logits+composite fused --fused-dweight-group 1 8   # fused once per LM-head grad group
 
 Each (op, variant, N, V, H) runs in a fresh subprocess, so that its peak resident memory (the process's
 RSS high-water mark, getrusage) is its own; the table shows that peak above the RSS measured just before
@@ -60,6 +62,8 @@ def worker(case):
 
     if case.get("fused_chunk_elements"):
         composite.FUSED_CHUNK_ELEMENTS = case["fused_chunk_elements"]
+    if case.get("fused_dweight_group"):
+        composite.FUSED_DWEIGHT_GROUP = case["fused_dweight_group"]
     if case["mode"] == "graph":
         ms.set_context(mode=ms.GRAPH_MODE)
     if case["backend"]:
@@ -159,6 +163,9 @@ def main():
     parser.add_argument("--device", default="", help="MindSpore device_target (default: MindSpore's)")
     parser.add_argument("--fused-chunk-elements", type=int, default=0,
                         help="values per slab of the fused-linear op (default: kernels' FUSED_CHUNK_ELEMENTS)")
+    parser.add_argument("--fused-dweight-group", type=int, nargs="+", default=[0],
+                        help="slabs per LM-head gradient update of the fused-linear op; several values run "
+                             "the fused variant once each (default: kernels' FUSED_DWEIGHT_GROUP)")
     parser.add_argument("--given-ids", action="store_true",
                         help="fused_linear: pass the tokens (as DFKD-T3 does), so the hard forward is a gather")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per case")
@@ -181,24 +188,28 @@ def main():
                     for variant in VARIANTS[op]:
                         if args.variants and variant not in args.variants:
                             continue
-                        case = {"op": op, "variant": variant, "n": n, "v": v, "h": h, "repeats": args.repeats,
-                                "mode": args.mode, "backend": args.backend, "device": args.device,
-                                "fused_chunk_elements": args.fused_chunk_elements, "given_ids": args.given_ids}
-                        r = run_case(case, args.timeout)
-                        results[variant] = r
-                        if args.json:
-                            with open(args.json, "a") as f:
-                                f.write(json.dumps({**case, **r}) + "\n")
-                        if "error" in r:
-                            print(f"| {op} | {n} | {v} | {h} | {variant} | {r['error']} | | | |", flush=True)
-                            continue
-                        print(f"| {op} | {n} | {v} | {h} | {variant} | {r['time_s']:.2f} | {r['first_s']:.2f} "
-                              f"| {r['peak_mib'] - r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} |", flush=True)
-                    fused, base = results.get(FUSED_OF[op], {}), results.get(BASE_OF[op], {})
-                    if "time_s" in fused and "time_s" in base:
-                        summary.append((op, n, v, h, FUSED_OF[op], BASE_OF[op], fused["time_s"] / base["time_s"],
-                                        (fused["peak_mib"] - fused["rss_before_mib"])
-                                        / max(base["peak_mib"] - base["rss_before_mib"], 1e-9)))
+                        groups = args.fused_dweight_group if (op, variant) == ("fused_linear", "fused") else [0]
+                        for group in groups:
+                            case = {"op": op, "variant": variant, "n": n, "v": v, "h": h, "repeats": args.repeats,
+                                    "mode": args.mode, "backend": args.backend, "device": args.device,
+                                    "fused_chunk_elements": args.fused_chunk_elements, "given_ids": args.given_ids,
+                                    "fused_dweight_group": group}
+                            label = variant + (f" (group {group})" if group else "")
+                            results[label] = r = run_case(case, args.timeout)
+                            if args.json:
+                                with open(args.json, "a") as f:
+                                    f.write(json.dumps({**case, **r}) + "\n")
+                            if "error" in r:
+                                print(f"| {op} | {n} | {v} | {h} | {label} | {r['error']} | | | |", flush=True)
+                                continue
+                            print(f"| {op} | {n} | {v} | {h} | {label} | {r['time_s']:.2f} | {r['first_s']:.2f} "
+                                  f"| {r['peak_mib'] - r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} |", flush=True)
+                    base = results.get(BASE_OF[op], {})
+                    for label, fused in results.items():
+                        if label.split(" (")[0] == FUSED_OF[op] and "time_s" in fused and "time_s" in base:
+                            summary.append((op, n, v, h, label, BASE_OF[op], fused["time_s"] / base["time_s"],
+                                            (fused["peak_mib"] - fused["rss_before_mib"])
+                                            / max(base["peak_mib"] - base["rss_before_mib"], 1e-9)))
     if summary:
         print("\n| op | N | V | H | ratio | time | peak memory above inputs |")
         print("|---|---|---|---|---|---|---|")

@@ -26,6 +26,8 @@ def small_chunks(monkeypatch):
     """Force several row slabs on test-sized inputs."""
     monkeypatch.setattr(composite, "CHUNK_ELEMENTS", 3000)
     monkeypatch.setattr(composite, "FUSED_CHUNK_ELEMENTS", 2000)
+    # groups of 3 slabs for the LM-head gradient: 7 or 8 slabs leave a last group of 1 or 2
+    monkeypatch.setattr(composite, "FUSED_DWEIGHT_GROUP", 3)
     composite.row_chunks.cache_clear()
     yield
     composite.row_chunks.cache_clear()
