@@ -31,7 +31,8 @@ PROFILES = {
     # gave dfkd-t3 0.686 (vs 0.717 at 384; many later texts read as news) and prompted
     # 0.736 (vs 0.744); keeping every sample in the replay buffer (run.replay_size 384, not 256) gave
     # dfkd-t3 0.721 (vs 0.717), within noise. loss.spec 3 (the config's 1): dfkd-t3 dev 0.725 +- 0.006
-    # over seeds 0-2 (vs 0.726 at spec 1, prompted 0.733), specificity per round 0.67 (vs 0.64)
+    # over seeds 0-2 (vs 0.726 at spec 1, prompted 0.733), specificity per round 0.67 (vs 0.64);
+    # generator lr 5e-4 (not 2e-4): dev 0.722 +- 0.011, specificity 0.62, perplexity under G0 25-31
     "full": dict(seeds=[0, 1, 2], rounds=8, gen_steps_per_round=3, student_steps_per_round=12, gen_batch=16,
                  # the generator lr of dfkd-t3, on dev with seed 0: 2e-5 (the config's) barely moves the
                  # generator in 24 steps (KL to G0 0.01, texts ~ prompted's), 2e-4 does (KL 0.3, same
