@@ -73,7 +73,7 @@ _SHIFT9 = ms.Tensor(np.uint32(9))
 
 
 @functools.lru_cache(maxsize=None)
-def _vocab_blocks(vocab, n_blocks=8):
+def _vocab_blocks(vocab, n_blocks=16):
     size = -(-vocab // n_blocks)
     return tuple((start, min(start + size, vocab)) for start in range(0, vocab, size))
 
@@ -289,7 +289,7 @@ class FusedLinearSoftEmbedding(nn.Cell):
         # dlm_head is summed over groups in place, a block of vocabulary rows at a time: a whole-matrix
         # sum would hold two more [V, Hg] buffers (113 MB each at SmolLM2's size), a block holds 1/16.
         # (In PyNative slice assignment writes in place; graph mode plans its own buffers.)
-        blocks = _vocab_blocks(vocab, 16)
+        blocks = _vocab_blocks(vocab)
         dweight = ops.zeros(weight.shape, ms.float32)
         chunks = row_chunks(n, vocab, FUSED_CHUNK_ELEMENTS)
         # A group's dlogits go into one buffer, written slab by slab, so that they are held once.
@@ -298,15 +298,14 @@ class FusedLinearSoftEmbedding(nn.Cell):
         for g0 in range(0, len(chunks), FUSED_DWEIGHT_GROUP):
             group = chunks[g0:g0 + FUSED_DWEIGHT_GROUP]
             first, last = group[0][0], group[-1][1]
+            h = hidden[first:last].astype(ms.float32)
             for start, stop in group:
-                h = hidden[start:stop].astype(ms.float32)
                 soft = None if self.hard else value[start:stop].astype(ms.float32)
-                dlogits, _ = _slab_backward(_matmul_tb(h, weight), keys[start:stop], tables, self.inv_tau, soft,
-                                            dvalue[start:stop])
+                dlogits, _ = _slab_backward(_matmul_tb(h[start - first:stop - first], weight), keys[start:stop],
+                                            tables, self.inv_tau, soft, dvalue[start:stop])
                 dl_group[start - first:stop - first] = dlogits
             dl = dl_group if last - first == group_rows else dl_group[:last - first]
             dhidden.append(_matmul(dl, weight))
-            h = hidden[first:last].astype(ms.float32)
             for v0, v1 in blocks:
                 dweight[v0:v1] += _matmul_ta(dl[:, v0:v1], h)
         dtables = []
