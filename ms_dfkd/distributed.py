@@ -116,8 +116,9 @@ def _offset_of_step(path, step):
 def dump_parameters(distiller, path=None):
     """Write this rank's trainable parameters and optimizer states (to check that ranks agree)."""
     from .models.checkpoint_io import save_safetensors
+    from .run_checkpoint import trainable_arrays
     path = Path(path or distiller.out / f"params.rank{distiller.rank}.safetensors")
-    save_safetensors(distiller._trainable_arrays(), path,
+    save_safetensors(trainable_arrays(distiller), path,
                      metadata={"format": "ms-dfkd-rank-params", "rank": str(distiller.rank),
                                "world_size": str(distiller.world)})
     return path

@@ -5,9 +5,8 @@ each round produces gen_steps_per_round x generator.batch_size samples (generate
 drawn or random), labelled by the teacher, appended to the replay buffer and to
 generated.jsonl; then student.steps_per_round student steps draw from the buffer.
 
-A run is resumable: checkpoint.safetensors (written atomically) holds every trainable
-parameter, the optimizer states and, in its metadata, the counters, the replay buffer,
-the corpus cursor, the RNG state and the JSONL offsets. Ctrl-C saves and exits.
+A run is resumable: checkpoint.safetensors (run_checkpoint.py, written atomically) holds
+every trainable parameter, the optimizer states and the loop's state. Ctrl-C saves and exits.
 """
 import json
 import logging
@@ -23,19 +22,20 @@ from tqdm import tqdm
 from . import build as B
 from . import interrupts
 from . import metrics as M
-from .classify import EncoderRunner, evaluate, softmax_np
+from . import run_checkpoint
+from .classify import EncoderRunner, evaluate
 from .config import save_config
 from .corpus import Corpus, CorpusSampler, balanced_labels
-from .distributed import ranks_agree, rewind_shards, shard_name
+from .distributed import ranks_agree, shard_name
 from .gumbel import derive_seed
-from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
+from .models.checkpoint_io import CheckpointError
 from .replay import JsonlWriter, ReplayBuffer
+from .run_checkpoint import CKPT_NAME
 from .steps import GeneratorLoss, StudentLoss, make_train_step, soft_sequence_layout
 from .vocab_bridge import build_vocab_bridge
 
 log = logging.getLogger("ms_dfkd")
 
-CKPT_NAME = "checkpoint.safetensors"
 NOISE_STREAM_SAMPLE = 1
 
 
@@ -399,88 +399,12 @@ class Distiller:
         n = self.cfg.run.eval_examples if which == "dev" else 0  # the test set is always whole
         return rows[:n] if n else rows
 
-    # ------------------------------------------------------------------ checkpoints
-    def _trainable_arrays(self):
-        arrays = {}
-        for name, p in self.student_loss.parameters_and_names():
-            arrays["student/" + name] = p.asnumpy()
-        net_ids = {id(p) for p in self.student_loss.get_parameters()}
-        for name, p in self.opt_s.parameters_and_names():
-            if id(p) not in net_ids:
-                arrays["opt_s/" + name] = p.asnumpy()
-        if self.method == "dfkd-t3":
-            gen_ids = set()
-            for name, p in self.generator.parameters_and_names():
-                if p.requires_grad:
-                    arrays["generator/" + name] = p.asnumpy()
-                    gen_ids.add(id(p))
-            all_gen = {id(p) for p in self.generator.get_parameters()}
-            for name, p in self.opt_g.parameters_and_names():
-                if id(p) not in all_gen:
-                    arrays["opt_g/" + name] = p.asnumpy()
-        return arrays
-
+    # ------------------------------------------------------------------ checkpoints (run_checkpoint.py)
     def save_checkpoint(self):
-        if not self.is_main:
-            return
-        state = {"counters": self.counters, "replay": self.replay.state_dict(),
-                 "corpus": self.corpus_sampler.state_dict() if self.corpus_sampler else None,
-                 "data_rng": self.data_rng.bit_generator.state,
-                 "texts_offset": self.texts_out.offset, "metrics_offset": self.metrics_out.offset,
-                 "history": self.history, "method": self.method, "world_size": self.world}
-        save_safetensors(self._trainable_arrays(), self.out / CKPT_NAME,
-                         metadata={"format": "ms-dfkd-run", "state": json.dumps(state)})
+        run_checkpoint.save(self)
 
     def load_checkpoint(self):
-        path = self.out / CKPT_NAME
-        arrays = load_safetensors(path)
-        meta = safetensors_metadata(path)
-        if meta.get("format") != "ms-dfkd-run" or "state" not in meta:
-            raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
-        state = json.loads(meta["state"])
-        if state["method"] != self.method:
-            raise CheckpointError(f"{path} belongs to a {state['method']!r} run, not {self.method!r}; "
-                                  f"use another run.out_dir")
-        expected = self._trainable_arrays()
-        missing = sorted(set(expected) - set(arrays))
-        unexpected = sorted(set(arrays) - set(expected))
-        # safetensors stores 0-d scalars (learning rate, step) as shape (1,): compare sizes
-        bad = [f"{k}: {arrays[k].shape} vs {expected[k].shape}" for k in expected
-               if k in arrays and arrays[k].size != expected[k].size]
-        if missing or unexpected or bad:
-            raise CheckpointError(f"cannot resume from {path}: missing {missing[:10]}, unexpected "
-                                  f"{unexpected[:10]}, shape mismatches {bad[:10]}")
-        cells = {"student": self.student_loss, "opt_s": self.opt_s}
-        if self.method == "dfkd-t3":
-            cells.update(generator=self.generator, opt_g=self.opt_g)
-        params = {pre: dict(c.parameters_and_names()) for pre, c in cells.items()}
-        for key, arr in arrays.items():
-            pre, name = key.split("/", 1)
-            p = params[pre][name]
-            p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
-        self.counters = state["counters"]
-        self.history = state["history"]
-        self.replay.load_state_dict(state["replay"])
-        if self.corpus_sampler is not None and state["corpus"] is not None:
-            self.corpus_sampler.load_state_dict(state["corpus"])
-        self.data_rng.bit_generator.state = state["data_rng"]
-        if self.rank > 0:
-            # the samplers saved are rank 0's: reseed this rank's own streams so that ranks keep
-            # drawing different batches (the replay records themselves are rank 0's until refilled)
-            step = self.counters["gen_steps"]
-            self.replay.rng = np.random.default_rng(derive_seed(self.cfg.run.seed, self.rank, 7, step))
-            self.data_rng = np.random.default_rng(derive_seed(self.cfg.run.seed, self.rank, 11, step))
-        tag = f"after-step{self.counters['gen_steps']}"
-        if self.world == 1 and state.get("world_size", 1) == 1:
-            side = self.texts_out.rewind(state["texts_offset"], tag)
-            if side:
-                log.warning(f"samples written after the checkpoint were moved to {side}")
-        else:
-            rewind_shards(self.out, self.counters["gen_steps"], tag, self.rank, self.world)
-        if self.is_main:
-            self.metrics_out.rewind(state["metrics_offset"], tag)
-        if self.method == "dfkd-t3":
-            self._refresh_tables()
+        run_checkpoint.load(self)
 
     # ------------------------------------------------------------------ end of run
     def final_report(self):

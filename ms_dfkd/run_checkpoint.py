@@ -1,0 +1,107 @@
+"""A run's checkpoint: what ``Distiller`` writes so that a run resumes where it stopped.
+
+checkpoint.safetensors (written atomically) holds every trainable parameter (student, its
+projection head if any, the generator's trainable layers) and both optimizers' states; its
+metadata holds the loop's state as JSON: counters, the replay buffer, the corpus cursor, the
+data RNG and the JSONL offsets (samples and metrics written after the checkpoint are moved
+aside on resume, so a resumed run equals a straight one).
+"""
+import json
+import logging
+
+import mindspore as ms
+import numpy as np
+
+from .distributed import rewind_shards
+from .gumbel import derive_seed
+from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
+
+log = logging.getLogger("ms_dfkd")
+
+CKPT_NAME = "checkpoint.safetensors"
+
+
+def trainable_arrays(d):
+    """{prefix/name: array} of what trains in distiller d, optimizer states included."""
+    arrays = {}
+    for name, p in d.student_loss.parameters_and_names():
+        arrays["student/" + name] = p.asnumpy()
+    net_ids = {id(p) for p in d.student_loss.get_parameters()}
+    for name, p in d.opt_s.parameters_and_names():
+        if id(p) not in net_ids:
+            arrays["opt_s/" + name] = p.asnumpy()
+    if d.method == "dfkd-t3":
+        for name, p in d.generator.parameters_and_names():
+            if p.requires_grad:
+                arrays["generator/" + name] = p.asnumpy()
+        all_gen = {id(p) for p in d.generator.get_parameters()}
+        for name, p in d.opt_g.parameters_and_names():
+            if id(p) not in all_gen:
+                arrays["opt_g/" + name] = p.asnumpy()
+    return arrays
+
+
+def save(d):
+    """Write d's checkpoint (rank 0 only; every rank holds the same weights)."""
+    if not d.is_main:
+        return
+    state = {"counters": d.counters, "replay": d.replay.state_dict(),
+             "corpus": d.corpus_sampler.state_dict() if d.corpus_sampler else None,
+             "data_rng": d.data_rng.bit_generator.state,
+             "texts_offset": d.texts_out.offset, "metrics_offset": d.metrics_out.offset,
+             "history": d.history, "method": d.method, "world_size": d.world}
+    save_safetensors(trainable_arrays(d), d.out / CKPT_NAME,
+                     metadata={"format": "ms-dfkd-run", "state": json.dumps(state)})
+
+
+def load(d):
+    """Restore d from its checkpoint; CheckpointError names what does not match."""
+    path = d.out / CKPT_NAME
+    arrays = load_safetensors(path)
+    meta = safetensors_metadata(path)
+    if meta.get("format") != "ms-dfkd-run" or "state" not in meta:
+        raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
+    state = json.loads(meta["state"])
+    if state["method"] != d.method:
+        raise CheckpointError(f"{path} belongs to a {state['method']!r} run, not {d.method!r}; "
+                              f"use another run.out_dir")
+    expected = trainable_arrays(d)
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    # safetensors stores 0-d scalars (learning rate, step) as shape (1,): compare sizes
+    bad = [f"{k}: {arrays[k].shape} vs {expected[k].shape}" for k in expected
+           if k in arrays and arrays[k].size != expected[k].size]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"cannot resume from {path}: missing {missing[:10]}, unexpected "
+                              f"{unexpected[:10]}, shape mismatches {bad[:10]}")
+    cells = {"student": d.student_loss, "opt_s": d.opt_s}
+    if d.method == "dfkd-t3":
+        cells.update(generator=d.generator, opt_g=d.opt_g)
+    params = {pre: dict(c.parameters_and_names()) for pre, c in cells.items()}
+    for key, arr in arrays.items():
+        pre, name = key.split("/", 1)
+        p = params[pre][name]
+        p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
+    d.counters = state["counters"]
+    d.history = state["history"]
+    d.replay.load_state_dict(state["replay"])
+    if d.corpus_sampler is not None and state["corpus"] is not None:
+        d.corpus_sampler.load_state_dict(state["corpus"])
+    d.data_rng.bit_generator.state = state["data_rng"]
+    if d.rank > 0:
+        # the samplers saved are rank 0's: reseed this rank's own streams so that ranks keep
+        # drawing different batches (the replay records themselves are rank 0's until refilled)
+        step = d.counters["gen_steps"]
+        d.replay.rng = np.random.default_rng(derive_seed(d.cfg.run.seed, d.rank, 7, step))
+        d.data_rng = np.random.default_rng(derive_seed(d.cfg.run.seed, d.rank, 11, step))
+    tag = f"after-step{d.counters['gen_steps']}"
+    if d.world == 1 and state.get("world_size", 1) == 1:
+        side = d.texts_out.rewind(state["texts_offset"], tag)
+        if side:
+            log.warning(f"samples written after the checkpoint were moved to {side}")
+    else:
+        rewind_shards(d.out, d.counters["gen_steps"], tag, d.rank, d.world)
+    if d.is_main:
+        d.metrics_out.rewind(state["metrics_offset"], tag)
+    if d.method == "dfkd-t3":
+        d._refresh_tables()
