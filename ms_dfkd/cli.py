@@ -142,6 +142,10 @@ def cmd_distill_from_texts(cfg, args):
     from .classify import EncoderRunner, evaluate
     from .replay import read_jsonl
     from .steps import StudentLoss, make_train_step
+    if cfg.student.hidden_mse:
+        # saved texts carry the teacher's probabilities only, not the features the MSE term needs
+        raise ValueError(f"student.hidden_mse={cfg.student.hidden_mse}: distill-from-texts trains on the stored "
+                         f"teacher probabilities and has no teacher features to match; set it to 0")
     recs = read_jsonl(args.texts)
     if not recs:
         raise ValueError(f"no records in {args.texts}")

@@ -58,7 +58,7 @@ class StudentConfig:
     max_length: int = 64
     batch_size: int = 32
     lr: float = 1.0e-4
-    hidden_mse: float = 0.0        # alpha of the optional MSE(W h_S, h_T) on pooled features
+    hidden_mse: float = 0.0        # alpha of the optional MSE(W h_S, h_T) on pooled features (distill only)
     hidden_size: int = 64          # tiny / bert_random only
     num_layers: int = 2
     num_heads: int = 4

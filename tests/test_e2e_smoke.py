@@ -234,6 +234,10 @@ def test_distill_from_texts_and_inspect(teacher, tmp_path, capsys):
     out = tmp_path / "src"
     _distiller(_cfg(teacher, out, "--run.rounds", "1")).run()
     st = tmp_path / "student2.safetensors"
+    # the saved texts hold teacher probabilities, not features: the hidden-state term cannot run
+    assert main(["distill-from-texts", "--config", SMOKE, "--texts", str(out), "--out", str(st),
+                 "--steps", "3", "--student.hidden_mse", "1.0"]) == 2
+    assert "student.hidden_mse=1.0" in capsys.readouterr().err and not st.exists()
     assert main(["distill-from-texts", "--config", SMOKE, "--texts", str(out), "--out", str(st),
                  "--steps", "3", "--student.num_layers", "2"]) == 0
     assert st.is_file()
