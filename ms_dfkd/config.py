@@ -104,6 +104,8 @@ class RunConfig:
     seed: int = 0
     rounds: int = 4
     gen_steps_per_round: int = 2   # k_G (dfkd-t3); for the other methods: batches drawn per round
+    gen_warmup_steps: int = 0      # dfkd-t3: generator steps before round 1 whose samples train only the
+    #                                generator (the student's data budget stays that of every method)
     student_steps_per_round: int = 4  # k_S
     replay_size: int = 512
     eval_every: int = 1            # rounds; 0 = only at the end
@@ -149,6 +151,11 @@ class Config:
             raise ConfigError(f"generator.top_p: must be in (0, 1], got {self.generator.top_p}")
         if self.loss.kd_temperature <= 0:
             raise ConfigError(f"loss.kd_temperature: must be > 0, got {self.loss.kd_temperature}")
+        if self.run.gen_warmup_steps < 0:
+            raise ConfigError(f"run.gen_warmup_steps: must be >= 0, got {self.run.gen_warmup_steps}")
+        if self.run.gen_warmup_steps and self.run.method != "dfkd-t3":
+            raise ConfigError(f"run.gen_warmup_steps: {self.run.gen_warmup_steps} needs run.method dfkd-t3 (only it "
+                              f"trains a generator), not {self.run.method!r}")
         if self.generator.batch_size % len(self.task.label_names):
             raise ConfigError(f"generator.batch_size: {self.generator.batch_size} must be a multiple of the "
                               f"number of labels ({len(self.task.label_names)}) so that labels are balanced")

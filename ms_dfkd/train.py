@@ -4,6 +4,7 @@ The five methods of METHOD.md share this driver so that they compare like for li
 each round produces gen_steps_per_round x generator.batch_size samples (generated,
 drawn or random), labelled by the teacher, appended to the replay buffer and to
 generated.jsonl; then student.steps_per_round student steps draw from the buffer.
+dfkd-t3 may first take run.gen_warmup_steps generator-only steps whose samples are dropped.
 
 A run is resumable: checkpoint.safetensors (run_checkpoint.py, written atomically) holds
 every trainable parameter, the optimizer states and the loop's state. Ctrl-C saves and exits.
@@ -37,6 +38,7 @@ from .vocab_bridge import build_vocab_bridge
 log = logging.getLogger("ms_dfkd")
 
 NOISE_STREAM_SAMPLE = 1
+NOISE_STREAM_WARMUP = 2  # warm-up samples draw their own noise: the rounds' samples stay as without warm-up
 
 
 def peak_rss_mb():
@@ -58,7 +60,7 @@ class Distiller:
         self.reducer_factory = grad_reducer_factory
         self.stop_flag = False
         self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
-                         "samples": 0}
+                         "samples": 0, "warmup_steps": 0}
         self.history = []
         self._setup()
 
@@ -193,13 +195,13 @@ class Distiller:
             mask[i, P - len(r):] = 1
         return ids, mask
 
-    def _generate(self, n_step_id):
+    def _generate(self, n_step_id, stream=NOISE_STREAM_SAMPLE):
         """Sample one batch from the generator: returns dict of numpy arrays and texts."""
         g = self.cfg.generator
         passages = self.corpus_sampler.next_batch(g.batch_size)
         labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
         p_ids, p_mask = self._prompt_ids(passages, labels)
-        seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, NOISE_STREAM_SAMPLE)
+        seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, stream)
         new_ids, new_mask = self._sample(self.generator, p_ids, p_mask, self.T, seed,
                                          temperature=g.sample_temperature, top_p=g.top_p,
                                          eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
@@ -257,7 +259,7 @@ class Distiller:
         lo = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask)).asnumpy()
         return {"perplexity_g0": _perplexity(lo, s["ids"], s["mask"])}
 
-    def _generator_update(self, s):
+    def _generator_update(self, s, what=None):
         B_, T = s["ids"].shape
         full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
         full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
@@ -273,7 +275,7 @@ class Distiller:
         loss, spec, div, adv, flu, t_logits = [o.asnumpy() for o in out]
         for name, v in (("loss_g", loss), ("spec", spec), ("div", div), ("adv", adv), ("flu", flu)):
             if not np.isfinite(v):
-                raise FloatingPointError(f"generator step {self.counters['gen_steps']}: {name} = {v}")
+                raise FloatingPointError(f"{what or 'generator step %d' % self.counters['gen_steps']}: {name} = {v}")
         return {"loss_g": float(loss), "loss_spec": float(spec), "loss_div": float(div), "loss_adv": float(adv),
                 "loss_flu": float(flu), "gen_step_s": time.time() - t0,
                 "perplexity_g0": _perplexity(frozen_np, s["ids"], s["mask"]),
@@ -306,12 +308,15 @@ class Distiller:
             raise CheckpointError(f"rank {self.rank}: the ranks did not all resume from the same checkpoint in "
                                   f"{self.out} (this rank is at round {self.counters['round']}); put run.out_dir "
                                   f"on a filesystem every node sees")
-        kG, kS = cfg.run.gen_steps_per_round, cfg.run.student_steps_per_round
-        total = cfg.run.rounds * (kG + kS)
-        done = self.counters["round"] * (kG + kS) + self.counters["gen_in_round"] + self.counters["stu_in_round"]
+        kG, kS, kW = cfg.run.gen_steps_per_round, cfg.run.student_steps_per_round, cfg.run.gen_warmup_steps
+        c = self.counters
+        c.setdefault("warmup_steps", kW)  # a checkpoint from before warm-up existed is past it
+        total = kW + cfg.run.rounds * (kG + kS)
+        done = c["warmup_steps"] + c["round"] * (kG + kS) + c["gen_in_round"] + c["stu_in_round"]
         bar = tqdm(total=total, initial=done, desc=f"{self.method}", unit="step", disable=not self.is_main)
         with interrupts.on_sigint(self._on_sigint):
             try:
+                self._warmup(bar, kW)
                 self._rounds(bar, kG, kS)
             except StopRequested:
                 bar.close()
@@ -320,6 +325,37 @@ class Distiller:
                 return None
         bar.close()
         return self.history
+
+    def _warmup(self, bar, kW):
+        """dfkd-t3 only: kW generator steps before the first round. Their samples train the generator
+        and nothing else (not the replay buffer, not generated.jsonl), so the student still sees as
+        many samples as every other method while the generator has trained longer."""
+        c, info_sum, t0, toks = self.counters, {}, time.time(), 0
+        if c["warmup_steps"] >= kW:
+            return
+        while c["warmup_steps"] < kW:
+            self._check_stop()
+            w = c["warmup_steps"]
+            s = self._generate(w, stream=NOISE_STREAM_WARMUP)
+            info = self._generator_update(s, what=f"warm-up step {w}")
+            probs = self.teacher_run.probs(s["texts"])
+            info["specificity"] = M.specificity_rate(probs.argmax(-1), s["labels"])
+            info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
+            toks += info.pop("gen_tokens", 0)
+            _accumulate(info_sum, info)
+            c["warmup_steps"] += 1
+            bar.update(1)
+            bar.set_postfix(_postfix(info))
+            if c["warmup_steps"] % max(self.cfg.run.gen_steps_per_round, 1) == 0 and c["warmup_steps"] < kW:
+                self.save_checkpoint()  # resumable within a long warm-up
+        rec = {k: float(np.mean(v)) for k, v in info_sum.items()}
+        seconds = time.time() - t0
+        # phase=warmup: readers of metrics.jsonl that aggregate rounds skip this record
+        rec.update(phase="warmup", warmup_steps=c["warmup_steps"], steps_in_record=len(info_sum.get("loss_g", [])),
+                   warmup_s=seconds, gen_tokens_per_s=toks / max(seconds, 1e-9), peak_rss_mb=peak_rss_mb())
+        if self.is_main:
+            self.metrics_out.write([rec])
+        self.save_checkpoint()
 
     def _rounds(self, bar, kG, kS):
         cfg = self.cfg

@@ -90,6 +90,8 @@ def main():
                       "--run.student_steps_per_round", str(prof["student_steps_per_round"]),
                       "--generator.batch_size", str(prof["gen_batch"]),
                       *(["--generator.lr", str(prof["gen_lr"])] if prof["gen_lr"] else []),
+                      *(["--run.gen_warmup_steps", str(prof["gen_warmup"])]
+                        if method == "dfkd-t3" and prof.get("gen_warmup") else []),
                       "--run.eval_every", str(prof["eval_every"]),
                       "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5"], log)
             print(f"[results] {run.name}: {time.time() - t0:.0f} s")
@@ -130,6 +132,8 @@ def render(out, prof, name, wall):
             teacher_acc.append(fin["teacher_test"]["accuracy"])
             metrics = [json.loads(l) for l in (f.parent / "metrics.jsonl").read_text().splitlines()]
             for m in metrics:
+                if m.get("phase") == "warmup":  # generator-only steps before round 1: not the kept samples
+                    continue
                 for k in ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0",
                           "bridge_agreement", "gen_tokens_per_s", "round_s"):
                     if k in m:
@@ -143,7 +147,9 @@ def render(out, prof, name, wall):
              "Generator: SmolLM2-135M-Instruct. Corpus: BBC news + 2012 convention speeches.",
              f"Seeds: {prof['seeds']}. Per run: {prof['rounds']} rounds x ({prof['gen_steps_per_round']} batches of "
              f"{prof['gen_batch']} samples + {prof['student_steps_per_round']} student steps)"
-             + (f"; dfkd-t3 generator lr {prof['gen_lr']:g}." if prof["gen_lr"] else "."),
+             + (f"; dfkd-t3 generator lr {prof['gen_lr']:g}." if prof["gen_lr"] else ".")
+             + (f" dfkd-t3 first takes {prof['gen_warmup']} generator-only warm-up steps (`run.gen_warmup_steps`),"
+                " whose samples no student sees." if prof.get("gen_warmup") else ""),
              "Budgets and learning rates were chosen on dev (comments in the script's PROFILES).",
              f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun).", "",
              f"Teacher test accuracy: **{t:.4f}**", "",

@@ -194,6 +194,61 @@ def test_ctrl_c_saves_and_resumes(teacher, tmp_path):
     assert len(lines) == 16
 
 
+def test_generator_warmup_trains_only_the_generator_and_resumes(teacher, tmp_path):
+    """run.gen_warmup_steps: extra generator steps before round 1 whose samples reach neither the
+    replay buffer nor generated.jsonl; interrupted mid-warm-up, the resumed run equals a straight one."""
+    from ms_dfkd.config import ConfigError
+    extra = ("--run.rounds", "1", "--run.gen_warmup_steps", "3")
+    a, b = tmp_path / "a", tmp_path / "b"
+    da = _distiller(_cfg(teacher, a, *extra))
+    gen0 = {n: p.asnumpy().copy() for n, p in da.generator.parameters_and_names() if p.requires_grad}
+    seen = []
+    real_update = da._generator_update
+
+    def update_and_record(s, what=None):
+        seen.append((da.counters["warmup_steps"], da.counters["gen_steps"], list(s["texts"]), da.replay.records[:]))
+        return real_update(s, what)
+    da._generator_update = update_and_record
+    assert da.run() is not None
+    # 3 warm-up steps while the buffer is empty, then round 0's 2 steps; 5 optimizer updates in all
+    assert [(w, g) for w, g, _, _ in seen] == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1)]
+    assert all(not recs for _, _, _, recs in seen[:3]) and len(seen[3][3]) == 0
+    assert int(da.opt_g.global_step.asnumpy()[0]) == 5
+    assert da.counters["gen_steps"] == 2 and da.counters["samples"] == 8 and len(da.replay.records) == 8
+    recs = [json.loads(l) for l in (a / "generated.jsonl").read_text().splitlines()]
+    assert len(recs) == 8 and [r["text"] for r in recs] == seen[3][2] + seen[4][2]
+    assert any(not np.array_equal(p.asnumpy(), gen0[n]) for n, p in da.generator.parameters_and_names() if n in gen0)
+    metrics = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["phase"] == "warmup" and metrics[0]["warmup_steps"] == 3
+    assert all(np.isfinite(metrics[0][k]) for k in ("loss_g", "loss_spec", "specificity", "perplexity_g0"))
+    assert [m.get("round") for m in metrics[1:]] == [0] and "phase" not in metrics[1]
+
+    db = _distiller(_cfg(teacher, b, *extra))
+    real_b = db._generator_update
+    calls = []
+
+    def update_then_interrupt(s, what=None):
+        calls.append(1)
+        r = real_b(s, what)
+        if len(calls) == 2:  # Ctrl-C during the second warm-up step
+            db._on_sigint(signal.SIGINT, None)
+        return r
+    db._generator_update = update_then_interrupt
+    assert db.run() is None
+    assert _ckpt(b) and db.counters["warmup_steps"] == 2 and db.counters["round"] == 0
+    _distiller(_cfg(teacher, b, *extra)).run()
+    ca, cb = _ckpt(a), _ckpt(b)
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+    assert (a / "generated.jsonl").read_text() == (b / "generated.jsonl").read_text()
+
+    with pytest.raises(ConfigError, match="run.gen_warmup_steps: 3 needs run.method dfkd-t3"):
+        _cfg(teacher, tmp_path / "p", *extra, "--run.method", "prompted")
+    with pytest.raises(ConfigError, match="run.gen_warmup_steps: must be >= 0, got -1"):
+        _cfg(teacher, tmp_path / "n", "--run.gen_warmup_steps", "-1")
+
+
 def test_bad_inputs_keep_existing_results(teacher, tmp_path, capsys):
     out = tmp_path / "keep"
     _distiller(_cfg(teacher, out, "--run.rounds", "1")).run()
