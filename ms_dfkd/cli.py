@@ -228,6 +228,10 @@ def cmd_eval(cfg, args):
     return res
 
 
+INSPECT_KEYS = ("phase", "warmup_steps", "round", "loss_g", "loss_spec", "loss_div", "loss_flu", "specificity",
+                "bridge_agreement", "distinct_2", "self_bleu", "perplexity_g0", "loss_s")
+
+
 def cmd_inspect(args):
     from .replay import read_jsonl
     run = Path(args.run_dir)
@@ -235,8 +239,7 @@ def cmd_inspect(args):
         raise FileNotFoundError(f"run folder not found: {run}")
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").exists() else []
     for m in metrics:
-        keys = [k for k in ("phase", "warmup_steps", "round", "loss_g", "loss_spec", "loss_div", "loss_flu", "specificity", "bridge_agreement",
-                            "distinct_2", "self_bleu", "perplexity_g0", "loss_s") if k in m]
+        keys = [k for k in INSPECT_KEYS if k in m]
         keys += [k for k in m if k.startswith("student_dev_")]
         print("  ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     recs = read_jsonl(run)  # merges per-rank shards generated*.jsonl

@@ -240,17 +240,25 @@ class Distiller:
             s = self._generate(step_id)
             texts, labels = s["texts"], s["labels"]
             info.update(self._generator_update(s))
-        probs = self.teacher_run.probs(texts)
         if self.method in ("prompted", "dfkd-t3"):
-            info["specificity"] = M.specificity_rate(probs.argmax(-1), labels)
-            if "soft_argmax" in info:
-                info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
+            probs = self._label_stats(texts, labels, info)
+        else:
+            probs = self.teacher_run.probs(texts)
         recs = [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
                  "round": self.counters["round"], "step": step_id, "rank": self.rank}
                 for t, y, p in zip(texts, labels, probs)]
         self.counters["gen_steps"] += 1
         self.counters["samples"] += len(recs)
         return recs, info
+
+    def _label_stats(self, texts, labels, info):
+        """The teacher's probabilities on generated texts; adds to info the specificity rate and, after
+        a generator update (whose info carries the soft embedding's argmax), the bridge agreement."""
+        probs = self.teacher_run.probs(texts)
+        info["specificity"] = M.specificity_rate(probs.argmax(-1), labels)
+        if "soft_argmax" in info:
+            info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
+        return probs
 
     def _fluency_stats(self, s):
         """Perplexity of the sampled tokens under the frozen generator (no gradient)."""
@@ -338,9 +346,7 @@ class Distiller:
             w = c["warmup_steps"]
             s = self._generate(w, stream=NOISE_STREAM_WARMUP)
             info = self._generator_update(s, what=f"warm-up step {w}")
-            probs = self.teacher_run.probs(s["texts"])
-            info["specificity"] = M.specificity_rate(probs.argmax(-1), s["labels"])
-            info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
+            self._label_stats(s["texts"], s["labels"], info)
             toks += info.pop("gen_tokens", 0)
             _accumulate(info_sum, info)
             c["warmup_steps"] += 1
