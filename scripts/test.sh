@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 export GLOG_v=${GLOG_v:-3}   # MindSpore: errors only
-exec python -m pytest -q "$@"
+# --durations: the suite is budgeted at 20 min on a 2-core CPU; CI logs show which tests spend it
+exec python -m pytest -q --durations=15 "$@"
