@@ -147,16 +147,10 @@ def bpe_tokenizer_from_gguf(path):
     2 = <|im_end|>); pad positions are always masked, so the id only needs to be valid.
     The Jinja chat template string, if present, is kept in ``chat_template``.
     """
-    import gguf
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from .models.gguf_file import read_gguf
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(str(path))
-
-    def meta(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+    meta = read_gguf(path).get  # FileNotFoundError / GGUFError name the file
 
     model_kind = meta("tokenizer.ggml.model")
     if model_kind != "gpt2":

@@ -341,7 +341,45 @@ def test_gguf_bad_inputs(tiny, tmp_path):
         load_gguf_llama(junk)
 
 
+def test_gguf_reader_names_a_truncated_file(tiny, tmp_path):
+    from ms_dfkd.models.gguf_file import GGUFError, read_gguf
+    cfg, _, w = tiny
+    whole = tmp_path / "whole.gguf"
+    write_tiny_gguf(whole, w, cfg)
+    data = whole.read_bytes()
+    for cut, what in ((60, "truncated or corrupt"), (len(data) - 8, "runs past the end of the file")):
+        part = tmp_path / f"cut{cut}.gguf"
+        part.write_bytes(data[:cut])
+        with pytest.raises(GGUFError, match=f"cut{cut}.gguf.*({what})"):
+            read_gguf(part)
+    version9 = tmp_path / "v9.gguf"
+    version9.write_bytes(data[:4] + (9).to_bytes(4, "little") + data[8:])
+    with pytest.raises(GGUFError, match="v9.gguf.*version 9"):
+        read_gguf(version9)
+
+
 # --- real SmolLM2-135M-Instruct ----------------------------------------------------------------
+
+@pytest.mark.real
+def test_gguf_reader_matches_the_gguf_package_on_smollm2():
+    """ms_dfkd's own reader (fast) against gguf.GGUFReader (the reference): every metadata value,
+    every tensor's name, shape, type and bytes."""
+    import gguf
+    from ms_dfkd.assets import asset_path
+    from ms_dfkd.models.gguf_file import read_gguf
+    path = asset_path("smollm2_gguf")
+    ours, ref = read_gguf(path), gguf.GGUFReader(str(path))
+    assert list(ours.fields) == [k for k in ref.fields if not k.startswith("GGUF.")]
+    for k, f in ref.fields.items():
+        if not k.startswith("GGUF."):  # the reference also lists the header as pseudo-fields
+            assert ours.fields[k] == f.contents(), k
+    assert len(ours.fields["tokenizer.ggml.tokens"]) == 49152
+    assert len(ours.tensors) == len(ref.tensors) == 272
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.name, a.shape, a.tensor_type) == (b.name, tuple(int(n) for n in b.shape), b.tensor_type)
+        np.testing.assert_array_equal(a.data.reshape(-1), np.asarray(b.data).view(np.uint8).reshape(-1),
+                                      err_msg=a.name)
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -9,16 +9,11 @@ Strict and all-or-nothing: the file is read, every tensor dequantised, renamed a
 checked against the model (missing / unexpected / shape) before the first parameter
 is assigned. An unsupported quantisation type names the tensor and the type.
 """
-from pathlib import Path
-
 import numpy as np
 
 from .checkpoint_io import CheckpointError, check_state, load_state
+from .gguf_file import GGUFError, read_gguf
 from .llama import LlamaConfig, LlamaForCausalLM
-
-
-class GGUFError(CheckpointError):
-    pass
 
 
 # GGUF tensor name (after "blk.N.") -> HF / llama.py name (after "model.layers.N.")
@@ -62,63 +57,47 @@ def unpermute_rope_rows(w, n_heads):
     return w.reshape(n_heads, out // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_gguf(path):
-    """GGUFReader over an existing file, with clear errors for a missing or unreadable file."""
-    import gguf
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/struct errors on a bad header
-        raise GGUFError(f"cannot read GGUF file {path}: {type(e).__name__}: {e}") from None
-
-
-def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
-
-
 def config_from_gguf(reader, path="<gguf>", compute_dtype="float32"):
-    arch = _field(reader, "general.architecture")
+    """LlamaConfig from a GGUFFile's ``llama.*`` and ``tokenizer.ggml.*`` metadata."""
+    arch = reader.get("general.architecture")
     if arch != "llama":
         raise GGUFError(f"{path}: general.architecture is {arch!r}; only 'llama' is supported")
 
     def need(key):
-        v = _field(reader, f"llama.{key}")
+        v = reader.get(f"llama.{key}")
         if v is None:
             raise GGUFError(f"{path}: metadata key llama.{key} is missing")
         return v
 
     n_heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    rope_dim = _field(reader, "llama.rope.dimension_count")
+    rope_dim = reader.get("llama.rope.dimension_count")
     if rope_dim is not None and int(rope_dim) != hidden // n_heads:
         raise GGUFError(f"{path}: partial rotary (rope.dimension_count {rope_dim} != head dim "
                         f"{hidden // n_heads}) is not supported")
-    scaling = _field(reader, "llama.rope.scaling.type")
+    scaling = reader.get("llama.rope.scaling.type")
     if scaling not in (None, "none"):
         raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _field(reader, "llama.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    tokens = reader.get("tokenizer.ggml.tokens")
+    vocab = reader.get("llama.vocab_size") or (len(tokens) if tokens is not None else None)
     if vocab is None:
         vocab = next(int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight")
-    eos = int(_field(reader, "tokenizer.ggml.eos_token_id", 2))
+    eos = int(reader.get("tokenizer.ggml.eos_token_id", 2))
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
         num_hidden_layers=int(need("block_count")),
         num_attention_heads=n_heads,
-        num_key_value_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        num_key_value_heads=int(reader.get("llama.attention.head_count_kv", n_heads)),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(_field(reader, "llama.context_length", 2048)),
+        rope_theta=float(reader.get("llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(reader.get("llama.context_length", 2048)),
         tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
         compute_dtype=compute_dtype,
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
+        bos_token_id=int(reader.get("tokenizer.ggml.bos_token_id", 1)),
         eos_token_id=eos,
-        pad_token_id=int(_field(reader, "tokenizer.ggml.padding_token_id", eos)),
+        pad_token_id=int(reader.get("tokenizer.ggml.padding_token_id", eos)),
     )
 
 
@@ -139,7 +118,7 @@ def _dequantize(t, path):
 
 def read_gguf_state(path, compute_dtype="float32"):
     """(LlamaConfig, {llama.py name: float32 array}) with Q/K un-permuted; no model is built."""
-    reader = open_gguf(path)
+    reader = read_gguf(path)
     cfg = config_from_gguf(reader, path, compute_dtype)
     state = {}
     for t in reader.tensors:
