@@ -125,20 +125,6 @@ def _ckpt(out):
     return load_safetensors(Path(out) / "checkpoint.safetensors")
 
 
-def test_resume_equals_straight_run(teacher, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    _distiller(_cfg(teacher, a, "--run.rounds", "2")).run()
-    _distiller(_cfg(teacher, b, "--run.rounds", "1")).run()
-    _distiller(_cfg(teacher, b, "--run.rounds", "2")).run()
-    ca, cb = _ckpt(a), _ckpt(b)
-    assert sorted(ca) == sorted(cb)
-    for k in ca:
-        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
-    ta = [json.loads(l)["text"] for l in (a / "generated.jsonl").read_text().splitlines()]
-    tb = [json.loads(l)["text"] for l in (b / "generated.jsonl").read_text().splitlines()]
-    assert ta == tb and len(ta) == 16
-
-
 def test_real_ctrl_c_on_the_command_saves_mid_round_and_resumes(teacher, tmp_path):
     """A real SIGINT to `python -m ms_dfkd.cli distill`. MindSpore's own SIGINT handler (active while a
     graph compiles or runs) would end the process with SIGTERM (status 143) and save nothing; the CLI's
@@ -148,7 +134,7 @@ def test_real_ctrl_c_on_the_command_saves_mid_round_and_resumes(teacher, tmp_pat
     from ms_dfkd.models.checkpoint_io import safetensors_metadata
     out = tmp_path / "sigint"
     cmd = [sys.executable, "-m", "ms_dfkd.cli", "distill", "--config", SMOKE, "--teacher.checkpoint", teacher,
-           "--run.out_dir", str(out), "--run.rounds", "6"]
+           "--run.out_dir", str(out), "--run.rounds", "4"]
     env = {**os.environ, "GLOG_v": "3"}
     env.pop("MS_ROLE", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -162,45 +148,39 @@ def test_real_ctrl_c_on_the_command_saves_mid_round_and_resumes(teacher, tmp_pat
     assert proc.returncode == 130, log_text[-3000:]
     assert "interrupted: checkpoint saved" in log_text
     state = json.loads(safetensors_metadata(out / "checkpoint.safetensors")["state"])
-    assert 1 <= state["counters"]["round"] < 6
+    assert 1 <= state["counters"]["round"] < 4
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rounds = [json.loads(l)["round"] for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == list(range(6))
+    assert rounds == list(range(4))
 
 
-def test_ctrl_c_saves_and_resumes(teacher, tmp_path):
-    out = tmp_path / "int"
-    d = _distiller(_cfg(teacher, out, "--run.rounds", "2"))
-    real = d._produce
-    calls = []
+def _interrupt_after(d, method, n):
+    """Make d.<method>'s n-th call press Ctrl-C once it returns: the handler Ctrl-C reaches (a real
+    os.kill(SIGINT) inside pytest ended the whole process with SIGTERM, since MindSpore's runtime
+    reacts to SIGINT; the real signal is tested on the command above)."""
+    real, calls = getattr(d, method), []
 
-    def produce_then_interrupt():
+    def wrapped(*args, **kwargs):
         calls.append(1)
-        r = real()
-        if len(calls) == 3:  # mid-round 1, between two generator steps
-            # the handler Ctrl-C reaches; a real os.kill(SIGINT) inside pytest ended the whole
-            # process with SIGTERM here (MindSpore's runtime reacts to SIGINT), see the issue note
+        r = real(*args, **kwargs)
+        if len(calls) == n:
             d._on_sigint(signal.SIGINT, None)
         return r
-    d._produce = produce_then_interrupt
-    assert d.run() is None
-    state = _ckpt(out)
-    assert state
-    d2 = _distiller(_cfg(teacher, out, "--run.rounds", "2"))
-    d2.run()
-    assert d2.counters["round"] == 2 and d2.counters["gen_steps"] == 4
-    lines = (out / "generated.jsonl").read_text().splitlines()
-    assert len(lines) == 16
+    setattr(d, method, wrapped)
 
 
-def test_generator_warmup_trains_only_the_generator_and_resumes(teacher, tmp_path):
-    """run.gen_warmup_steps: extra generator steps before round 1 whose samples reach neither the
-    replay buffer nor generated.jsonl; interrupted mid-warm-up, the resumed run equals a straight one."""
+def test_warmup_then_a_run_cut_into_four_pieces_equals_the_straight_run(teacher, tmp_path):
+    """run.gen_warmup_steps: generator-only steps before round 0 whose samples reach neither the replay
+    buffer nor generated.jsonl. Resume: the same run in four pieces (Ctrl-C mid-warm-up; resume to the
+    end of --run.rounds 1; extend to --run.rounds 2 and Ctrl-C between round 1's generator steps;
+    resume) equals a straight run bit for bit: every parameter and optimizer state, every text."""
     from ms_dfkd.config import ConfigError
-    extra = ("--run.rounds", "1", "--run.gen_warmup_steps", "3")
+    warm = ("--run.gen_warmup_steps", "3")
     a, b = tmp_path / "a", tmp_path / "b"
-    da = _distiller(_cfg(teacher, a, *extra))
+
+    # the straight run, watched at every generator update
+    da = _distiller(_cfg(teacher, a, "--run.rounds", "2", *warm))
     gen0 = {n: p.asnumpy().copy() for n, p in da.generator.parameters_and_names() if p.requires_grad}
     seen = []
     real_update = da._generator_update
@@ -210,33 +190,33 @@ def test_generator_warmup_trains_only_the_generator_and_resumes(teacher, tmp_pat
         return real_update(s, what)
     da._generator_update = update_and_record
     assert da.run() is not None
-    # 3 warm-up steps while the buffer is empty, then round 0's 2 steps; 5 optimizer updates in all
-    assert [(w, g) for w, g, _, _ in seen] == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1)]
-    assert all(not recs for _, _, _, recs in seen[:3]) and len(seen[3][3]) == 0
-    assert int(da.opt_g.global_step.asnumpy()[0]) == 5
-    assert da.counters["gen_steps"] == 2 and da.counters["samples"] == 8 and len(da.replay.records) == 8
+    # 3 warm-up steps while the buffer is empty, then 2 rounds of 2 steps; 7 optimizer updates in all
+    assert [(w, g) for w, g, _, _ in seen] == [(0, 0), (1, 0), (2, 0), (3, 0), (3, 1), (3, 2), (3, 3)]
+    assert all(not recs for _, _, _, recs in seen[:4]) and len(seen[5][3]) == 8
+    assert int(da.opt_g.global_step.asnumpy()[0]) == 7
+    assert da.counters["gen_steps"] == 4 and da.counters["samples"] == 16 and len(da.replay.records) == 16
     recs = [json.loads(l) for l in (a / "generated.jsonl").read_text().splitlines()]
-    assert len(recs) == 8 and [r["text"] for r in recs] == seen[3][2] + seen[4][2]
+    assert [r["text"] for r in recs] == [t for _, _, texts, _ in seen[3:] for t in texts] and len(recs) == 16
     assert any(not np.array_equal(p.asnumpy(), gen0[n]) for n, p in da.generator.parameters_and_names() if n in gen0)
     metrics = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["phase"] == "warmup" and metrics[0]["warmup_steps"] == 3
     assert all(np.isfinite(metrics[0][k]) for k in ("loss_g", "loss_spec", "specificity", "perplexity_g0"))
-    assert [m.get("round") for m in metrics[1:]] == [0] and "phase" not in metrics[1]
+    assert [m.get("round") for m in metrics[1:]] == [0, 1] and "phase" not in metrics[1]
 
-    db = _distiller(_cfg(teacher, b, *extra))
-    real_b = db._generator_update
-    calls = []
+    # the same run in four pieces
+    d = _distiller(_cfg(teacher, b, "--run.rounds", "1", *warm))
+    _interrupt_after(d, "_generator_update", 2)  # Ctrl-C during the second warm-up step
+    assert d.run() is None  # interrupted: no final report
+    assert _ckpt(b) and d.counters["warmup_steps"] == 2 and d.counters["round"] == 0
+    d = _distiller(_cfg(teacher, b, "--run.rounds", "1", *warm))
+    assert d.run() is not None and d.counters["round"] == 1
+    d = _distiller(_cfg(teacher, b, "--run.rounds", "2", *warm))
+    _interrupt_after(d, "_produce", 1)  # Ctrl-C between round 1's two generator steps
+    assert d.run() is None
+    assert d.counters["round"] == 1 and d.counters["gen_steps"] == 3
+    d = _distiller(_cfg(teacher, b, "--run.rounds", "2", *warm))
+    assert d.run() is not None and d.counters["round"] == 2 and d.counters["gen_steps"] == 4
 
-    def update_then_interrupt(s, what=None):
-        calls.append(1)
-        r = real_b(s, what)
-        if len(calls) == 2:  # Ctrl-C during the second warm-up step
-            db._on_sigint(signal.SIGINT, None)
-        return r
-    db._generator_update = update_then_interrupt
-    assert db.run() is None
-    assert _ckpt(b) and db.counters["warmup_steps"] == 2 and db.counters["round"] == 0
-    _distiller(_cfg(teacher, b, *extra)).run()
     ca, cb = _ckpt(a), _ckpt(b)
     assert sorted(ca) == sorted(cb)
     for k in ca:
@@ -244,7 +224,7 @@ def test_generator_warmup_trains_only_the_generator_and_resumes(teacher, tmp_pat
     assert (a / "generated.jsonl").read_text() == (b / "generated.jsonl").read_text()
 
     with pytest.raises(ConfigError, match="run.gen_warmup_steps: 3 needs run.method dfkd-t3"):
-        _cfg(teacher, tmp_path / "p", *extra, "--run.method", "prompted")
+        _cfg(teacher, tmp_path / "p", *warm, "--run.method", "prompted")
     with pytest.raises(ConfigError, match="run.gen_warmup_steps: must be >= 0, got -1"):
         _cfg(teacher, tmp_path / "n", "--run.gen_warmup_steps", "-1")
 
