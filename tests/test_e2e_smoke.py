@@ -229,9 +229,18 @@ def test_warmup_then_a_run_cut_into_four_pieces_equals_the_straight_run(teacher,
         _cfg(teacher, tmp_path / "n", "--run.gen_warmup_steps", "-1")
 
 
-def test_bad_inputs_keep_existing_results(teacher, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def one_round_run(teacher, tmp_path_factory):
+    """A finished 1-round run, shared read-only: a test that changes it works on a copy."""
+    out = tmp_path_factory.mktemp("one_round") / "run"
+    assert _distiller(_cfg(teacher, out, "--run.rounds", "1")).run() is not None
+    return out
+
+
+def test_bad_inputs_keep_existing_results(teacher, one_round_run, tmp_path, capsys):
+    import shutil
     out = tmp_path / "keep"
-    _distiller(_cfg(teacher, out, "--run.rounds", "1")).run()
+    shutil.copytree(one_round_run, out)
     ck = out / "checkpoint.safetensors"
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
@@ -265,9 +274,8 @@ def test_bad_inputs_keep_existing_results(teacher, tmp_path, capsys):
     assert "neutral" in capsys.readouterr().err
 
 
-def test_distill_from_texts_and_inspect(teacher, tmp_path, capsys):
-    out = tmp_path / "src"
-    _distiller(_cfg(teacher, out, "--run.rounds", "1")).run()
+def test_distill_from_texts_and_inspect(teacher, one_round_run, tmp_path, capsys):
+    out = one_round_run
     st = tmp_path / "student2.safetensors"
     # the saved texts hold teacher probabilities, not features: the hidden-state term cannot run
     assert main(["distill-from-texts", "--config", SMOKE, "--texts", str(out), "--out", str(st),
