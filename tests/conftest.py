@@ -18,3 +18,16 @@ def asset_or_skip():
         except AssetNotFoundError as e:
             pytest.skip(str(e))
     return get
+
+
+@pytest.fixture(scope="session")
+def smoke_teacher(tmp_path_factory):
+    """The smoke config's tiny teacher, trained once for the session through the CLI (test_e2e_smoke
+    and test_distributed both distil from it; every run only reads it)."""
+    from pathlib import Path
+    from ms_dfkd.cli import main
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
+    assert main(["train-teacher", "--config", str(config), "--teacher.checkpoint", str(path)]) == 0
+    assert path.is_file()
+    return str(path)

@@ -155,12 +155,8 @@ def test_fp16_student_step_matches_fp32():
 # ------------------------------------------------------------------ msrun jobs (slow)
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
-    r = subprocess.run([sys.executable, "-m", "ms_dfkd.cli", "train-teacher", "--config", SMOKE,
-                        "--teacher.checkpoint", str(path)], cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return path
+def teacher(smoke_teacher):
+    return Path(smoke_teacher)
 
 
 def _records(path):

@@ -16,11 +16,8 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
-    assert main(["train-teacher", "--config", SMOKE, "--teacher.checkpoint", str(path)]) == 0
-    assert path.is_file()
-    return str(path)
+def teacher(smoke_teacher):
+    return smoke_teacher
 
 
 def _cfg(teacher, out, *extra):
