@@ -25,8 +25,7 @@ class GGUFError(CheckpointError):
 # GGUF metadata value types: id -> struct format of one scalar (8 = string, 9 = array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY = {vtype: np.dtype("<" + fmt) for vtype, fmt in _SCALARS.items()}  # same codes ("?" is bool)
 
 
 @dataclass
@@ -73,9 +72,8 @@ class _Cursor:
             if etype == _STRING:
                 return [self.string() for _ in range(n)]
             if etype in _NUMPY:  # numeric arrays in one read, not one struct call per element
-                width = np.dtype(_NUMPY[etype]).itemsize
                 arr = np.frombuffer(self.buf, _NUMPY[etype], count=n, offset=self.pos)
-                self.pos += n * width
+                self.pos += arr.nbytes
                 return arr.tolist()
             return [self.value(etype) for _ in range(n)]  # arrays of arrays
         if vtype not in _SCALARS:
