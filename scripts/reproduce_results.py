@@ -61,6 +61,26 @@ def sh(args, log):
         raise SystemExit(f"command failed ({r.returncode}): {' '.join(args)}\n--- {log} tail ---\n{tail}")
 
 
+class WallTimes:
+    """Seconds spent per step of the table (teacher, each run, each transfer), added up over every
+    invocation and kept in wall_s.json, so that a table finished across resumed invocations still says
+    what it cost in all. A step cut short counts too: its resume continues that work."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.s = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def run(self, key, args, log):
+        t0 = time.time()
+        try:
+            sh(args, log)
+        finally:
+            self.s[key] = self.s.get(key, 0.0) + time.time() - t0
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.s, indent=1))
+            os.replace(tmp, self.path)  # atomic: a Ctrl-C here leaves the old or the new file
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="one seed, short runs (about 20 minutes)")
@@ -76,9 +96,10 @@ def main():
     teacher = out / "teacher.safetensors"
     common = ["--config", args.config, "--teacher.checkpoint", str(teacher)]
     t_start = time.time()
+    walls = WallTimes(out / "wall_s.json")
     print(f"[results] {name} profile, folder {out}, log {log}")
-    sh(exe + ["train-teacher", *common, "--teacher.train_examples", str(prof["teacher_examples"]),
-              "--teacher.epochs", str(prof["teacher_epochs"])], log)
+    walls.run("teacher", exe + ["train-teacher", *common, "--teacher.train_examples",
+                                str(prof["teacher_examples"]), "--teacher.epochs", str(prof["teacher_epochs"])], log)
     for seed in prof["seeds"]:
         for method in METHODS:
             run = out / f"{method}_seed{seed}"
@@ -87,7 +108,7 @@ def main():
                 continue
             print(f"[results] {run.name} ...", flush=True)
             t0 = time.time()
-            sh(exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
+            walls.run(run.name, exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
                       "--run.out_dir", str(run), "--run.rounds", str(prof["rounds"]),
                       "--run.gen_steps_per_round", str(prof["gen_steps_per_round"]),
                       "--run.student_steps_per_round", str(prof["student_steps_per_round"]),
@@ -105,12 +126,13 @@ def main():
             if dst.exists():
                 continue
             st = out / f"transfer_{method}_seed{seed}.safetensors"
-            sh(exe + ["distill-from-texts", *common, "--student.arch", "minilm_l6_layers:2",
+            key = f"transfer_{method}_seed{seed}"
+            walls.run(key, exe + ["distill-from-texts", *common, "--student.arch", "minilm_l6_layers:2",
                       "--texts", str(out / f"{method}_seed{seed}"), "--out", str(st),
                       "--steps", str(prof["transfer_steps"]), "--run.seed", str(seed)], log)
-            sh(exe + ["eval", *common, "--student.arch", "minilm_l6_layers:2", "--student", str(st),
+            walls.run(key, exe + ["eval", *common, "--student.arch", "minilm_l6_layers:2", "--student", str(st),
                       "--no-teacher", "--split", "test", "--json-out", str(dst)], log)
-    render(out, prof, name, time.time() - t_start)
+    render(out, prof, name, time.time() - t_start, walls.s)
 
 
 def _mean_std(xs):
@@ -121,7 +143,19 @@ def _mean_std(xs):
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
 
-def render(out, prof, name, wall):
+def _wall_line(wall, steps):
+    """The table's cost: this invocation, and every step summed over all invocations (wall_s.json)."""
+    line = f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun)."
+    if steps:
+        runs = sum(v for k, v in steps.items() if k != "teacher" and not k.startswith("transfer_"))
+        transfer = sum(v for k, v in steps.items() if k.startswith("transfer_"))
+        line += (f" All steps, over every invocation: {sum(steps.values()) / 60:.1f} min (teacher "
+                 f"{steps.get('teacher', 0) / 60:.1f}, the distillation runs {runs / 60:.1f}, transfer "
+                 f"{transfer / 60:.1f}).")
+    return line
+
+
+def render(out, prof, name, wall, steps=None):
     """RESULTS.md from the run folders (nothing typed by hand)."""
     rows, teacher_acc, gen = {}, [], {}
     for method in METHODS:
@@ -154,7 +188,7 @@ def render(out, prof, name, wall):
              + (f" dfkd-t3 first takes {prof['gen_warmup']} generator-only warm-up steps (`run.gen_warmup_steps`),"
                 " whose samples no student sees." if prof.get("gen_warmup") else ""),
              "Budgets and learning rates were chosen on dev (comments in the script's PROFILES).",
-             f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun).", "",
+             _wall_line(wall, steps), "",
              f"Teacher test accuracy: **{t:.4f}**", "",
              "| method | student test accuracy | share of teacher |", "|---|---|---|"]
     for method, accs in rows.items():
