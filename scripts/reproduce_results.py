@@ -38,8 +38,9 @@ PROFILES = {
     # generator.gumbel_tau 2 (config 1): dfkd-t3 dev 0.724 +- 0.011, specificity 0.61, KL to G0 0.05 (vs ~0.15)
     # generator.top_k_layers 6 (config 2): dev 0.722 +- 0.010, specificity 0.66, KL to G0 0.28
     # run.gen_warmup_steps 24 (config 0; samples dropped): seeds 0, 1 dev 0.723, 0.724; specificity unchanged
-    # generator.batch_size 32 (768 samples, same 24 generator steps), seeds 0, 1: dfkd-t3 dev 0.748, 0.743
-    # (vs 0.717 on seed 0 at 384), prompted 0.744, 0.721; not yet taken: needs seed 2, doubles generation time
+    # generator.batch_size 32 (768 samples, same 24 generator steps), seeds 0-2: dfkd-t3 dev 0.748, 0.743,
+    # 0.706 (0.732 +- 0.023), prompted 0.744, 0.721, 0.736 (0.734 +- 0.012): no lead over prompted, and twice
+    # the generation time, so not taken (seed 2 ran on a later machine with a retrained teacher, dev 0.804)
     "full": dict(seeds=[0, 1, 2], rounds=8, gen_steps_per_round=3, student_steps_per_round=12, gen_batch=16,
                  # the generator lr of dfkd-t3, on dev with seed 0: 2e-5 (the config's) barely moves the
                  # generator in 24 steps (KL to G0 0.01, texts ~ prompted's), 2e-4 does (KL 0.3, same
