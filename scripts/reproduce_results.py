@@ -109,16 +109,17 @@ def main():
                 continue
             print(f"[results] {run.name} ...", flush=True)
             t0 = time.time()
-            walls.run(run.name, exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
-                      "--run.out_dir", str(run), "--run.rounds", str(prof["rounds"]),
-                      "--run.gen_steps_per_round", str(prof["gen_steps_per_round"]),
-                      "--run.student_steps_per_round", str(prof["student_steps_per_round"]),
-                      "--generator.batch_size", str(prof["gen_batch"]),
-                      *(["--generator.lr", str(prof["gen_lr"])] if prof["gen_lr"] else []),
-                      *(["--run.gen_warmup_steps", str(prof["gen_warmup"])]
-                        if method == "dfkd-t3" and prof.get("gen_warmup") else []),
-                      "--run.eval_every", str(prof["eval_every"]),
-                      "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5"], log)
+            cmd = exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
+                          "--run.out_dir", str(run), "--run.rounds", str(prof["rounds"]),
+                          "--run.gen_steps_per_round", str(prof["gen_steps_per_round"]),
+                          "--run.student_steps_per_round", str(prof["student_steps_per_round"]),
+                          "--generator.batch_size", str(prof["gen_batch"]),
+                          *(["--generator.lr", str(prof["gen_lr"])] if prof["gen_lr"] else []),
+                          *(["--run.gen_warmup_steps", str(prof["gen_warmup"])]
+                            if method == "dfkd-t3" and prof.get("gen_warmup") else []),
+                          "--run.eval_every", str(prof["eval_every"]),
+                          "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5"]
+            walls.run(run.name, cmd, log)
             print(f"[results] {run.name}: {time.time() - t0:.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
     for method in ("dfkd-t3", "prompted"):
@@ -129,10 +130,10 @@ def main():
             st = out / f"transfer_{method}_seed{seed}.safetensors"
             key = f"transfer_{method}_seed{seed}"
             walls.run(key, exe + ["distill-from-texts", *common, "--student.arch", "minilm_l6_layers:2",
-                      "--texts", str(out / f"{method}_seed{seed}"), "--out", str(st),
-                      "--steps", str(prof["transfer_steps"]), "--run.seed", str(seed)], log)
+                                 "--texts", str(out / f"{method}_seed{seed}"), "--out", str(st),
+                                 "--steps", str(prof["transfer_steps"]), "--run.seed", str(seed)], log)
             walls.run(key, exe + ["eval", *common, "--student.arch", "minilm_l6_layers:2", "--student", str(st),
-                      "--no-teacher", "--split", "test", "--json-out", str(dst)], log)
+                                 "--no-teacher", "--split", "test", "--json-out", str(dst)], log)
     render(out, prof, name, time.time() - t_start, walls.s)
 
 

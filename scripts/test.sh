@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, .ci/run): set up if needed, then run the suite.
 # By default it leaves out the tests marked `real` (the real pretrained weights: SmolLM2, MiniLM, the
-# PyTorch parity on them) and `slow` (2-process msrun jobs), which together take about a third of the
+# PyTorch parity on them) and `slow` (2-process msrun jobs), which together take about two fifths of the
 # suite's time on a 2-core CPU. MS_DFKD_ALL_TESTS=1 runs them too; .ci/run sets it. A `-m` of your own
 # replaces the default selection (pytest keeps the last -m).
 set -euo pipefail
