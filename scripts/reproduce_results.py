@@ -41,6 +41,7 @@ PROFILES = {
     # generator.batch_size 32 (768 samples, same 24 generator steps), seeds 0-2: dfkd-t3 dev 0.748, 0.743,
     # 0.706 (0.732 +- 0.023), prompted 0.744, 0.721, 0.736 (0.734 +- 0.012): no lead over prompted, and twice
     # the generation time, so not taken (seed 2 ran on a later machine with a retrained teacher, dev 0.804)
+    # generator.gumbel_tau 0.5, seed 0, retrained teacher (dev 0.804): dev 0.715 against 0.722 at tau 1; not taken
     "full": dict(seeds=[0, 1, 2], rounds=8, gen_steps_per_round=3, student_steps_per_round=12, gen_batch=16,
                  # the generator lr of dfkd-t3, on dev with seed 0: 2e-5 (the config's) barely moves the
                  # generator in 24 steps (KL to G0 0.01, texts ~ prompted's), 2e-4 does (KL 0.3, same
