@@ -73,14 +73,17 @@ class WallTimes:
         self.s = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def run(self, key, args, log):
+        """sh(args, log), timed; returns the seconds it took."""
         t0 = time.time()
         try:
             sh(args, log)
         finally:
-            self.s[key] = self.s.get(key, 0.0) + time.time() - t0
+            took = time.time() - t0
+            self.s[key] = self.s.get(key, 0.0) + took
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.s, indent=1))
             os.replace(tmp, self.path)  # atomic: a Ctrl-C here leaves the old or the new file
+        return took
 
 
 def main():
@@ -109,7 +112,6 @@ def main():
                 print(f"[results] {run.name}: done, skipped")
                 continue
             print(f"[results] {run.name} ...", flush=True)
-            t0 = time.time()
             cmd = exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
                           "--run.out_dir", str(run), "--run.rounds", str(prof["rounds"]),
                           "--run.gen_steps_per_round", str(prof["gen_steps_per_round"]),
@@ -120,8 +122,7 @@ def main():
                             if method == "dfkd-t3" and prof.get("gen_warmup") else []),
                           "--run.eval_every", str(prof["eval_every"]),
                           "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5"]
-            walls.run(run.name, cmd, log)
-            print(f"[results] {run.name}: {time.time() - t0:.0f} s")
+            print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
     for method in ("dfkd-t3", "prompted"):
         for seed in prof["seeds"]:
