@@ -102,7 +102,8 @@ def _print_report(cfg, report):
     print(f"== {cfg.run.method} on {cfg.task.name} ({report.get('wall_s', '?')} s) ==")
     if "teacher_test" in report:
         print(f"teacher test {m}: {report['teacher_test'][m]:.4f}  (n={report['teacher_test']['n']})")
-        print(f"student test {m}: {report['student_test'][m]:.4f}")
+    if "student_test" in report:
+        print(f"student test {m}: {report['student_test'][m]:.4f}  (n={report['student_test']['n']})")
     for label, texts in report.get("samples", {}).items():
         print(f"-- generated, target '{label}':")
         for t in texts:

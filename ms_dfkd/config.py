@@ -116,6 +116,8 @@ class RunConfig:
     #                                scaling) | bfloat16 (GPU/Ascend); master weights stay float32
     checkpoint_every: int = 1      # rounds
     show_samples: int = 3          # generated texts per label printed at the end
+    teacher_test: bool = True      # also evaluate the teacher on test at the end (the results table
+    #                                evaluates its one teacher once, with `ms-dfkd eval`, not once a run)
 
 
 @dataclass

@@ -4,7 +4,8 @@ checkpoint.safetensors (written atomically) holds every trainable parameter (stu
 projection head if any, the generator's trainable layers) and both optimizers' states; its
 metadata holds the loop's state as JSON: counters, the replay buffer, the corpus cursor, the
 data RNG and the JSONL offsets (samples and metrics written after the checkpoint are moved
-aside on resume, so a resumed run equals a straight one).
+aside on resume, so a resumed run equals a straight one). The teacher's logits and features on
+the buffer's texts are saved beside the weights, for the same reason.
 """
 import json
 import logging
@@ -41,6 +42,17 @@ def trainable_arrays(d):
     return arrays
 
 
+def teacher_target_arrays(d):
+    """The teacher's logits and features on the replay buffer's texts, in buffer order (d.t_cache).
+    Saved so that a resumed run's student steps use the very numbers a straight run's do: computed
+    again in other batches, a row's logits can differ in the last bit."""
+    texts = [r["text"] for r in d.replay.records]
+    if not texts:
+        return {}
+    return {"replay/teacher_logits": np.stack([d.t_cache[t][0] for t in texts]),
+            "replay/teacher_features": np.stack([d.t_cache[t][1] for t in texts])}
+
+
 def save(d):
     """Write d's checkpoint (rank 0 only; every rank holds the same weights)."""
     if not d.is_main:
@@ -50,7 +62,7 @@ def save(d):
              "data_rng": d.data_rng.bit_generator.state,
              "texts_offset": d.texts_out.offset, "metrics_offset": d.metrics_out.offset,
              "history": d.history, "method": d.method, "world_size": d.world}
-    save_safetensors(trainable_arrays(d), d.out / CKPT_NAME,
+    save_safetensors({**trainable_arrays(d), **teacher_target_arrays(d)}, d.out / CKPT_NAME,
                      metadata={"format": "ms-dfkd-run", "state": json.dumps(state)})
 
 
@@ -58,6 +70,7 @@ def load(d):
     """Restore d from its checkpoint; CheckpointError names what does not match."""
     path = d.out / CKPT_NAME
     arrays = load_safetensors(path)
+    targets = {k: arrays.pop(k) for k in [k for k in arrays if k.startswith("replay/")]}
     meta = safetensors_metadata(path)
     if meta.get("format") != "ms-dfkd-run" or "state" not in meta:
         raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
@@ -85,6 +98,16 @@ def load(d):
     d.counters = state["counters"]
     d.history = state["history"]
     d.replay.load_state_dict(state["replay"])
+    texts = [r["text"] for r in d.replay.records]
+    d.t_cache = {}
+    if targets:
+        lo, fe = targets["replay/teacher_logits"], targets["replay/teacher_features"]
+        if len(lo) != len(texts) or len(fe) != len(texts):
+            raise CheckpointError(f"{path}: {len(lo)} teacher outputs for {len(texts)} replay records")
+        d.t_cache = {t: (l, f) for t, l, f in zip(texts, lo, fe)}
+    elif texts:  # a checkpoint from before the teacher outputs were saved
+        log.info(f"{path} has no saved teacher outputs: computing them for the {len(texts)} replay records")
+        d._teacher_probs(texts)
     if d.corpus_sampler is not None and state["corpus"] is not None:
         d.corpus_sampler.load_state_dict(state["corpus"])
     d.data_rng.bit_generator.state = state["data_rng"]

@@ -24,7 +24,7 @@ from . import build as B
 from . import interrupts
 from . import metrics as M
 from . import run_checkpoint
-from .classify import EncoderRunner, evaluate
+from .classify import EncoderRunner, evaluate, softmax_np
 from .config import save_config
 from .corpus import Corpus, CorpusSampler, balanced_labels
 from .distributed import ranks_agree, shard_name
@@ -98,6 +98,8 @@ class Distiller:
         self.generator = None
         if self.method in ("prompted", "dfkd-t3"):
             self._setup_generator()
+        # text -> (teacher logits, teacher features) for the texts in the replay buffer (_teacher_probs)
+        self.t_cache = {}
         self.texts_out = JsonlWriter(self.out / shard_name(self.rank, self.world))
         self.metrics_out = JsonlWriter(self.out / "metrics.jsonl") if self.is_main else None
 
@@ -243,7 +245,7 @@ class Distiller:
         if self.method in ("prompted", "dfkd-t3"):
             probs = self._label_stats(texts, labels, info)
         else:
-            probs = self.teacher_run.probs(texts)
+            probs = self._teacher_probs(texts)
         recs = [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
                  "round": self.counters["round"], "step": step_id, "rank": self.rank}
                 for t, y, p in zip(texts, labels, probs)]
@@ -251,10 +253,29 @@ class Distiller:
         self.counters["samples"] += len(recs)
         return recs, info
 
+    def _teacher_probs(self, texts):
+        """The teacher's probabilities on new samples. Their logits and features are kept per text
+        while the text is in the replay buffer (and in the checkpoint): the teacher is frozen, so the
+        student steps that draw the text reuse them instead of running the teacher again, which took
+        half of a student step on CPU. They equal a new forward up to the last bit of a logit, which can
+        move with the row's place in the batch (tests/test_e2e_smoke.py)."""
+        logits, feats = self.teacher_run.logits(texts, with_features=True)
+        for t, lo, fe in zip(texts, logits, feats):
+            self.t_cache[t] = (lo, fe)
+        return softmax_np(logits)
+
+    def _teacher_targets(self, texts):
+        """Teacher logits and features for a student batch, from the cache, which holds every text in
+        the replay buffer (a text missing from it would go through the teacher here)."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self.t_cache]
+        if missing:
+            self._teacher_probs(missing)
+        return (np.stack([self.t_cache[t][0] for t in texts]), np.stack([self.t_cache[t][1] for t in texts]))
+
     def _label_stats(self, texts, labels, info):
         """The teacher's probabilities on generated texts; adds to info the specificity rate and, after
         a generator update (whose info carries the soft embedding's argmax), the bridge agreement."""
-        probs = self.teacher_run.probs(texts)
+        probs = self._teacher_probs(texts)
         info["specificity"] = M.specificity_rate(probs.argmax(-1), labels)
         if "soft_argmax" in info:
             info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
@@ -294,7 +315,7 @@ class Distiller:
         batch = self.replay.sample(cfg.student.batch_size)
         texts = [r["text"] for r in batch]
         ids, mask = self.s_tok.encode_batch(texts, max_length=cfg.student.max_length, padding="max_length")
-        t_logits, t_feat = self.teacher_run.logits(texts, with_features=True)
+        t_logits, t_feat = self._teacher_targets(texts)
         loss, _ = self.student_step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(t_logits), ms.Tensor(t_feat))
         loss = float(loss.asnumpy())
         if not np.isfinite(loss):
@@ -372,6 +393,8 @@ class Distiller:
                 recs, info = self._produce()
                 toks += info.pop("gen_tokens", 0)
                 self.replay.add(recs)
+                live = {r["text"] for r in self.replay.records}  # forget texts that left the buffer
+                self.t_cache = {t: v for t, v in self.t_cache.items() if t in live}
                 self.texts_out.write(recs)
                 _accumulate(round_info, info)
                 self.counters["gen_in_round"] += 1
@@ -455,7 +478,8 @@ class Distiller:
         out = {}
         test = self._eval_set("test")
         if test:
-            out["teacher_test"] = evaluate(self.teacher_run, test, cfg.task.metric, progress="eval teacher")
+            if cfg.run.teacher_test:
+                out["teacher_test"] = evaluate(self.teacher_run, test, cfg.task.metric, progress="eval teacher")
             out["student_test"] = evaluate(self.student_eval, test, cfg.task.metric, progress="eval student")
         samples = {}
         for y, name in enumerate(cfg.task.label_names):

@@ -105,6 +105,10 @@ def main():
     print(f"[results] {name} profile, folder {out}, log {log}")
     walls.run("teacher", exe + ["train-teacher", *common, "--teacher.train_examples",
                                 str(prof["teacher_examples"]), "--teacher.epochs", str(prof["teacher_epochs"])], log)
+    # the teacher's test accuracy, once: every run uses this teacher (runs skip it: run.teacher_test false)
+    teacher_test = out / "teacher_test.json"
+    if not teacher_test.exists():
+        walls.run("teacher_test", exe + ["eval", *common, "--split", "test", "--json-out", str(teacher_test)], log)
     for seed in prof["seeds"]:
         for method in METHODS:
             run = out / f"{method}_seed{seed}"
@@ -121,7 +125,8 @@ def main():
                           *(["--run.gen_warmup_steps", str(prof["gen_warmup"])]
                             if method == "dfkd-t3" and prof.get("gen_warmup") else []),
                           "--run.eval_every", str(prof["eval_every"]),
-                          "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5"]
+                          "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5",
+                          "--run.teacher_test", "false"]
             print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
     for method in ("dfkd-t3", "prompted"):
@@ -151,17 +156,18 @@ def _wall_line(wall, steps):
     """The table's cost: this invocation, and every step summed over all invocations (wall_s.json)."""
     line = f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun)."
     if steps:
-        runs = sum(v for k, v in steps.items() if k != "teacher" and not k.startswith("transfer_"))
+        teacher = sum(v for k, v in steps.items() if k.startswith("teacher"))  # training and its test eval
         transfer = sum(v for k, v in steps.items() if k.startswith("transfer_"))
+        runs = sum(steps.values()) - teacher - transfer
         line += (f" All steps, over every invocation: {sum(steps.values()) / 60:.1f} min (teacher "
-                 f"{steps.get('teacher', 0) / 60:.1f}, the distillation runs {runs / 60:.1f}, transfer "
+                 f"{teacher / 60:.1f}, the distillation runs {runs / 60:.1f}, transfer "
                  f"{transfer / 60:.1f}).")
     return line
 
 
 def render(out, prof, name, wall, steps=None):
     """RESULTS.md from the run folders (nothing typed by hand)."""
-    rows, teacher_acc, gen = {}, [], {}
+    rows, gen = {}, {}
     for method in METHODS:
         accs = []
         for seed in prof["seeds"]:
@@ -170,7 +176,6 @@ def render(out, prof, name, wall, steps=None):
                 continue
             fin = json.loads(f.read_text())
             accs.append(fin["student_test"]["accuracy"])
-            teacher_acc.append(fin["teacher_test"]["accuracy"])
             metrics = [json.loads(l) for l in (f.parent / "metrics.jsonl").read_text().splitlines()]
             for m in metrics:
                 if m.get("phase") == "warmup":  # generator-only steps before round 1: not the kept samples
@@ -180,7 +185,8 @@ def render(out, prof, name, wall, steps=None):
                     if k in m:
                         gen.setdefault((method, k), []).append(m[k])
         rows[method] = accs
-    t = statistics.mean(teacher_acc) if teacher_acc else float("nan")
+    tt = out / "teacher_test.json"
+    t = json.loads(tt.read_text())["teacher"]["accuracy"] if tt.exists() else float("nan")
     lines = [f"# Results ({name} profile)", "",
              "Written by `scripts/reproduce_results.py" + (" --quick" if name == "quick" else "") + "`; do not edit.",
              "Task: Rotten Tomatoes critic snippets (fresh = positive, rotten = negative), hash split 80/10/10.",

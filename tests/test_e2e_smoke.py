@@ -93,6 +93,62 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
         assert same != (n in trainable), n  # trainable ones moved, the rest did not
 
 
+def test_student_steps_reuse_the_teachers_outputs_on_new_samples(teacher, tmp_path, capsys):
+    """A student step takes the teacher's logits and features from the forward that labelled its texts
+    when they entered the replay buffer. They must match a fresh teacher forward of the same texts in
+    another batch (to the last bit of a logit, which can move with the row's place in the batch). Only
+    texts still in the buffer are kept; the checkpoint keeps them, so a resumed run uses the same bits;
+    a checkpoint without them (an older run) has them computed again on load."""
+    from ms_dfkd.models.checkpoint_io import load_safetensors, safetensors_metadata, save_safetensors
+    out = tmp_path / "c"
+    d = _distiller(_cfg(teacher, out, "--run.method", "corpus", "--run.replay_size", "6"))
+    real_logits, calls = d.teacher_run.logits, []
+
+    def counting(texts, **kw):
+        calls.append(len(texts))
+        return real_logits(texts, **kw)
+    d.teacher_run.logits = counting
+    assert d.run() is not None
+    # 2 rounds x 2 batches of 4 new texts; the 4 student steps ran no teacher forward
+    assert calls == [4, 4, 4, 4] and d.counters["stu_steps"] == 4
+    texts = [r["text"] for r in d.replay.records]
+    assert len(texts) == 6 and set(d.t_cache) == set(texts)
+    fresh_lo, fresh_fe = real_logits(["an unrelated first row"] + texts[::-1], with_features=True)
+    lo, fe = d._teacher_targets(texts)
+    np.testing.assert_allclose(lo, fresh_lo[1:][::-1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(fe, fresh_fe[1:][::-1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array([r["teacher_probs"] for r in d.replay.records]),
+                               np.exp(lo) / np.exp(lo).sum(-1, keepdims=True), atol=1e-6)
+
+    d2 = _distiller(_cfg(teacher, out, "--run.method", "corpus", "--run.replay_size", "6"))
+    d2.load_checkpoint()
+    lo2, fe2 = d2._teacher_targets(texts)
+    np.testing.assert_array_equal(lo2, lo)
+    np.testing.assert_array_equal(fe2, fe)
+
+    # an older checkpoint, without the teacher outputs: computed again on load, for every buffer text
+    ck = out / "checkpoint.safetensors"
+    arrays = load_safetensors(ck)
+    assert arrays.pop("replay/teacher_logits").shape == (6, 2) and "replay/teacher_features" in arrays
+    del arrays["replay/teacher_features"]
+    save_safetensors(arrays, ck, metadata=safetensors_metadata(ck))
+    d3 = _distiller(_cfg(teacher, out, "--run.method", "corpus", "--run.replay_size", "6"))
+    d3.load_checkpoint()
+    assert set(d3.t_cache) == set(texts)
+    lo3, _ = d3._teacher_targets(texts)
+    np.testing.assert_allclose(lo3, lo, rtol=1e-6, atol=1e-6)
+
+    # run.teacher_test false: one more round through the command, the student alone evaluated on test
+    capsys.readouterr()
+    assert main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out),
+                 "--run.method", "corpus", "--run.replay_size", "6", "--run.rounds", "3",
+                 "--run.teacher_test", "false"]) == 0
+    final = json.loads((out / "final.json").read_text())
+    assert "teacher_test" not in final and final["student_test"]["n"] > 1000
+    printed = capsys.readouterr().out
+    assert "teacher test" not in printed and "student test accuracy" in printed
+
+
 def test_float16_precision_runs_with_loss_scaling(teacher, tmp_path):
     import mindspore as ms
     d = _distiller(_cfg(teacher, tmp_path / "fp16", "--run.rounds", "1", "--run.precision", "float16"))
