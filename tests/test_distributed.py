@@ -177,6 +177,9 @@ def test_two_process_cpu_run(teacher, tmp_path):
     from safetensors.numpy import load_file
     p0, p1 = load_file(out / "params.rank0.safetensors"), load_file(out / "params.rank1.safetensors")
     ck = load_file(out / "checkpoint.safetensors")
+    # beside the weights, the checkpoint keeps the teacher's outputs on rank 0's 16 buffered texts
+    assert ck.pop("replay/teacher_logits").shape == (16, 2)
+    assert ck.pop("replay/teacher_features").shape[0] == 16
     assert sorted(p0) == sorted(p1) == sorted(ck) and any(k.startswith("generator/") for k in p0)
     for k in p0:
         assert np.array_equal(p0[k], p1[k]), k
