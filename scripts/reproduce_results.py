@@ -42,6 +42,8 @@ PROFILES = {
     # 0.706 (0.732 +- 0.023), prompted 0.744, 0.721, 0.736 (0.734 +- 0.012): no lead over prompted, and twice
     # the generation time, so not taken (seed 2 ran on a later machine with a retrained teacher, dev 0.804)
     # generator.gumbel_tau 0.5, seed 0, retrained teacher (dev 0.804): dev 0.715 against 0.722 at tau 1; not taken
+    # loss.adv 1.0 (config 0.1), seeds 0-2, retrained teacher: dev 0.704, 0.723, 0.734 (0.720 +- 0.015) against
+    # 0.7205 +- 0.003 for this table's dfkd-t3 runs and 0.731 +- 0.017 for prompted's; not taken
     "full": dict(seeds=[0, 1, 2], rounds=8, gen_steps_per_round=3, student_steps_per_round=12, gen_batch=16,
                  # the generator lr of dfkd-t3, on dev with seed 0: 2e-5 (the config's) barely moves the
                  # generator in 24 steps (KL to G0 0.01, texts ~ prompted's), 2e-4 does (KL 0.3, same
