@@ -42,17 +42,6 @@ def trainable_arrays(d):
     return arrays
 
 
-def teacher_target_arrays(d):
-    """The teacher's logits and features on the replay buffer's texts, in buffer order (d.t_cache).
-    Saved so that a resumed run's student steps use the very numbers a straight run's do: computed
-    again in other batches, a row's logits can differ in the last bit."""
-    texts = [r["text"] for r in d.replay.records]
-    if not texts:
-        return {}
-    return {"replay/teacher_logits": np.stack([d.t_cache[t][0] for t in texts]),
-            "replay/teacher_features": np.stack([d.t_cache[t][1] for t in texts])}
-
-
 def save(d):
     """Write d's checkpoint (rank 0 only; every rank holds the same weights)."""
     if not d.is_main:
@@ -62,7 +51,10 @@ def save(d):
              "data_rng": d.data_rng.bit_generator.state,
              "texts_offset": d.texts_out.offset, "metrics_offset": d.metrics_out.offset,
              "history": d.history, "method": d.method, "world_size": d.world}
-    save_safetensors({**trainable_arrays(d), **teacher_target_arrays(d)}, d.out / CKPT_NAME,
+    # the teacher's outputs on the buffer are saved, not recomputed on resume: computed again in
+    # other batches, a row's logits can differ in the last bit, and a resumed run would drift
+    replay = {"replay/" + k: v for k, v in d.replay.teacher_arrays().items()}
+    save_safetensors({**trainable_arrays(d), **replay}, d.out / CKPT_NAME,
                      metadata={"format": "ms-dfkd-run", "state": json.dumps(state)})
 
 
@@ -97,17 +89,16 @@ def load(d):
         p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
     d.counters = state["counters"]
     d.history = state["history"]
-    d.replay.load_state_dict(state["replay"])
-    texts = [r["text"] for r in d.replay.records]
-    d.t_cache = {}
-    if targets:
-        lo, fe = targets["replay/teacher_logits"], targets["replay/teacher_features"]
-        if len(lo) != len(texts) or len(fe) != len(texts):
-            raise CheckpointError(f"{path}: {len(lo)} teacher outputs for {len(texts)} replay records")
-        d.t_cache = {t: (l, f) for t, l, f in zip(texts, lo, fe)}
-    elif texts:  # a checkpoint from before the teacher outputs were saved
+    texts = [r["text"] for r in state["replay"]["records"]]
+    if texts and not targets:  # a checkpoint from before the teacher outputs were saved
         log.info(f"{path} has no saved teacher outputs: computing them for the {len(texts)} replay records")
-        d._teacher_probs(texts)
+        lo, fe = d.teacher_run.logits(texts, with_features=True)
+        targets = {"replay/teacher_logits": lo, "replay/teacher_features": fe}
+    try:
+        d.replay.load_state_dict(state["replay"], targets.get("replay/teacher_logits"),
+                                 targets.get("replay/teacher_features"))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if d.corpus_sampler is not None and state["corpus"] is not None:
         d.corpus_sampler.load_state_dict(state["corpus"])
     d.data_rng.bit_generator.state = state["data_rng"]

@@ -98,8 +98,6 @@ class Distiller:
         self.generator = None
         if self.method in ("prompted", "dfkd-t3"):
             self._setup_generator()
-        # text -> (teacher logits, teacher features) for the texts in the replay buffer (_teacher_probs)
-        self.t_cache = {}
         self.texts_out = JsonlWriter(self.out / shard_name(self.rank, self.world))
         self.metrics_out = JsonlWriter(self.out / "metrics.jsonl") if self.is_main else None
 
@@ -215,7 +213,8 @@ class Distiller:
 
     # ------------------------------------------------------------------ one unit of data per method
     def _produce(self):
-        """One batch of samples for the replay buffer; returns (records, step metrics)."""
+        """One batch of samples for the replay buffer; returns (records, step metrics, the teacher's
+        logits and features on the records)."""
         cfg, n = self.cfg, self.cfg.generator.batch_size
         step_id = self.counters["gen_steps"]
         info = {}
@@ -242,44 +241,23 @@ class Distiller:
             s = self._generate(step_id)
             texts, labels = s["texts"], s["labels"]
             info.update(self._generator_update(s))
+        logits, feats = self.teacher_run.logits(texts, with_features=True)
+        probs = softmax_np(logits)
         if self.method in ("prompted", "dfkd-t3"):
-            probs = self._label_stats(texts, labels, info)
-        else:
-            probs = self._teacher_probs(texts)
+            self._label_stats(probs, labels, info)
         recs = [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
                  "round": self.counters["round"], "step": step_id, "rank": self.rank}
                 for t, y, p in zip(texts, labels, probs)]
         self.counters["gen_steps"] += 1
         self.counters["samples"] += len(recs)
-        return recs, info
+        return recs, info, (logits, feats)
 
-    def _teacher_probs(self, texts):
-        """The teacher's probabilities on new samples. Their logits and features are kept per text
-        while the text is in the replay buffer (and in the checkpoint): the teacher is frozen, so the
-        student steps that draw the text reuse them instead of running the teacher again, which took
-        half of a student step on CPU. They equal a new forward up to the last bit of a logit, which can
-        move with the row's place in the batch (tests/test_e2e_smoke.py)."""
-        logits, feats = self.teacher_run.logits(texts, with_features=True)
-        for t, lo, fe in zip(texts, logits, feats):
-            self.t_cache[t] = (lo, fe)
-        return softmax_np(logits)
-
-    def _teacher_targets(self, texts):
-        """Teacher logits and features for a student batch, from the cache, which holds every text in
-        the replay buffer (a text missing from it would go through the teacher here)."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self.t_cache]
-        if missing:
-            self._teacher_probs(missing)
-        return (np.stack([self.t_cache[t][0] for t in texts]), np.stack([self.t_cache[t][1] for t in texts]))
-
-    def _label_stats(self, texts, labels, info):
-        """The teacher's probabilities on generated texts; adds to info the specificity rate and, after
+    def _label_stats(self, probs, labels, info):
+        """Adds to info the specificity rate of the teacher's probabilities on generated texts and, after
         a generator update (whose info carries the soft embedding's argmax), the bridge agreement."""
-        probs = self._teacher_probs(texts)
         info["specificity"] = M.specificity_rate(probs.argmax(-1), labels)
         if "soft_argmax" in info:
             info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
-        return probs
 
     def _fluency_stats(self, s):
         """Perplexity of the sampled tokens under the frozen generator (no gradient)."""
@@ -312,10 +290,10 @@ class Distiller:
 
     def _student_update(self):
         cfg = self.cfg
-        batch = self.replay.sample(cfg.student.batch_size)
+        # the teacher's outputs from when these samples were labelled: a student step runs no teacher
+        batch, t_logits, t_feat = self.replay.sample(cfg.student.batch_size)
         texts = [r["text"] for r in batch]
         ids, mask = self.s_tok.encode_batch(texts, max_length=cfg.student.max_length, padding="max_length")
-        t_logits, t_feat = self._teacher_targets(texts)
         loss, _ = self.student_step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(t_logits), ms.Tensor(t_feat))
         loss = float(loss.asnumpy())
         if not np.isfinite(loss):
@@ -367,7 +345,7 @@ class Distiller:
             w = c["warmup_steps"]
             s = self._generate(w, stream=NOISE_STREAM_WARMUP)
             info = self._generator_update(s, what=f"warm-up step {w}")
-            self._label_stats(s["texts"], s["labels"], info)
+            self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
             toks += info.pop("gen_tokens", 0)
             _accumulate(info_sum, info)
             c["warmup_steps"] += 1
@@ -390,11 +368,9 @@ class Distiller:
             round_info, t_round, toks = {}, time.time(), 0
             while self.counters["gen_in_round"] < kG:
                 self._check_stop()
-                recs, info = self._produce()
+                recs, info, (t_logits, t_feats) = self._produce()
                 toks += info.pop("gen_tokens", 0)
-                self.replay.add(recs)
-                live = {r["text"] for r in self.replay.records}  # forget texts that left the buffer
-                self.t_cache = {t: v for t, v in self.t_cache.items() if t in live}
+                self.replay.add(recs, t_logits, t_feats)
                 self.texts_out.write(recs)
                 _accumulate(round_info, info)
                 self.counters["gen_in_round"] += 1

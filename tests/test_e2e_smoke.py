@@ -112,9 +112,9 @@ def test_student_steps_reuse_the_teachers_outputs_on_new_samples(teacher, tmp_pa
     # 2 rounds x 2 batches of 4 new texts; the 4 student steps ran no teacher forward
     assert calls == [4, 4, 4, 4] and d.counters["stu_steps"] == 4
     texts = [r["text"] for r in d.replay.records]
-    assert len(texts) == 6 and set(d.t_cache) == set(texts)
+    lo, fe = d.replay.teacher_logits, d.replay.teacher_features
+    assert len(texts) == 6 and lo.shape == (6, 2) and len(fe) == 6
     fresh_lo, fresh_fe = real_logits(["an unrelated first row"] + texts[::-1], with_features=True)
-    lo, fe = d._teacher_targets(texts)
     np.testing.assert_allclose(lo, fresh_lo[1:][::-1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(fe, fresh_fe[1:][::-1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.array([r["teacher_probs"] for r in d.replay.records]),
@@ -122,9 +122,9 @@ def test_student_steps_reuse_the_teachers_outputs_on_new_samples(teacher, tmp_pa
 
     d2 = _distiller(_cfg(teacher, out, "--run.method", "corpus", "--run.replay_size", "6"))
     d2.load_checkpoint()
-    lo2, fe2 = d2._teacher_targets(texts)
-    np.testing.assert_array_equal(lo2, lo)
-    np.testing.assert_array_equal(fe2, fe)
+    assert [r["text"] for r in d2.replay.records] == texts
+    np.testing.assert_array_equal(d2.replay.teacher_logits, lo)
+    np.testing.assert_array_equal(d2.replay.teacher_features, fe)
 
     # an older checkpoint, without the teacher outputs: computed again on load, for every buffer text
     ck = out / "checkpoint.safetensors"
@@ -134,9 +134,9 @@ def test_student_steps_reuse_the_teachers_outputs_on_new_samples(teacher, tmp_pa
     save_safetensors(arrays, ck, metadata=safetensors_metadata(ck))
     d3 = _distiller(_cfg(teacher, out, "--run.method", "corpus", "--run.replay_size", "6"))
     d3.load_checkpoint()
-    assert set(d3.t_cache) == set(texts)
-    lo3, _ = d3._teacher_targets(texts)
-    np.testing.assert_allclose(lo3, lo, rtol=1e-6, atol=1e-6)
+    assert [r["text"] for r in d3.replay.records] == texts
+    np.testing.assert_allclose(d3.replay.teacher_logits, lo, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d3.replay.teacher_features, fe, rtol=1e-6, atol=1e-6)
 
     # run.teacher_test false: one more round through the command, the student alone evaluated on test
     capsys.readouterr()
