@@ -1,6 +1,6 @@
 """The results table of ms-dfkd (issue 4): every method of METHOD.md on real weights, fully offline.
 
-    python scripts/reproduce_results.py [--quick] [--out runs/results]
+    python scripts/reproduce_results.py [--quick] [--out runs/results] [--render-only]
 
 Resumable: each (method, seed) is its own run folder with its own checkpoint; a finished run
 (final.json present) is not run again, an unfinished one resumes. Writes RESULTS.md (or
@@ -9,6 +9,7 @@ folders alone, so rerunning only re-renders what is already done.
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -93,6 +94,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one seed, short runs (about 20 minutes)")
     ap.add_argument("--out", default=None, help="results folder (default runs/results[_quick])")
     ap.add_argument("--config", default=str(ROOT / "configs" / "sentiment_offline.yaml"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite RESULTS.md and the PNG from the run folders as they are; run nothing")
     args = ap.parse_args()
     name = "quick" if args.quick else "full"
     prof = PROFILES[name]
@@ -104,6 +107,8 @@ def main():
     common = ["--config", args.config, "--teacher.checkpoint", str(teacher)]
     t_start = time.time()
     walls = WallTimes(out / "wall_s.json")
+    if args.render_only:
+        return render(out, prof, name, None, walls.s)
     print(f"[results] {name} profile, folder {out}, log {log}")
     walls.run("teacher", exe + ["train-teacher", *common, "--teacher.train_examples",
                                 str(prof["teacher_examples"]), "--teacher.epochs", str(prof["teacher_epochs"])], log)
@@ -156,7 +161,8 @@ def _mean_std(xs):
 
 def _wall_line(wall, steps):
     """The table's cost: this invocation, and every step summed over all invocations (wall_s.json)."""
-    line = f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun)."
+    line = ("Rendered with --render-only from the run folders." if wall is None else
+            f"Wall time of this invocation: {wall / 60:.1f} min (runs already done are not rerun).")
     if steps:
         teacher = sum(v for k, v in steps.items() if k.startswith("teacher"))  # training and its test eval
         transfer = sum(v for k, v in steps.items() if k.startswith("transfer_"))
@@ -167,17 +173,40 @@ def _wall_line(wall, steps):
     return line
 
 
-def render(out, prof, name, wall, steps=None):
-    """RESULTS.md from the run folders (nothing typed by hand)."""
-    rows, gen = {}, {}
+# issue 4's ordering target: each method above the next, by more than the seed std
+ORDER = ["dfkd-t3", "prompted", "corpus", "random"]
+
+
+def ordering(rows):
+    """Per adjacent pair (higher, lower) of ORDER: the test-accuracy differences seed by seed (every
+    method starts from the same student init for a seed), their mean, the larger of the two methods'
+    seed stds, and whether the mean difference exceeds that std. rows: method -> {seed: accuracy}."""
+    out = []
+    for hi, lo in zip(ORDER, ORDER[1:]):
+        seeds = sorted(set(rows.get(hi, {})) & set(rows.get(lo, {})))
+        if not seeds:
+            continue
+        a, b = [rows[hi][s] for s in seeds], [rows[lo][s] for s in seeds]
+        diffs = [x - y for x, y in zip(a, b)]
+        std = max(statistics.stdev(a), statistics.stdev(b)) if len(seeds) > 1 else None
+        mean = statistics.mean(diffs)
+        out.append({"pair": (hi, lo), "diffs": diffs, "mean": mean, "std": std,
+                    "met": std is not None and mean > std})
+    return out
+
+
+def render(out, prof, name, wall, steps=None, root=ROOT):
+    """RESULTS.md (and the PNG) under root, from the run folders (nothing typed by hand)."""
+    rows, gen, n_test = {}, {}, set()
     for method in METHODS:
-        accs = []
+        accs = {}
         for seed in prof["seeds"]:
             f = out / f"{method}_seed{seed}" / "final.json"
             if not f.exists():
                 continue
             fin = json.loads(f.read_text())
-            accs.append(fin["student_test"]["accuracy"])
+            accs[seed] = fin["student_test"]["accuracy"]
+            n_test.add(fin["student_test"].get("n"))
             metrics = [json.loads(l) for l in (f.parent / "metrics.jsonl").read_text().splitlines()]
             for m in metrics:
                 if m.get("phase") == "warmup":  # generator-only steps before round 1: not the kept samples
@@ -202,10 +231,33 @@ def render(out, prof, name, wall, steps=None):
              "Budgets and learning rates were chosen on dev (comments in the script's PROFILES).",
              _wall_line(wall, steps), "",
              f"Teacher test accuracy: **{t:.4f}**", "",
-             "| method | student test accuracy | share of teacher |", "|---|---|---|"]
+             "| method | student test accuracy | per seed | share of teacher |", "|---|---|---|---|"]
     for method, accs in rows.items():
-        share = f"{statistics.mean(accs) / t:.1%}" if accs else "-"
-        lines.append(f"| {method} | {_mean_std(accs)} | {share} |")
+        share = f"{statistics.mean(accs.values()) / t:.1%}" if accs else "-"
+        per_seed = ", ".join(f"{v:.4f}" for v in accs.values()) or "-"
+        lines.append(f"| {method} | {_mean_std(list(accs.values()))} | {per_seed} | {share} |")
+    pairs = ordering(rows) if len(prof["seeds"]) > 1 else []  # the targets are for the 3-seed table
+    if pairs:
+        lines += ["", "## Against the targets of issue 4", "",
+                  "Ordering: each method above the next by more than the seed std (here the larger of the "
+                  "two methods' stds). The differences are paired by seed: for a seed, every method starts "
+                  "from the same student init.", "",
+                  "| pair | difference per seed | mean difference | larger seed std | met |", "|---|---|---|---|---|"]
+        for d in pairs:
+            std = f"{d['std']:.4f}" if d["std"] is not None else "- (one seed)"
+            lines.append(f"| {d['pair'][0]} − {d['pair'][1]} | {', '.join(f'{x:+.4f}' for x in d['diffs'])} | "
+                         f"{d['mean']:+.4f} | {std} | {'yes' if d['met'] else 'no'} |")
+    if pairs and rows.get("dfkd-t3") and t == t:
+        share = statistics.mean(rows["dfkd-t3"].values()) / t
+        lines += ["", f"Share of the teacher's test accuracy recovered by dfkd-t3: {share:.1%} "
+                      f"(target at least 90%, aim 95%): {'met' if share >= 0.9 else 'not met'}."]
+    n_test.discard(None)
+    if len(n_test) == 1:
+        n = n_test.pop()
+        p_acc = statistics.mean(v for accs in rows.values() for v in accs.values())
+        lines += ["", f"The test split has {n} snippets: one snippet is {1 / n:.4f} of accuracy, and the "
+                      f"binomial standard error of one accuracy near {p_acc:.2f} is "
+                      f"{math.sqrt(p_acc * (1 - p_acc) / n):.4f}."]
     lines += ["", "## Generation metrics (mean over rounds and seeds)", "",
               "| method | specificity | distinct-1 | distinct-2 | self-BLEU | ppl under G0 | bridge agreement | gen tok/s | round s |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -234,15 +286,15 @@ def render(out, prof, name, wall, steps=None):
                 lines.append(f"- **{label}**")
                 lines += [f"  - {t!r}" for t in texts]
             lines.append("")
-    png = plot(out, prof)
+    png = plot(out, prof, root)
     if png:
-        lines += ["", f"![student dev accuracy]({os.path.relpath(png, ROOT)})"]
-    dst = ROOT / ("RESULTS.md" if name == "full" else "RESULTS_quick.md")
+        lines += ["", f"![student dev accuracy]({os.path.relpath(png, root)})"]
+    dst = root / ("RESULTS.md" if name == "full" else "RESULTS_quick.md")
     dst.write_text("\n".join(lines) + "\n")
     print(f"[results] wrote {dst}")
 
 
-def plot(out, prof):
+def plot(out, prof, root=ROOT):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -263,7 +315,7 @@ def plot(out, prof):
     ax.set_ylabel("student dev accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
-    png = ROOT / f"results_{'full' if len(prof['seeds']) > 1 else 'quick'}_dev_accuracy.png"
+    png = root / f"results_{'full' if len(prof['seeds']) > 1 else 'quick'}_dev_accuracy.png"
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     return png

@@ -1,0 +1,77 @@
+"""scripts/reproduce_results.py's table from run folders: the per-seed accuracies, the ordering target
+of issue 4 (paired differences against the larger seed std) and the share of the teacher, checked
+against numbers worked out by hand for made-up run folders."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("reproduce_results", ROOT / "scripts" / "reproduce_results.py")
+R = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(R)
+
+# test accuracies per method and seed (n = 1000 test snippets)
+ACC = {"random": [0.60, 0.70, 0.65], "corpus": [0.66, 0.67, 0.68], "prompted": [0.72, 0.70, 0.74],
+       "dfkd-t3": [0.75, 0.76, 0.74], "real": [0.78, 0.78, 0.78]}
+
+
+def _runs(out):
+    for method, accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            run = out / f"{method}_seed{seed}"
+            run.mkdir(parents=True)
+            (run / "final.json").write_text(json.dumps({"student_test": {"accuracy": acc, "n": 1000},
+                                                        "samples": {"negative": ["bad"], "positive": ["good"]}}))
+            (run / "metrics.jsonl").write_text("")
+    (out / "teacher_test.json").write_text(json.dumps({"teacher": {"accuracy": 0.80, "n": 1000}}))
+
+
+def test_ordering_pairs_by_seed_against_the_larger_std():
+    rows = {m: dict(enumerate(a)) for m, a in ACC.items()}
+    got = {d["pair"]: d for d in R.ordering(rows)}
+    assert list(got) == [("dfkd-t3", "prompted"), ("prompted", "corpus"), ("corpus", "random")]
+    # dfkd-t3 - prompted: +0.03, +0.06, 0.00, mean 0.03; stds 0.01 and 0.02 -> 0.03 > 0.02, met
+    d = got[("dfkd-t3", "prompted")]
+    assert d["diffs"] == pytest.approx([0.03, 0.06, 0.0])
+    assert d["mean"] == pytest.approx(0.03) and d["std"] == pytest.approx(0.02) and d["met"]
+    # prompted - corpus: +0.06, +0.03, +0.06, mean 0.05 > 0.02 (prompted's std): met
+    d = got[("prompted", "corpus")]
+    assert d["mean"] == pytest.approx(0.05) and d["std"] == pytest.approx(0.02) and d["met"]
+    # corpus - random: +0.06, -0.03, +0.03, mean 0.02; random's std 0.05: not met
+    d = got[("corpus", "random")]
+    assert d["diffs"] == pytest.approx([0.06, -0.03, 0.03])
+    assert d["mean"] == pytest.approx(0.02) and d["std"] == pytest.approx(0.05) and not d["met"]
+    # only the seeds both methods ran are paired; one seed has no std and never meets the target
+    one = R.ordering({"dfkd-t3": {0: 0.75, 1: 0.76}, "prompted": {1: 0.70}})
+    assert one == [{"pair": ("dfkd-t3", "prompted"), "diffs": [pytest.approx(0.06)],
+                    "mean": pytest.approx(0.06), "std": None, "met": False}]
+
+
+def test_render_writes_the_targets_from_the_run_folders(tmp_path):
+    out, root = tmp_path / "runs", tmp_path / "root"
+    root.mkdir()
+    _runs(out)
+    R.render(out, R.PROFILES["full"], "full", None, {"teacher": 60.0, "dfkd-t3_seed0": 120.0}, root=root)
+    text = (root / "RESULTS.md").read_text()
+    assert "| dfkd-t3 | 0.7500 ± 0.0100 | 0.7500, 0.7600, 0.7400 | 93.8% |" in text  # 0.75 / 0.80
+    assert "| dfkd-t3 − prompted | +0.0300, +0.0600, +0.0000 | +0.0300 | 0.0200 | yes |" in text
+    assert "| corpus − random | +0.0600, -0.0300, +0.0300 | +0.0200 | 0.0500 | no |" in text
+    assert "recovered by dfkd-t3: 93.8% (target at least 90%, aim 95%): met." in text
+    # mean accuracy over all 15 runs 10.71 / 15 = 0.714; sqrt(0.714 * 0.286 / 1000) = 0.0143
+    assert "The test split has 1000 snippets: one snippet is 0.0010 of accuracy" in text
+    assert "near 0.71 is 0.0143." in text
+    assert "Rendered with --render-only" in text and "All steps, over every invocation: 3.0 min" in text
+    assert not (root / "results_full_dev_accuracy.png").exists()  # no dev points, no plot
+
+
+def test_the_one_seed_quick_table_states_no_targets(tmp_path):
+    out, root = tmp_path / "runs", tmp_path / "root"
+    root.mkdir()
+    _runs(out)
+    R.render(out, R.PROFILES["quick"], "quick", 60.0, None, root=root)  # seed 0 only
+    text = (root / "RESULTS_quick.md").read_text()
+    assert "| dfkd-t3 | 0.7500 | 0.7500 | 93.8% |" in text
+    assert "Against the targets" not in text and "recovered by dfkd-t3" not in text
+    assert "Wall time of this invocation: 1.0 min" in text
