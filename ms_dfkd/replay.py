@@ -31,10 +31,8 @@ class ReplayBuffer:
 
     def add(self, records, teacher_logits, teacher_features):
         """Append records with the teacher's outputs on them (one row each); drop the oldest beyond capacity."""
+        _check_rows(len(records), teacher_logits, teacher_features)
         lo, fe = np.asarray(teacher_logits), np.asarray(teacher_features)
-        if not len(records) == len(lo) == len(fe):
-            raise ValueError(f"replay buffer: {len(records)} records with {len(lo)} teacher logit rows "
-                             f"and {len(fe)} feature rows")
         self.records.extend(records)
         if self.teacher_logits is not None:
             lo, fe = np.concatenate([self.teacher_logits, lo]), np.concatenate([self.teacher_features, fe])
@@ -60,16 +58,21 @@ class ReplayBuffer:
     def load_state_dict(self, state, teacher_logits=None, teacher_features=None):
         """Restore from state_dict() and the teacher's outputs on its records (None when it is empty)."""
         n = len(state["records"])
-        if n and (teacher_logits is None or teacher_features is None
-                  or not n == len(teacher_logits) == len(teacher_features)):
-            raise ValueError(f"replay buffer: {n} records with "
-                             f"{'no' if teacher_logits is None else len(teacher_logits)} teacher logit rows and "
-                             f"{'no' if teacher_features is None else len(teacher_features)} feature rows")
+        if n or teacher_logits is not None or teacher_features is not None:
+            _check_rows(n, teacher_logits, teacher_features)
         self.capacity = int(state["capacity"])
         self.records = list(state["records"])
         self.teacher_logits = np.asarray(teacher_logits) if n else None
         self.teacher_features = np.asarray(teacher_features) if n else None
         self.rng.bit_generator.state = state["rng"]
+
+
+def _check_rows(n, teacher_logits, teacher_features):
+    """ValueError unless the teacher's logits and features have one row per record, n each."""
+    rows = ["no" if a is None else len(a) for a in (teacher_logits, teacher_features)]
+    if not rows[0] == rows[1] == n:
+        raise ValueError(f"replay buffer: {n} records with {rows[0]} teacher logit rows "
+                         f"and {rows[1]} feature rows")
 
 
 class JsonlWriter:

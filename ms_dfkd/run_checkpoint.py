@@ -62,7 +62,7 @@ def load(d):
     """Restore d from its checkpoint; CheckpointError names what does not match."""
     path = d.out / CKPT_NAME
     arrays = load_safetensors(path)
-    targets = {k: arrays.pop(k) for k in [k for k in arrays if k.startswith("replay/")]}
+    teacher_out = {k.split("/", 1)[1]: arrays.pop(k) for k in [k for k in arrays if k.startswith("replay/")]}
     meta = safetensors_metadata(path)
     if meta.get("format") != "ms-dfkd-run" or "state" not in meta:
         raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
@@ -89,14 +89,14 @@ def load(d):
         p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
     d.counters = state["counters"]
     d.history = state["history"]
-    texts = [r["text"] for r in state["replay"]["records"]]
-    if texts and not targets:  # a checkpoint from before the teacher outputs were saved
-        log.info(f"{path} has no saved teacher outputs: computing them for the {len(texts)} replay records")
-        lo, fe = d.teacher_run.logits(texts, with_features=True)
-        targets = {"replay/teacher_logits": lo, "replay/teacher_features": fe}
+    records = state["replay"]["records"]
+    if records and not teacher_out:  # a checkpoint from before the teacher outputs were saved
+        log.info(f"{path} has no saved teacher outputs: computing them for the {len(records)} replay records")
+        lo, fe = d.teacher_run.logits([r["text"] for r in records], with_features=True)
+        teacher_out = {"teacher_logits": lo, "teacher_features": fe}
     try:
-        d.replay.load_state_dict(state["replay"], targets.get("replay/teacher_logits"),
-                                 targets.get("replay/teacher_features"))
+        d.replay.load_state_dict(state["replay"], teacher_out.get("teacher_logits"),
+                                 teacher_out.get("teacher_features"))
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
     if d.corpus_sampler is not None and state["corpus"] is not None:
@@ -118,4 +118,4 @@ def load(d):
     if d.is_main:
         d.metrics_out.rewind(state["metrics_offset"], tag)
     if d.method == "dfkd-t3":
-        d._refresh_tables()
+        d.refresh_tables()

@@ -122,7 +122,7 @@ class Distiller:
         self.frozen.set_train(False)
         self.bridge = build_vocab_bridge(self.g_tok, self.t_tok)
         log.info(self.bridge.summary())
-        self._refresh_tables(teacher=True)
+        self.refresh_tables(teacher=True)
         self.gen_loss = GeneratorLoss(self.generator, self.teacher, self.student, self.P, self.T, self.K,
                                       cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau)
         self.opt_g = nn.AdamWeightDecay(self.generator.trainable_params(), learning_rate=g.lr, weight_decay=0.0)
@@ -142,7 +142,7 @@ class Distiller:
 
         self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
 
-    def _refresh_tables(self, teacher=False):
+    def refresh_tables(self, teacher=False):
         """E_hat = B @ E for the student (it trains) and, once, the teacher."""
         def tab(model):
             return ms.Tensor(self.bridge.table(model.get_input_embeddings().asnumpy()))
@@ -384,7 +384,7 @@ class Distiller:
                 bar.update(1)
                 bar.set_postfix(loss_s=f"{loss:.3f}")
             if self.method == "dfkd-t3" and kS:
-                self._refresh_tables()
+                self.refresh_tables()
             self._end_round(round_info, time.time() - t_round, toks)
 
     def _on_sigint(self, signum, frame):

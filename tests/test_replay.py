@@ -67,3 +67,6 @@ def test_errors_name_the_mismatch():
     buf.add(recs, lo, fe)
     with pytest.raises(ValueError, match="3 records with no teacher logit rows"):
         ReplayBuffer(4, seed=0).load_state_dict(buf.state_dict())
+    empty = ReplayBuffer(4, seed=0).state_dict()
+    with pytest.raises(ValueError, match="0 records with 3 teacher logit rows and 3 feature rows"):
+        ReplayBuffer(4, seed=0).load_state_dict(empty, lo, fe)  # arrays for records the state lacks
