@@ -184,7 +184,7 @@ def main():
         for n in args.n:
             for v in args.v:
                 for h in args.h:
-                    results = {}
+                    results, variant_of = {}, {}  # label -> result, label -> variant
                     for variant in VARIANTS[op]:
                         if args.variants and variant not in args.variants:
                             continue
@@ -196,6 +196,7 @@ def main():
                                     "fused_dweight_group": group}
                             label = variant + (f" (group {group})" if group else "")
                             results[label] = r = run_case(case, args.timeout)
+                            variant_of[label] = variant
                             if args.json:
                                 with open(args.json, "a") as f:
                                     f.write(json.dumps({**case, **r}) + "\n")
@@ -206,7 +207,7 @@ def main():
                                   f"| {r['peak_mib'] - r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} |", flush=True)
                     base = results.get(BASE_OF[op], {})
                     for label, fused in results.items():
-                        if label.split(" (")[0] == FUSED_OF[op] and "time_s" in fused and "time_s" in base:
+                        if variant_of[label] == FUSED_OF[op] and "time_s" in fused and "time_s" in base:
                             summary.append((op, n, v, h, label, BASE_OF[op], fused["time_s"] / base["time_s"],
                                             (fused["peak_mib"] - fused["rss_before_mib"])
                                             / max(base["peak_mib"] - base["rss_before_mib"], 1e-9)))
