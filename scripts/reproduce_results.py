@@ -108,6 +108,8 @@ def main():
     t_start = time.time()
     walls = WallTimes(out / "wall_s.json")
     if args.render_only:
+        if not any(out.glob("*_seed*/final.json")):  # would overwrite the table with an empty one
+            raise SystemExit(f"--render-only: no finished runs (*_seed*/final.json) in {out}")
         return render(out, prof, name, None, walls.s)
     print(f"[results] {name} profile, folder {out}, log {log}")
     walls.run("teacher", exe + ["train-teacher", *common, "--teacher.train_examples",

@@ -75,3 +75,11 @@ def test_the_one_seed_quick_table_states_no_targets(tmp_path):
     assert "| dfkd-t3 | 0.7500 | 0.7500 | 93.8% |" in text
     assert "Against the targets" not in text and "recovered by dfkd-t3" not in text
     assert "Wall time of this invocation: 1.0 min" in text
+
+
+def test_render_only_refuses_a_folder_without_finished_runs(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_results.py"), "--render-only",
+                        "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and f"no finished runs (*_seed*/final.json) in {tmp_path}" in r.stderr
