@@ -100,6 +100,10 @@ def main():
     name = "quick" if args.quick else "full"
     prof = PROFILES[name]
     out = Path(args.out or ROOT / "runs" / f"results_{name}")
+    if args.render_only:  # reads the folder, creates nothing
+        if not any(out.glob("*_seed*/final.json")):  # would overwrite the table with an empty one
+            raise SystemExit(f"--render-only: no finished runs (*_seed*/final.json) in {out}")
+        return render(out, prof, name, None, WallTimes(out / "wall_s.json").s)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     exe = [sys.executable, "-m", "ms_dfkd.cli"]
@@ -107,10 +111,6 @@ def main():
     common = ["--config", args.config, "--teacher.checkpoint", str(teacher)]
     t_start = time.time()
     walls = WallTimes(out / "wall_s.json")
-    if args.render_only:
-        if not any(out.glob("*_seed*/final.json")):  # would overwrite the table with an empty one
-            raise SystemExit(f"--render-only: no finished runs (*_seed*/final.json) in {out}")
-        return render(out, prof, name, None, walls.s)
     print(f"[results] {name} profile, folder {out}, log {log}")
     walls.run("teacher", exe + ["train-teacher", *common, "--teacher.train_examples",
                                 str(prof["teacher_examples"]), "--teacher.epochs", str(prof["teacher_epochs"])], log)
