@@ -12,7 +12,17 @@ fi
 [ -n "$PY" ] || { echo "setup.sh: need Python 3.9-3.11 (MindSpore 2.10.0 wheels); set PYTHON=/path/to/python" >&2; exit 1; }
 stamp=.venv/.ms_dfkd_setup_$(cat requirements.lock scripts/setup.sh pyproject.toml | cksum | cut -d' ' -f1)_bench${MS_DFKD_BENCH:-0}
 if [ -f "$stamp" ]; then exit 0; fi
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  # A fresh .venv takes 3.9 GB (4.7 GB with the torch extra), and pip unpacks the 0.8 GB MindSpore wheel
+  # beside it: fail now, naming the folder, rather than with pip's "Errno 28" halfway through.
+  need_gb=$([ "${MS_DFKD_BENCH:-0}" = 1 ] && echo 6 || echo 5)
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
+    echo "setup.sh: $(pwd) has $((free_kb / 1024)) MB free; a new .venv needs about ${need_gb} GB. Free some space and rerun." >&2
+    exit 1
+  fi
+  "$PY" -m venv .venv
+fi
 . .venv/bin/activate
 python -m pip install -q --upgrade "pip>=24" >/dev/null
 echo "[setup] installing pinned dependencies (requirements.lock)..."
