@@ -249,7 +249,7 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             std = f"{d['std']:.4f}" if d["std"] is not None else "- (one seed)"
             lines.append(f"| {d['pair'][0]} − {d['pair'][1]} | {', '.join(f'{x:+.4f}' for x in d['diffs'])} | "
                          f"{d['mean']:+.4f} | {std} | {'yes' if d['met'] else 'no'} |")
-    if pairs and rows.get("dfkd-t3") and t == t:
+    if pairs and rows.get("dfkd-t3") and not math.isnan(t):  # t is NaN without a teacher test
         share = statistics.mean(rows["dfkd-t3"].values()) / t
         lines += ["", f"Share of the teacher's test accuracy recovered by dfkd-t3: {share:.1%} "
                       f"(target at least 90%, aim 95%): {'met' if share >= 0.9 else 'not met'}."]
