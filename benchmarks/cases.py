@@ -98,7 +98,7 @@ def make_case(kind, batch=4, prompt_len=16, new_tokens=8, student_batch=8, stude
     need not read the GGUF again; the reference always reads the GGUF itself. perturb: G = G0 + small
     seeded noise, so that the fluency term and its gradient are not zero."""
     import mindspore as ms
-    from ms_dfkd import build as B
+    from ms_dfkd import build
     from ms_dfkd.config import load_config
     from ms_dfkd.models.checkpoint_io import state_of
     from ms_dfkd.models.llama_sampling import sample
@@ -107,10 +107,10 @@ def make_case(kind, batch=4, prompt_len=16, new_tokens=8, student_batch=8, stude
     if kind not in CONFIGS:
         raise ValueError(f"case kind must be one of {sorted(CONFIGS)}, got {kind!r}")
     cfg = load_config(CONFIGS[kind])
-    g_tok, t_tok = B.generator_tokenizer(cfg), B.teacher_tokenizer(cfg)
+    g_tok, t_tok = build.generator_tokenizer(cfg), build.teacher_tokenizer(cfg)
     ms.set_seed(cfg.run.seed)
-    teacher = B.build_teacher_arch(cfg)           # tiny random, or MiniLM-L6 + seeded random head
-    student = B.build_student(cfg)
+    teacher = build.build_teacher_arch(cfg)           # tiny random, or MiniLM-L6 + seeded random head
+    student = build.build_student(cfg)
     arrays = {}
     rng = np.random.default_rng(seed)
     for prefix, model in (("teacher", teacher), ("student", student)):
@@ -134,7 +134,7 @@ def make_case(kind, batch=4, prompt_len=16, new_tokens=8, student_batch=8, stude
             for k, v in state_of(gen).items():
                 arrays[f"gen/{k}"] = v
     else:
-        gen, g_cfg = B.build_generator(cfg)
+        gen, g_cfg = build.build_generator(cfg)
         for k, v in state_of(gen).items():
             arrays[f"gen/{k}"] = v
     if perturb:

@@ -11,10 +11,8 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from .assets import asset_path
-from .data import get_task, load_rotten_tomatoes, load_task_file
 from .models.bert import BertConfig, BertForSequenceClassification
 from .models.checkpoint_io import CheckpointError, load_safetensors, load_state, safetensors_metadata, \
     save_safetensors, state_of
@@ -167,9 +165,8 @@ def set_compute_dtype(model, cfg):
         raise ConfigError("run.precision: bfloat16 needs a GPU or Ascend (MindSpore's CPU MatMul has no "
                           "bfloat16 kernel); use float32 or float16 on CPU")
     for _, cell in model.cells_and_names():
-        for attr in ("cdt", "compute_dtype"):  # bert.py names it cdt, llama.py compute_dtype
-            if any(getattr(cell, attr, None) is d for d in dtypes.values()):
-                setattr(cell, attr, dtype)
+        if any(getattr(cell, "compute_dtype", None) is d for d in dtypes.values()):
+            cell.compute_dtype = dtype
         if hasattr(getattr(cell, "config", None), "compute_dtype"):
             cell.config.compute_dtype = name
     return model
@@ -180,26 +177,3 @@ def freeze(model):
         p.requires_grad = False
     model.set_train(False)
     return model
-
-
-def load_split(cfg, which):
-    """[(text, label_id)] for task.train / task.dev / task.test ('rotten_tomatoes:<split>' or a file path)."""
-    spec = getattr(cfg.task, which)
-    if not spec:
-        raise ValueError(f"task.{which} is empty: give 'rotten_tomatoes:{which}' or a labelled file path")
-    if spec.startswith("rotten_tomatoes:"):
-        if list(cfg.task.label_names) != ["negative", "positive"]:
-            raise ValueError(f"task.{which}={spec!r} has labels negative/positive, but task.label_names is "
-                             f"{cfg.task.label_names}")
-        return load_rotten_tomatoes(spec.split(":", 1)[1])
-    task = cfg.task.name if cfg.task.name in ("sentiment", "sst2", "cola") else None
-    if task is not None:
-        t = get_task(task)
-        if list(t.label_names) != list(cfg.task.label_names):
-            task = None
-    if task is not None:
-        rows = load_task_file(spec, task)
-    else:
-        from .data import load_labelled_file
-        rows = load_labelled_file(spec, cfg.task.label_names)
-    return [(t, l) for t, l in rows if l is not None]

@@ -42,19 +42,20 @@ def _load_cfg(args, extra):
 def cmd_train_teacher(cfg, args):
     """Fine-tune the teacher on task.train; cached: an existing checkpoint is kept unless --force."""
     import numpy as np
-    from . import build as B
+    from . import build
     from .classify import EncoderRunner, evaluate, train_classifier
-    path = B.teacher_checkpoint_path(cfg)
+    from .data import load_split
+    path = build.teacher_checkpoint_path(cfg)
     if path.exists() and not args.force:
         log.info(f"teacher checkpoint exists, reusing it: {path} (--force retrains)")
         return {"checkpoint": str(path), "cached": True}
-    train = B.load_split(cfg, "train")
+    train = load_split(cfg, "train")
     n = cfg.teacher.train_examples
     if n and n < len(train):
         idx = np.random.default_rng(cfg.run.seed).permutation(len(train))[:n]
         train = [train[i] for i in sorted(idx)]
-    tok = B.teacher_tokenizer(cfg)
-    model = B.build_teacher_arch(cfg)
+    tok = build.teacher_tokenizer(cfg)
+    model = build.build_teacher_arch(cfg)
     log.info(f"training the {cfg.teacher.arch} teacher on {len(train)} examples of {cfg.task.train}")
     t0 = time.time()
     train_classifier(model, tok, train, max_length=cfg.teacher.max_length, batch_size=cfg.teacher.batch_size,
@@ -63,11 +64,11 @@ def cmd_train_teacher(cfg, args):
     res = {"train_s": round(time.time() - t0, 1), "train_examples": len(train)}
     runner = EncoderRunner(model, tok, cfg.teacher.max_length, jit=cfg.run.mode == "graph")
     try:
-        dev = B.load_split(cfg, "dev")
+        dev = load_split(cfg, "dev")
         res["dev"] = evaluate(runner, dev, cfg.task.metric, progress="eval dev")
     except (FileNotFoundError, ValueError) as e:
         log.warning(f"no dev evaluation: {e}")
-    B.save_teacher(model, cfg, extra={"dev": json.dumps(res.get("dev"))})
+    build.save_teacher(model, cfg, extra={"dev": json.dumps(res.get("dev"))})
     res["checkpoint"] = str(path)
     log.info(f"teacher saved to {path}: {res}")
     return res
@@ -75,6 +76,7 @@ def cmd_train_teacher(cfg, args):
 
 def cmd_distill(cfg, args):
     from . import distributed
+    from .run_checkpoint import dump_parameters
     from .train import Distiller
     rank, world, reducer = 0, 1, None
     if distributed.launched_by_msrun():  # scripts/run_distributed.sh: one process per device
@@ -84,7 +86,7 @@ def cmd_distill(cfg, args):
     t0 = time.time()
     hist = d.run(resume=not args.fresh)
     if args.dump_params:
-        distributed.dump_parameters(d)
+        dump_parameters(d)
     if hist is None:
         return {"interrupted": True, "out_dir": str(d.out)}
     if rank > 0:  # rank 0 evaluates and reports
@@ -121,12 +123,12 @@ def cmd_generate(cfg, args):
     if args.from_run:
         d.load_checkpoint()
     out = Path(args.out)
-    from .replay import JsonlWriter
+    from .run_files import JsonlWriter
     w = JsonlWriter(out)
     n_batches = -(-args.num // cfg.generator.batch_size)
     from tqdm import tqdm
     for i in tqdm(range(n_batches), desc="generate", unit="batch"):
-        s = d._generate(10_000_000 + i)  # a noise stream of its own, apart from training steps
+        s = d.generate_batch(10_000_000 + i)  # a noise stream of its own, apart from training steps
         probs = d.teacher_run.probs(s["texts"])
         w.write([{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p]}
                  for t, y, p in zip(s["texts"], s["labels"], probs)])
@@ -136,13 +138,12 @@ def cmd_generate(cfg, args):
 
 def cmd_distill_from_texts(cfg, args):
     """A new student from saved generated texts (their stored teacher probabilities are the targets)."""
-    import numpy as np
-    import mindspore as ms
-    from mindspore import nn
-    from . import build as B
+    from . import build
     from .classify import EncoderRunner, evaluate
-    from .replay import read_jsonl
-    from .steps import StudentLoss, make_train_step
+    from .data import load_split
+    from .models.checkpoint_io import save_safetensors, state_of
+    from .run_files import read_jsonl
+    from .train import distill_from_texts
     if cfg.student.hidden_mse:
         # saved texts carry the teacher's probabilities only, not the features the MSE term needs
         raise ValueError(f"student.hidden_mse={cfg.student.hidden_mse}: distill-from-texts trains on the stored "
@@ -154,32 +155,16 @@ def cmd_distill_from_texts(cfg, args):
     bad = [i for i, r in enumerate(recs) if len(r.get("teacher_probs", [])) != K]
     if bad:
         raise ValueError(f"{args.texts}: record {bad[0]} has no {K}-class teacher_probs")
-    student = B.build_student(cfg)
-    for p in student.get_parameters():
-        p.requires_grad = True
-    loss_cell = StudentLoss(student, cfg.loss.kd_temperature)
-    opt = nn.AdamWeightDecay(loss_cell.trainable_params(), learning_rate=cfg.student.lr, weight_decay=0.01)
-    step = make_train_step(loss_cell, opt, jit=cfg.run.mode == "graph")
-    tok = B.student_tokenizer(cfg)
-    rng = np.random.default_rng(cfg.run.seed)
     steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
-    from tqdm import tqdm
-    bar = tqdm(range(steps), desc="distill-from-texts", unit="step")
-    for _ in bar:
-        idx = rng.integers(0, len(recs), size=cfg.student.batch_size)
-        ids, mask = tok.encode_batch([recs[i]["text"] for i in idx], max_length=cfg.student.max_length,
-                                     padding="max_length")
-        t_logits = np.log(np.clip(np.array([recs[i]["teacher_probs"] for i in idx], np.float32), 1e-8, 1.0))
-        loss, _ = step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(t_logits), ms.Tensor(np.zeros((len(idx), 1), np.float32)))
-        bar.set_postfix(loss=f"{float(loss.asnumpy()):.3f}")
+    student = distill_from_texts(cfg, recs, steps)
     out = Path(args.out)
-    from .models.checkpoint_io import save_safetensors, state_of
     save_safetensors({"student/" + k: v for k, v in state_of(student).items()}, out,
                      metadata={"format": "ms-dfkd-student", "arch": cfg.student.arch})
     res = {"checkpoint": str(out), "steps": steps, "texts": len(recs)}
     try:
-        test = B.load_split(cfg, "test")
-        res["student_test"] = evaluate(EncoderRunner(student, tok, cfg.student.max_length), test, cfg.task.metric)
+        test = load_split(cfg, "test")
+        res["student_test"] = evaluate(EncoderRunner(student, build.student_tokenizer(cfg), cfg.student.max_length),
+                                       test, cfg.task.metric)
     except (FileNotFoundError, ValueError) as e:
         log.warning(f"no test evaluation: {e}")
     print(json.dumps(res, indent=2))
@@ -188,13 +173,13 @@ def cmd_distill_from_texts(cfg, args):
 
 def load_student_weights(cfg, path):
     """A student from a run folder (its checkpoint) or a distill-from-texts .safetensors file."""
-    from . import build as B
+    from . import build
     from .models.checkpoint_io import load_safetensors, load_state
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.safetensors"
     arrays = load_safetensors(path)
-    student = B.build_student(cfg)
+    student = build.build_student(cfg)
     names = dict(student.parameters_and_names())
     state = {}
     for k, v in arrays.items():
@@ -210,17 +195,17 @@ def load_student_weights(cfg, path):
 
 
 def cmd_eval(cfg, args):
-    from . import build as B
+    from . import build
     from .classify import EncoderRunner, evaluate
-    from .data import load_labelled_file
-    rows = (load_labelled_file(args.file, cfg.task.label_names) if args.file else B.load_split(cfg, args.split))
+    from .data import load_labelled_file, load_split
+    rows = (load_labelled_file(args.file, cfg.task.label_names) if args.file else load_split(cfg, args.split))
     res = {}
     if not args.no_teacher:
-        res["teacher"] = evaluate(EncoderRunner(B.load_teacher(cfg), B.teacher_tokenizer(cfg), cfg.teacher.max_length),
-                                  rows, cfg.task.metric)
+        res["teacher"] = evaluate(EncoderRunner(build.load_teacher(cfg), build.teacher_tokenizer(cfg),
+                                                cfg.teacher.max_length), rows, cfg.task.metric)
     if args.student:
         st = load_student_weights(cfg, args.student)
-        res["student"] = evaluate(EncoderRunner(st, B.student_tokenizer(cfg), cfg.student.max_length), rows,
+        res["student"] = evaluate(EncoderRunner(st, build.student_tokenizer(cfg), cfg.student.max_length), rows,
                                   cfg.task.metric)
     print(json.dumps(res, indent=2))
     if args.json_out:
@@ -234,7 +219,7 @@ INSPECT_KEYS = ("phase", "warmup_steps", "round", "loss_g", "loss_spec", "loss_d
 
 
 def cmd_inspect(args):
-    from .replay import read_jsonl
+    from .run_files import read_jsonl
     run = Path(args.run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder not found: {run}")

@@ -121,6 +121,14 @@ class RunConfig:
 
 
 @dataclass
+class ResultsConfig:
+    """Read by scripts/reproduce_results.py only: the seeds of the results table and its transfer students."""
+    seeds: typing.List[int] = field(default_factory=lambda: [0, 1, 2])
+    transfer_steps: int = 96       # distill-from-texts steps of the second student
+    transfer_student: str = "minilm_l6_layers:2"
+
+
+@dataclass
 class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -129,6 +137,7 @@ class Config:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
 
     def validate(self):
         if self.run.method not in METHODS:

@@ -253,3 +253,27 @@ def load_task_file(path, task):
     if task.name in ("sst2", "cola") and str(path).lower().endswith(".tsv"):
         return load_glue_tsv(path, task)
     return load_labelled_file(path, task.label_names)
+
+
+# ------------------------------------------------------------------ a run's splits
+
+def load_split(cfg, which):
+    """[(text, label_id)] for task.train / task.dev / task.test ('rotten_tomatoes:<split>' or a file path)."""
+    spec = getattr(cfg.task, which)
+    if not spec:
+        raise ValueError(f"task.{which} is empty: give 'rotten_tomatoes:{which}' or a labelled file path")
+    if spec.startswith("rotten_tomatoes:"):
+        if list(cfg.task.label_names) != ["negative", "positive"]:
+            raise ValueError(f"task.{which}={spec!r} has labels negative/positive, but task.label_names is "
+                             f"{cfg.task.label_names}")
+        return load_rotten_tomatoes(spec.split(":", 1)[1])
+    task = cfg.task.name if cfg.task.name in ("sentiment", "sst2", "cola") else None
+    if task is not None:
+        t = get_task(task)
+        if list(t.label_names) != list(cfg.task.label_names):
+            task = None
+    if task is not None:
+        rows = load_task_file(spec, task)
+    else:
+        rows = load_labelled_file(spec, cfg.task.label_names)
+    return [(t, l) for t, l in rows if l is not None]

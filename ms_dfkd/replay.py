@@ -1,11 +1,5 @@
-"""Replay buffer of generated samples, and the JSONL file they are appended to as they are made."""
-import json
-import os
-from pathlib import Path
-
+"""Replay buffer of generated samples: what the student steps draw from."""
 import numpy as np
-
-from .data import iter_jsonl
 
 
 class ReplayBuffer:
@@ -73,65 +67,3 @@ def _check_rows(n, teacher_logits, teacher_features):
     if not rows[0] == rows[1] == n:
         raise ValueError(f"replay buffer: {n} records with {rows[0]} teacher logit rows "
                          f"and {rows[1]} feature rows")
-
-
-class JsonlWriter:
-    """Append-only JSONL. ``offset`` (bytes) goes into the checkpoint; on resume, lines written
-    after the checkpoint are moved to a side file (kept, never lost) before appending again."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def offset(self):
-        return self.path.stat().st_size if self.path.exists() else 0
-
-    def write(self, records):
-        with open(self.path, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def rewind(self, offset, tag):
-        """Keep bytes [0, offset); move the rest to <name>.<tag>.orphaned (returns that path or None)."""
-        if not self.path.exists():
-            if offset:
-                raise FileNotFoundError(f"{self.path} is missing but the checkpoint says it had {offset} bytes")
-            return None
-        size = self.path.stat().st_size
-        if size < offset:
-            raise ValueError(f"{self.path} has {size} bytes, fewer than the {offset} the checkpoint recorded")
-        if size == offset:
-            return None
-        side = self.path.with_name(f"{self.path.name}.{tag}.orphaned")
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            tail = f.read()
-        with open(side, "ab") as g:
-            g.write(tail)
-            g.flush()
-            os.fsync(g.fileno())
-        with open(self.path, "rb+") as f:
-            f.truncate(offset)
-        return side
-
-
-def read_jsonl(paths):
-    """Records from one JSONL file, a list of files, or a folder of per-rank shards (generated*.jsonl)."""
-    if isinstance(paths, (str, Path)):
-        p = Path(paths)
-        if p.is_dir():
-            paths = sorted(p.glob("generated*.jsonl"))
-            if not paths:
-                raise FileNotFoundError(f"no generated*.jsonl files in {p}")
-        else:
-            paths = [p]
-    out = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"JSONL file not found: {p}")
-        out.extend(rec for _, rec in iter_jsonl(p))
-    return out

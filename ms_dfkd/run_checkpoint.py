@@ -9,13 +9,14 @@ the buffer's texts are saved beside the weights, for the same reason.
 """
 import json
 import logging
+from pathlib import Path
 
 import mindspore as ms
 import numpy as np
 
-from .distributed import rewind_shards
 from .gumbel import derive_seed
 from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
+from .run_files import rewind_shards
 
 log = logging.getLogger("ms_dfkd")
 
@@ -119,3 +120,11 @@ def load(d):
         d.metrics_out.rewind(state["metrics_offset"], tag)
     if d.method == "dfkd-t3":
         d.refresh_tables()
+
+
+def dump_parameters(d, path=None):
+    """Write this rank's trainable parameters and optimizer states (to check that ranks agree)."""
+    path = Path(path or d.out / f"params.rank{d.rank}.safetensors")
+    save_safetensors(trainable_arrays(d), path, metadata={"format": "ms-dfkd-rank-params", "rank": str(d.rank),
+                                                          "world_size": str(d.world)})
+    return path

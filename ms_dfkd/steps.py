@@ -138,5 +138,41 @@ def make_train_step(loss_cell, optimizer, jit=True, grad_reducer=None, loss_scal
     return ms.jit(step) if jit else step
 
 
-def make_forward(fn, jit=True):
-    return ms.jit(fn) if jit else fn
+def loss_scaler_for(*models):
+    """Dynamic loss scaling when a model on the backward path computes in float16 (small
+    gradients underflow there); float32 and bfloat16 (float32's exponent range) need none."""
+    if not any(getattr(m.config, "compute_dtype", "float32") == "float16" for m in models):
+        return None
+    return amp.DynamicLossScaler(scale_value=2.0 ** 16, scale_factor=2, scale_window=1000)
+
+
+class StudentStep:
+    """One KD update of the student on texts, given the teacher's logits (and pooled features) on them.
+
+    The driver's student step (targets from the replay buffer) and distill-from-texts (targets from
+    saved teacher probabilities) both run this. ``teacher`` is only read for its hidden size and
+    compute dtype; the teacher is never run here.
+    """
+
+    def __init__(self, student, tokenizer, max_length, batch_size, lr, kd_temperature, hidden_mse=0.0,
+                 teacher=None, jit=True, grad_reducer_factory=None):
+        for p in student.get_parameters():
+            p.requires_grad = True
+        self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
+        teacher_dim = teacher.config.hidden_size if teacher is not None else None
+        self.loss_cell = StudentLoss(student, kd_temperature, hidden_mse, student.config.hidden_size, teacher_dim)
+        self.optimizer = nn.AdamWeightDecay(self.loss_cell.trainable_params(), learning_rate=lr, weight_decay=0.01)
+        reducer = grad_reducer_factory(self.optimizer.parameters) if grad_reducer_factory else None
+        self.loss_scaler = loss_scaler_for(*([teacher] if teacher is not None else []), student)
+        self._step = make_train_step(self.loss_cell, self.optimizer, jit=jit, grad_reducer=reducer,
+                                     loss_scaler=self.loss_scaler)
+
+    def __call__(self, texts, teacher_logits, teacher_features, what="student step"):
+        """One update; returns the loss (float). A non-finite loss raises FloatingPointError naming ``what``."""
+        ids, mask = self.tokenizer.encode_batch(texts, max_length=self.max_length, padding="max_length")
+        loss, _ = self._step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(np.asarray(teacher_logits, np.float32)),
+                             ms.Tensor(np.asarray(teacher_features, np.float32)))
+        loss = float(loss.asnumpy())
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{what}: loss = {loss}")
+        return loss

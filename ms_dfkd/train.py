@@ -20,19 +20,21 @@ import numpy as np
 from mindspore import nn, ops
 from tqdm import tqdm
 
-from . import build as B
+from . import build
 from . import interrupts
 from . import metrics as M
 from . import run_checkpoint
 from .classify import EncoderRunner, evaluate, softmax_np
 from .config import save_config
 from .corpus import Corpus, CorpusSampler, balanced_labels
-from .distributed import ranks_agree, shard_name
+from .data import load_split
+from .distributed import ranks_agree
 from .gumbel import derive_seed
 from .models.checkpoint_io import CheckpointError
-from .replay import JsonlWriter, ReplayBuffer
+from .replay import ReplayBuffer
 from .run_checkpoint import CKPT_NAME
-from .steps import GeneratorLoss, StudentLoss, make_train_step, soft_sequence_layout
+from .run_files import JsonlWriter, shard_name
+from .steps import GeneratorLoss, StudentStep, loss_scaler_for, make_train_step, soft_sequence_layout
 from .vocab_bridge import build_vocab_bridge
 
 log = logging.getLogger("ms_dfkd")
@@ -70,30 +72,26 @@ class Distiller:
         import kernels
         if cfg.run.kernels != "auto":
             kernels.set_kernel_backend(cfg.run.kernels)
-        self.t_tok = B.teacher_tokenizer(cfg)
-        self.s_tok = B.student_tokenizer(cfg)
-        self.teacher = B.load_teacher(cfg)
-        self.student = B.build_student(cfg)
+        self.t_tok = build.teacher_tokenizer(cfg)
+        self.s_tok = build.student_tokenizer(cfg)
+        self.teacher = build.load_teacher(cfg)
+        self.student = build.build_student(cfg)
         self.teacher_run = EncoderRunner(self.teacher, self.t_tok, cfg.teacher.max_length, jit=self.jit)
         self.student_eval = EncoderRunner(self.student, self.s_tok, cfg.student.max_length, jit=self.jit)
-        # student step
-        for p in self.student.get_parameters():
-            p.requires_grad = True
-        self.student_loss = StudentLoss(self.student, cfg.loss.kd_temperature, cfg.student.hidden_mse,
-                                        self.student.config.hidden_size, self.teacher.config.hidden_size)
-        self.opt_s = nn.AdamWeightDecay(self.student_loss.trainable_params(), learning_rate=cfg.student.lr,
-                                        weight_decay=0.01)
-        red = self.reducer_factory(self.opt_s.parameters) if self.reducer_factory else None
-        self.scaler_s = _loss_scaler(self.teacher, self.student)
-        self.student_step = make_train_step(self.student_loss, self.opt_s, jit=self.jit, grad_reducer=red,
-                                            loss_scaler=self.scaler_s)
+        self.student_step = StudentStep(self.student, self.s_tok, cfg.student.max_length, cfg.student.batch_size,
+                                        cfg.student.lr, cfg.loss.kd_temperature, cfg.student.hidden_mse,
+                                        teacher=self.teacher, jit=self.jit,
+                                        grad_reducer_factory=self.reducer_factory)
+        # what the checkpoint saves and the metrics report
+        self.student_loss, self.opt_s = self.student_step.loss_cell, self.student_step.optimizer
+        self.scaler_s = self.student_step.loss_scaler
         # data sources
         self.replay = ReplayBuffer(cfg.run.replay_size, derive_seed(cfg.run.seed, self.rank, 7))
         self.corpus_sampler = None
         if self.method in ("corpus", "prompted", "dfkd-t3"):
             corpus = Corpus(cfg.corpus.sources, cfg.corpus.min_words, cfg.corpus.max_words)
             self.corpus_sampler = CorpusSampler(corpus, cfg.run.seed, self.rank, self.world)
-        self.real_examples = B.load_split(cfg, "train") if self.method == "real" else None
+        self.real_examples = load_split(cfg, "train") if self.method == "real" else None
         self.data_rng = np.random.default_rng(derive_seed(cfg.run.seed, self.rank, 11))
         self.generator = None
         if self.method in ("prompted", "dfkd-t3"):
@@ -103,8 +101,8 @@ class Distiller:
 
     def _setup_generator(self):
         cfg, g = self.cfg, self.cfg.generator
-        self.g_tok = B.generator_tokenizer(cfg)
-        self.generator, self.g_cfg = B.build_generator(cfg)
+        self.g_tok = build.generator_tokenizer(cfg)
+        self.generator, self.g_cfg = build.build_generator(cfg)
         from .models.llama import set_trainable
         from .models.llama_sampling import sample
         self._sample = sample
@@ -117,7 +115,7 @@ class Distiller:
             self._make_frozen_fwd()
             return
         set_trainable(self.generator, g.trainable, g.top_k_layers)
-        self.frozen, _ = B.build_generator(cfg)  # G_theta0: the same pretrained (or same-seed) weights
+        self.frozen, _ = build.build_generator(cfg)  # G_theta0: the same pretrained (or same-seed) weights
         set_trainable(self.frozen, "none")
         self.frozen.set_train(False)
         self.bridge = build_vocab_bridge(self.g_tok, self.t_tok)
@@ -127,7 +125,7 @@ class Distiller:
                                       cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau)
         self.opt_g = nn.AdamWeightDecay(self.generator.trainable_params(), learning_rate=g.lr, weight_decay=0.0)
         red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
-        self.scaler_g = _loss_scaler(self.teacher, self.student, self.generator)
+        self.scaler_g = loss_scaler_for(self.teacher, self.student, self.generator)
         self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red,
                                         loss_scaler=self.scaler_g)
         self._make_frozen_fwd()
@@ -195,8 +193,11 @@ class Distiller:
             mask[i, P - len(r):] = 1
         return ids, mask
 
-    def _generate(self, n_step_id, stream=NOISE_STREAM_SAMPLE):
-        """Sample one batch from the generator: returns dict of numpy arrays and texts."""
+    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE):
+        """One batch of generator.batch_size samples, labels balanced, from the next corpus passages.
+
+        The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
+        labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts."""
         g = self.cfg.generator
         passages = self.corpus_sampler.next_batch(g.batch_size)
         labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
@@ -215,32 +216,10 @@ class Distiller:
     def _produce(self):
         """One batch of samples for the replay buffer; returns (records, step metrics, the teacher's
         logits and features on the records)."""
-        cfg, n = self.cfg, self.cfg.generator.batch_size
         step_id = self.counters["gen_steps"]
-        info = {}
-        if self.method == "random":
-            V = self.t_tok.vocab_size
-            lo = 999 if V > 2000 else 5  # skip [PAD]/[unusedN]/[CLS]/[SEP]/[MASK] of the uncased vocab
-            texts = []
-            for _ in range(n):
-                L = int(self.data_rng.integers(5, cfg.generator.max_new_tokens + 1))
-                texts.append(self.t_tok.decode(self.data_rng.integers(lo, V, size=L)))
-            labels = np.full(n, -1)
-        elif self.method == "corpus":
-            texts = self.corpus_sampler.next_batch(n)
-            labels = np.full(n, -1)
-        elif self.method == "real":
-            idx = self.data_rng.integers(0, len(self.real_examples), size=n)
-            texts = [self.real_examples[i][0] for i in idx]
-            labels = np.array([self.real_examples[i][1] for i in idx])
-        elif self.method == "prompted":
-            s = self._generate(step_id)
-            texts, labels = s["texts"], s["labels"]
-            info.update(self._fluency_stats(s))
-        else:
-            s = self._generate(step_id)
-            texts, labels = s["texts"], s["labels"]
-            info.update(self._generator_update(s))
+        producer = {"random": self._random_texts, "corpus": self._corpus_texts, "real": self._real_texts,
+                    "prompted": self._prompted_texts, "dfkd-t3": self._dfkd_t3_texts}[self.method]
+        texts, labels, info = producer(self.cfg.generator.batch_size, step_id)
         logits, feats = self.teacher_run.logits(texts, with_features=True)
         probs = softmax_np(logits)
         if self.method in ("prompted", "dfkd-t3"):
@@ -251,6 +230,31 @@ class Distiller:
         self.counters["gen_steps"] += 1
         self.counters["samples"] += len(recs)
         return recs, info, (logits, feats)
+
+    # Each producer: (n, step id) -> (texts, target labels (-1: none), step metrics).
+    def _random_texts(self, n, step_id):
+        V = self.t_tok.vocab_size
+        lo = 999 if V > 2000 else 5  # skip [PAD]/[unusedN]/[CLS]/[SEP]/[MASK] of the uncased vocab
+        texts = []
+        for _ in range(n):
+            L = int(self.data_rng.integers(5, self.cfg.generator.max_new_tokens + 1))
+            texts.append(self.t_tok.decode(self.data_rng.integers(lo, V, size=L)))
+        return texts, np.full(n, -1), {}
+
+    def _corpus_texts(self, n, step_id):
+        return self.corpus_sampler.next_batch(n), np.full(n, -1), {}
+
+    def _real_texts(self, n, step_id):
+        idx = self.data_rng.integers(0, len(self.real_examples), size=n)
+        return ([self.real_examples[i][0] for i in idx], np.array([self.real_examples[i][1] for i in idx]), {})
+
+    def _prompted_texts(self, n, step_id):
+        s = self.generate_batch(step_id)
+        return s["texts"], s["labels"], self._fluency_stats(s)
+
+    def _dfkd_t3_texts(self, n, step_id):
+        s = self.generate_batch(step_id)
+        return s["texts"], s["labels"], self._generator_update(s)
 
     def _label_stats(self, probs, labels, info):
         """Adds to info the specificity rate of the teacher's probabilities on generated texts and, after
@@ -289,15 +293,10 @@ class Distiller:
                 "soft_argmax": t_logits.argmax(-1), "gen_tokens": int(s["mask"].sum())}
 
     def _student_update(self):
-        cfg = self.cfg
         # the teacher's outputs from when these samples were labelled: a student step runs no teacher
-        batch, t_logits, t_feat = self.replay.sample(cfg.student.batch_size)
-        texts = [r["text"] for r in batch]
-        ids, mask = self.s_tok.encode_batch(texts, max_length=cfg.student.max_length, padding="max_length")
-        loss, _ = self.student_step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(t_logits), ms.Tensor(t_feat))
-        loss = float(loss.asnumpy())
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"student step {self.counters['stu_steps']}: loss = {loss}")
+        batch, t_logits, t_feat = self.replay.sample(self.cfg.student.batch_size)
+        loss = self.student_step([r["text"] for r in batch], t_logits, t_feat,
+                                 what=f"student step {self.counters['stu_steps']}")
         self.counters["stu_steps"] += 1
         return loss
 
@@ -343,7 +342,7 @@ class Distiller:
         while c["warmup_steps"] < kW:
             self._check_stop()
             w = c["warmup_steps"]
-            s = self._generate(w, stream=NOISE_STREAM_WARMUP)
+            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP)
             info = self._generator_update(s, what=f"warm-up step {w}")
             self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
             toks += info.pop("gen_tokens", 0)
@@ -433,7 +432,7 @@ class Distiller:
 
     def _eval_set(self, which):
         try:
-            rows = B.load_split(self.cfg, which)
+            rows = load_split(self.cfg, which)
         except (FileNotFoundError, ValueError) as e:
             log.warning(f"no {which} evaluation: {e}")
             return None
@@ -467,13 +466,24 @@ class Distiller:
         return out
 
 
-def _loss_scaler(*models):
-    """Dynamic loss scaling when a model on the backward path computes in float16 (small
-    gradients underflow there); float32 and bfloat16 (float32's exponent range) need none."""
-    if not any(getattr(m.config, "compute_dtype", "float32") == "float16" for m in models):
-        return None
-    from mindspore import amp
-    return amp.DynamicLossScaler(scale_value=2.0 ** 16, scale_factor=2, scale_window=1000)
+def distill_from_texts(cfg, records, steps):
+    """A new student trained by ``steps`` student steps on saved generated texts; returns it.
+
+    The targets are the teacher probabilities stored with each text (as log-probabilities: the KD loss
+    only needs them up to a constant per row). Batches are drawn with replacement, seeded by run.seed."""
+    student = build.build_student(cfg)
+    step = StudentStep(student, build.student_tokenizer(cfg), cfg.student.max_length, cfg.student.batch_size,
+                       cfg.student.lr, cfg.loss.kd_temperature, jit=cfg.run.mode == "graph")
+    texts = [r["text"] for r in records]
+    t_logits = np.log(np.clip(np.array([r["teacher_probs"] for r in records], np.float32), 1e-8, 1.0))
+    rng = np.random.default_rng(cfg.run.seed)
+    bar = tqdm(range(steps), desc="distill-from-texts", unit="step")
+    for i in bar:
+        idx = rng.integers(0, len(records), size=cfg.student.batch_size)
+        loss = step([texts[j] for j in idx], t_logits[idx], np.zeros((len(idx), 1), np.float32),
+                    what=f"distill-from-texts step {i}")
+        bar.set_postfix(loss=f"{loss:.3f}")
+    return student
 
 
 def _perplexity(logits, ids, mask):

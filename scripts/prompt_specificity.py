@@ -17,13 +17,11 @@ overrides (--key value). Prints a table and a few samples of each.
 """
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def main(argv=None):
@@ -65,7 +63,7 @@ def main(argv=None):
                 d.corpus_sampler.load_state_dict(state)
                 t0, preds, labels, texts = time.time(), [], [], []
                 for b in range(args.batches):
-                    s = d._generate(b)
+                    s = d.generate_batch(b)
                     preds.append(d.teacher_run.probs(s["texts"]).argmax(-1))
                     labels.append(s["labels"])
                     texts += s["texts"]

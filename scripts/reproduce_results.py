@@ -1,6 +1,10 @@
-"""The results table of ms-dfkd (issue 4): every method of METHOD.md on real weights, fully offline.
+"""The results table of ms-dfkd: every method of docs/METHOD.md on real weights, fully offline.
 
-    python scripts/reproduce_results.py [--quick] [--out runs/results] [--render-only]
+    python scripts/reproduce_results.py [--quick] [--config PROFILE.yaml] [--out runs/results] [--render-only]
+
+The profile (configs/results_full.yaml, or configs/results_quick.yaml with --quick) is an ms-dfkd config:
+every run of the table is `ms-dfkd distill --config PROFILE --run.method M --run.seed S`, and its
+`results` section gives the seeds and the transfer student.
 
 Resumable: each (method, seed) is its own run folder with its own checkpoint; a finished run
 (final.json present) is not run again, an unfinished one resumes. Writes RESULTS.md (or
@@ -20,38 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["random", "corpus", "prompted", "dfkd-t3", "real"]
 
-# Same student updates and same number of samples for every method (the protocol of issue 4).
-PROFILES = {
-    "quick": dict(seeds=[0], rounds=3, gen_steps_per_round=2, student_steps_per_round=8, gen_batch=8,
-                  teacher_examples=3000, teacher_epochs=1, eval_every=1, eval_examples=300, gen_lr=None,
-                  transfer_steps=24),
-    # gen_batch 16 (384 samples a run), chosen on dev with seed 0: the student is data-bound, not
-    # step-bound (real data, dev accuracy: 192 samples 0.720, 384 0.739, 768 0.751; 2.5x the student
-    # steps 0.725; student lr 2e-4 0.671, 5e-4 collapses to one class)
-    # Tried on dev, seed 0, and not taken: 6 batches a round (768 samples, 48 dfkd-t3 generator steps)
-    # gave dfkd-t3 0.686 (vs 0.717 at 384; many later texts read as news) and prompted
-    # 0.736 (vs 0.744); keeping every sample in the replay buffer (run.replay_size 384, not 256) gave
-    # dfkd-t3 0.721 (vs 0.717), within noise. loss.spec 3 (the config's 1): dfkd-t3 dev 0.725 +- 0.006
-    # over seeds 0-2 (vs 0.726 at spec 1, prompted 0.733), specificity per round 0.67 (vs 0.64);
-    # generator lr 5e-4 (not 2e-4): dev 0.722 +- 0.011, specificity 0.62, perplexity under G0 25-31.
-    # student.hidden_mse (config 0): real, seed 0, dev 0.745 / 0.733 / 0.727 at 1 / 3 / 10 (0.739 at 0);
-    # dfkd-t3 at 1: seeds 0, 1 gave 0.720, 0.705 (mean 0.726 at 0 over seeds 0-2), so stopped, not taken
-    # generator.gumbel_tau 2 (config 1): dfkd-t3 dev 0.724 +- 0.011, specificity 0.61, KL to G0 0.05 (vs ~0.15)
-    # generator.top_k_layers 6 (config 2): dev 0.722 +- 0.010, specificity 0.66, KL to G0 0.28
-    # run.gen_warmup_steps 24 (config 0; samples dropped): seeds 0, 1 dev 0.723, 0.724; specificity unchanged
-    # generator.batch_size 32 (768 samples, same 24 generator steps), seeds 0-2: dfkd-t3 dev 0.748, 0.743,
-    # 0.706 (0.732 +- 0.023), prompted 0.744, 0.721, 0.736 (0.734 +- 0.012): no lead over prompted, and twice
-    # the generation time, so not taken (seed 2 ran on a later machine with a retrained teacher, dev 0.804)
-    # generator.gumbel_tau 0.5, seed 0, retrained teacher (dev 0.804): dev 0.715 against 0.722 at tau 1; not taken
-    # loss.adv 1.0 (config 0.1), seeds 0-2, retrained teacher: dev 0.704, 0.723, 0.734 (0.720 +- 0.015) against
-    # 0.7205 +- 0.003 for this table's dfkd-t3 runs and 0.731 +- 0.017 for prompted's; not taken
-    "full": dict(seeds=[0, 1, 2], rounds=8, gen_steps_per_round=3, student_steps_per_round=12, gen_batch=16,
-                 # the generator lr of dfkd-t3, on dev with seed 0: 2e-5 (the config's) barely moves the
-                 # generator in 24 steps (KL to G0 0.01, texts ~ prompted's), 2e-4 does (KL 0.3, same
-                 # perplexity under G0) and gave 0.704 dev against 0.684
-                 gen_lr=2e-4,
-                 teacher_examples=0, teacher_epochs=1, eval_every=2, eval_examples=0, transfer_steps=96),
-}
+PROFILES = {"quick": ROOT / "configs" / "results_quick.yaml", "full": ROOT / "configs" / "results_full.yaml"}
+
+
+def load_profile(path):
+    """The results profile: an ms-dfkd config whose `results` section holds the seeds and transfer settings."""
+    from ms_dfkd.config import load_config
+    return load_config(path)
 
 
 def sh(args, log):
@@ -93,12 +72,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="one seed, short runs (about 20 minutes)")
     ap.add_argument("--out", default=None, help="results folder (default runs/results[_quick])")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "sentiment_offline.yaml"))
+    ap.add_argument("--config", default=None, help="results profile (default configs/results_full.yaml, or "
+                    "configs/results_quick.yaml with --quick)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite RESULTS.md and the PNG from the run folders as they are; run nothing")
     args = ap.parse_args()
     name = "quick" if args.quick else "full"
-    prof = PROFILES[name]
+    profile = Path(args.config or PROFILES[name])
+    try:
+        prof = load_profile(profile)
+    except ValueError as e:  # ConfigError: names the file or the key
+        raise SystemExit(f"reproduce_results: {e}") from None
     out = Path(args.out or ROOT / "runs" / f"results_{name}")
     if args.render_only:  # reads the folder, creates nothing
         if not any(out.glob("*_seed*/final.json")):  # would overwrite the table with an empty one
@@ -108,17 +92,17 @@ def main():
     log = out / "log.txt"
     exe = [sys.executable, "-m", "ms_dfkd.cli"]
     teacher = out / "teacher.safetensors"
-    common = ["--config", args.config, "--teacher.checkpoint", str(teacher)]
+    common = ["--config", str(profile), "--teacher.checkpoint", str(teacher)]
     t_start = time.time()
     walls = WallTimes(out / "wall_s.json")
     print(f"[results] {name} profile, folder {out}, log {log}")
-    walls.run("teacher", exe + ["train-teacher", *common, "--teacher.train_examples",
-                                str(prof["teacher_examples"]), "--teacher.epochs", str(prof["teacher_epochs"])], log)
+    walls.run("teacher", exe + ["train-teacher", *common], log)
     # the teacher's test accuracy, once: every run uses this teacher (runs skip it: run.teacher_test false)
     teacher_test = out / "teacher_test.json"
     if not teacher_test.exists():
         walls.run("teacher_test", exe + ["eval", *common, "--split", "test", "--json-out", str(teacher_test)], log)
-    for seed in prof["seeds"]:
+    seeds = prof.results.seeds
+    for seed in seeds:
         for method in METHODS:
             run = out / f"{method}_seed{seed}"
             if (run / "final.json").exists():
@@ -126,29 +110,21 @@ def main():
                 continue
             print(f"[results] {run.name} ...", flush=True)
             cmd = exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
-                          "--run.out_dir", str(run), "--run.rounds", str(prof["rounds"]),
-                          "--run.gen_steps_per_round", str(prof["gen_steps_per_round"]),
-                          "--run.student_steps_per_round", str(prof["student_steps_per_round"]),
-                          "--generator.batch_size", str(prof["gen_batch"]),
-                          *(["--generator.lr", str(prof["gen_lr"])] if prof["gen_lr"] else []),
-                          *(["--run.gen_warmup_steps", str(prof["gen_warmup"])]
-                            if method == "dfkd-t3" and prof.get("gen_warmup") else []),
-                          "--run.eval_every", str(prof["eval_every"]),
-                          "--run.eval_examples", str(prof["eval_examples"]), "--run.show_samples", "5",
-                          "--run.teacher_test", "false"]
+                         "--run.out_dir", str(run)]
             print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
     for method in ("dfkd-t3", "prompted"):
-        for seed in prof["seeds"]:
+        for seed in seeds:
             dst = out / f"transfer_{method}_seed{seed}.json"
             if dst.exists():
                 continue
             st = out / f"transfer_{method}_seed{seed}.safetensors"
             key = f"transfer_{method}_seed{seed}"
-            walls.run(key, exe + ["distill-from-texts", *common, "--student.arch", "minilm_l6_layers:2",
-                                 "--texts", str(out / f"{method}_seed{seed}"), "--out", str(st),
-                                 "--steps", str(prof["transfer_steps"]), "--run.seed", str(seed)], log)
-            walls.run(key, exe + ["eval", *common, "--student.arch", "minilm_l6_layers:2", "--student", str(st),
+            transfer = ["--student.arch", prof.results.transfer_student]
+            walls.run(key, exe + ["distill-from-texts", *common, *transfer, "--texts", str(out / f"{method}_seed{seed}"),
+                                 "--out", str(st), "--steps", str(prof.results.transfer_steps),
+                                 "--run.seed", str(seed)], log)
+            walls.run(key, exe + ["eval", *common, *transfer, "--student", str(st),
                                  "--no-teacher", "--split", "test", "--json-out", str(dst)], log)
     render(out, prof, name, time.time() - t_start, walls.s)
 
@@ -159,6 +135,17 @@ def _mean_std(xs):
     if len(xs) == 1:
         return f"{xs[0]:.4f}"
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
+
+
+def _budget_line(prof):
+    """What one run of the table is, from its profile."""
+    r, g = prof.run, prof.generator
+    line = (f"Seeds: {prof.results.seeds}. Per run: {r.rounds} rounds x ({r.gen_steps_per_round} batches of "
+            f"{g.batch_size} samples + {r.student_steps_per_round} student steps); dfkd-t3 generator lr {g.lr:g}.")
+    if r.gen_warmup_steps:
+        line += (f" dfkd-t3 first takes {r.gen_warmup_steps} generator-only warm-up steps (`run.gen_warmup_steps`),"
+                 " whose samples no student sees.")
+    return line
 
 
 def _wall_line(wall, steps):
@@ -175,7 +162,7 @@ def _wall_line(wall, steps):
     return line
 
 
-# issue 4's ordering target: each method above the next, by more than the seed std
+# the ordering target: each method above the next, by more than the seed std
 ORDER = ["dfkd-t3", "prompted", "corpus", "random"]
 
 
@@ -202,7 +189,7 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
     rows, gen, n_test = {}, {}, set()
     for method in METHODS:
         accs = {}
-        for seed in prof["seeds"]:
+        for seed in prof.results.seeds:
             f = out / f"{method}_seed{seed}" / "final.json"
             if not f.exists():
                 continue
@@ -225,12 +212,8 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
              "Task: Rotten Tomatoes critic snippets (fresh = positive, rotten = negative), hash split 80/10/10.",
              "Teacher: MiniLM-L6 fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), fresh head.",
              "Generator: SmolLM2-135M-Instruct. Corpus: BBC news + 2012 convention speeches.",
-             f"Seeds: {prof['seeds']}. Per run: {prof['rounds']} rounds x ({prof['gen_steps_per_round']} batches of "
-             f"{prof['gen_batch']} samples + {prof['student_steps_per_round']} student steps)"
-             + (f"; dfkd-t3 generator lr {prof['gen_lr']:g}." if prof["gen_lr"] else ".")
-             + (f" dfkd-t3 first takes {prof['gen_warmup']} generator-only warm-up steps (`run.gen_warmup_steps`),"
-                " whose samples no student sees." if prof.get("gen_warmup") else ""),
-             "Budgets and learning rates were chosen on dev (comments in the script's PROFILES).",
+             _budget_line(prof),
+             "Budgets and learning rates were chosen on dev (docs/EXPERIMENTS.md).",
              _wall_line(wall, steps), "",
              f"Teacher test accuracy: **{t:.4f}**", "",
              "| method | student test accuracy | per seed | share of teacher |", "|---|---|---|---|"]
@@ -238,9 +221,9 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
         share = f"{statistics.mean(accs.values()) / t:.1%}" if accs else "-"
         per_seed = ", ".join(f"{v:.4f}" for v in accs.values()) or "-"
         lines.append(f"| {method} | {_mean_std(list(accs.values()))} | {per_seed} | {share} |")
-    pairs = ordering(rows) if len(prof["seeds"]) > 1 else []  # the targets are for the 3-seed table
+    pairs = ordering(rows) if len(prof.results.seeds) > 1 else []  # the targets are for the 3-seed table
     if pairs:
-        lines += ["", "## Against the targets of issue 4", "",
+        lines += ["", "## Against the targets", "",
                   "Ordering: each method above the next by more than the seed std (here the larger of the "
                   "two methods' stds). The differences are paired by seed: for a seed, every method starts "
                   "from the same student init.", "",
@@ -274,7 +257,7 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
               "| texts from | student-2 test accuracy |", "|---|---|"]
     for method in ("dfkd-t3", "prompted"):
         accs = []
-        for seed in prof["seeds"]:
+        for seed in prof.results.seeds:
             f = out / f"transfer_{method}_seed{seed}.json"
             if f.exists():
                 accs.append(json.loads(f.read_text())["student"]["accuracy"])
@@ -317,7 +300,7 @@ def plot(out, prof, root=ROOT):
     ax.set_ylabel("student dev accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
-    png = root / f"results_{'full' if len(prof['seeds']) > 1 else 'quick'}_dev_accuracy.png"
+    png = root / f"results_{'full' if len(prof.results.seeds) > 1 else 'quick'}_dev_accuracy.png"
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     return png

@@ -67,7 +67,7 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     trainable = [n for n, p in d.generator.parameters_and_names() if p.requires_grad]
     assert trainable and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in trainable)
 
-    s = d._generate(0)
+    s = d.generate_batch(0)
     Bn, T = s["ids"].shape
     full_ids = ms.Tensor(np.concatenate([s["p_ids"], s["ids"]], 1))
     full_mask = ms.Tensor(np.concatenate([s["p_mask"], s["mask"]], 1))

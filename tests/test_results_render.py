@@ -1,5 +1,5 @@
 """scripts/reproduce_results.py's table from run folders: the per-seed accuracies, the ordering target
-of issue 4 (paired differences against the larger seed std) and the share of the teacher, checked
+(paired differences against the larger seed std) and the share of the teacher, checked
 against numbers worked out by hand for made-up run folders."""
 import importlib.util
 import json
@@ -53,7 +53,7 @@ def test_render_writes_the_targets_from_the_run_folders(tmp_path):
     out, root = tmp_path / "runs", tmp_path / "root"
     root.mkdir()
     _runs(out)
-    R.render(out, R.PROFILES["full"], "full", None, {"teacher": 60.0, "dfkd-t3_seed0": 120.0}, root=root)
+    R.render(out, R.load_profile(R.PROFILES["full"]), "full", None, {"teacher": 60.0, "dfkd-t3_seed0": 120.0}, root=root)
     text = (root / "RESULTS.md").read_text()
     assert "| dfkd-t3 | 0.7500 ± 0.0100 | 0.7500, 0.7600, 0.7400 | 93.8% |" in text  # 0.75 / 0.80
     assert "| dfkd-t3 − prompted | +0.0300, +0.0600, +0.0000 | +0.0300 | 0.0200 | yes |" in text
@@ -70,7 +70,7 @@ def test_the_one_seed_quick_table_states_no_targets(tmp_path):
     out, root = tmp_path / "runs", tmp_path / "root"
     root.mkdir()
     _runs(out)
-    R.render(out, R.PROFILES["quick"], "quick", 60.0, None, root=root)  # seed 0 only
+    R.render(out, R.load_profile(R.PROFILES["quick"]), "quick", 60.0, None, root=root)  # seed 0 only
     text = (root / "RESULTS_quick.md").read_text()
     assert "| dfkd-t3 | 0.7500 | 0.7500 | 93.8% |" in text
     assert "Against the targets" not in text and "recovered by dfkd-t3" not in text

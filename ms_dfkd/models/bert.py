@@ -98,14 +98,14 @@ class Linear(nn.Cell):
         super().__init__()
         self.weight = Parameter(initializer(Normal(std), (n_out, n_in), ms.float32))
         self.bias = Parameter(initializer("zeros", (n_out,), ms.float32))
-        self.cdt = compute_dtype
+        self.compute_dtype = compute_dtype
 
     def construct(self, x):
         # 2-D matmul + BiasAdd rather than ops.dense(x, w, b): the latter adds the bias with a
         # broadcasting Add, which on MindSpore's CPU backend keeps index tables of about 4x its
         # output for the life of the compiled graph (see LayerNorm)
-        y = ops.dense(x.reshape(-1, x.shape[-1]).astype(self.cdt), self.weight.astype(self.cdt))
-        y = ops.bias_add(y, self.bias.astype(self.cdt))
+        y = ops.dense(x.reshape(-1, x.shape[-1]).astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
+        y = ops.bias_add(y, self.bias.astype(self.compute_dtype))
         return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
@@ -185,7 +185,7 @@ class BertSelfAttention(nn.Cell):
         self.head_dim = h // cfg.num_attention_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.p = cfg.attention_dropout
-        self.cdt = cdt
+        self.compute_dtype = cdt
 
     def _heads(self, x):                       # [B, L, H] -> [B, nh, L, dh]
         b, l, _ = x.shape
@@ -196,7 +196,7 @@ class BertSelfAttention(nn.Cell):
         scores = ops.matmul(q, k.transpose(0, 1, 3, 2)).astype(ms.float32) * self.scale
         probs = ops.softmax(scores + additive_mask, axis=-1)          # fp32 softmax
         probs = _dropout(probs, self.p, self.training)
-        ctx = ops.matmul(probs.astype(self.cdt), v)                   # [B, nh, L, dh]
+        ctx = ops.matmul(probs.astype(self.compute_dtype), v)                   # [B, nh, L, dh]
         b, _, l, _ = ctx.shape
         return ctx.transpose(0, 2, 1, 3).reshape(b, l, self.n_head * self.head_dim)
 

@@ -19,7 +19,9 @@ framework. MindSpore runs its own CPU thread pool; torch gets --threads intra-op
 default, OMP_WAIT_POLICY=PASSIVE: on a 2-core machine shared with other work, torch's default
 OpenMP spin-wait made the smoke sampler 100x slower (3.7 s vs 0.034 s, CPU time = wall time).
 
-    python scripts/bench_vs_reference.py [--kinds smoke,real] [--repeats 5] [--threads 2] [--profile]
+    python -m benchmarks.bench_vs_reference [--kinds smoke,real] [--repeats 5] [--threads 2] [--profile]
+
+(from the repository root; scripts/bench_vs_reference.sh checks that torch is installed first)
 """
 import argparse
 import json
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+SELF = [sys.executable, "-m", "benchmarks.bench_vs_reference"]  # the workers run this module too
 
 SHAPES = {  # as in the configs each kind stands for
     "smoke": dict(batch=4, prompt_len=64, new_tokens=12, student_batch=16, student_len=32, gen_trainable="all"),
@@ -99,7 +101,7 @@ class Worker:
         env = dict(os.environ)
         if framework == "torch" and wait_policy == "passive":
             env["OMP_WAIT_POLICY"] = "PASSIVE"
-        self.p = subprocess.Popen([sys.executable, __file__, "--worker", framework, "--case", str(case_path),
+        self.p = subprocess.Popen([*SELF, "--worker", framework, "--case", str(case_path),
                                    "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=log, text=True, cwd=ROOT, env=env)
         self.ready_s = self._read()["ready"]
@@ -144,7 +146,7 @@ def prepare(kind, path):
 def measure(kind, ops, args, out_dir, rows):
     case_path = out_dir / kind
     t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--prepare", kind, "--case", str(case_path)], check=True, cwd=ROOT,
+    subprocess.run([*SELF, "--prepare", kind, "--case", str(case_path)], check=True, cwd=ROOT,
                    stderr=args.log, stdout=args.log)
     print(f"[{kind}] case prepared in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     for op in ops:

@@ -1,0 +1,123 @@
+"""The files of a run folder that grow as it runs: generated*.jsonl (one shard per rank) and metrics.jsonl.
+
+Both are append-only JSONL. The checkpoint records how many bytes each held when it was written;
+on resume the lines written after it are moved to a side file (kept, never lost) before appending
+again, so that a resumed run writes what a straight one would.
+"""
+import json
+import logging
+import os
+from pathlib import Path
+
+from .data import iter_jsonl
+
+log = logging.getLogger("ms_dfkd")
+
+
+class JsonlWriter:
+    """Append-only JSONL. ``offset`` (bytes) goes into the checkpoint; ``rewind`` cuts back to it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def offset(self):
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def write(self, records):
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewind(self, offset, tag):
+        """Keep bytes [0, offset); move the rest to <name>.<tag>.orphaned (returns that path or None)."""
+        if not self.path.exists():
+            if offset:
+                raise FileNotFoundError(f"{self.path} is missing but the checkpoint says it had {offset} bytes")
+            return None
+        size = self.path.stat().st_size
+        if size < offset:
+            raise ValueError(f"{self.path} has {size} bytes, fewer than the {offset} the checkpoint recorded")
+        if size == offset:
+            return None
+        side = self.path.with_name(f"{self.path.name}.{tag}.orphaned")
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            tail = f.read()
+        with open(side, "ab") as g:
+            g.write(tail)
+            g.flush()
+            os.fsync(g.fileno())
+        with open(self.path, "rb+") as f:
+            f.truncate(offset)
+        return side
+
+
+def read_jsonl(paths):
+    """Records from one JSONL file, a list of files, or a folder of per-rank shards (generated*.jsonl)."""
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        if p.is_dir():
+            paths = sorted(p.glob("generated*.jsonl"))
+            if not paths:
+                raise FileNotFoundError(f"no generated*.jsonl files in {p}")
+        else:
+            paths = [p]
+    out = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"JSONL file not found: {p}")
+        out.extend(rec for _, rec in iter_jsonl(p))
+    return out
+
+
+def shard_name(rank, world_size):
+    """The JSONL file a rank appends its samples to (a single process keeps the plain name)."""
+    return f"generated.rank{rank}.jsonl" if world_size > 1 else "generated.jsonl"
+
+
+def rewind_shards(out_dir, step, tag, rank, world_size):
+    """Move the samples written after a checkpoint (generator step >= ``step``) to side files.
+
+    The checkpoint records only rank 0's byte offset, and the shards of different ranks
+    have different lengths, so the cut is found from the records' own "step" field.
+    Each rank cuts its own shard; rank 0 also cuts the shards that no current rank owns
+    (an earlier run with more ranks, or a single-process run resumed on several).
+    Returns the side files written.
+    """
+    out_dir = Path(out_dir)
+    own = out_dir / shard_name(rank, world_size)
+    paths = [own]
+    if rank == 0:
+        current = {shard_name(r, world_size) for r in range(world_size)}
+        paths += [p for p in sorted(out_dir.glob("generated*.jsonl")) if p.name not in current]
+    sides = []
+    for p in paths:
+        if not p.exists():
+            continue
+        side = JsonlWriter(p).rewind(_offset_of_step(p, step), tag)
+        if side:
+            log.warning(f"samples written after the checkpoint were moved to {side}")
+            sides.append(side)
+    return sides
+
+
+def _offset_of_step(path, step):
+    """Byte offset of the first record with record["step"] >= step (the file size if none)."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                rec_step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                rec_step = None  # a torn last line from a killed rank: it goes to the side file
+                if not line.endswith(b"\n"):
+                    return offset
+            if rec_step is not None and rec_step >= step:
+                return offset
+            offset += len(line)
+    return offset
