@@ -293,6 +293,7 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     from .config import ConfigError
+    from .run_files import RunFolderBusy
     try:
         if args.cmd == "inspect":
             if extra:
@@ -311,7 +312,7 @@ def main(argv=None):
               "distill-from-texts": cmd_distill_from_texts, "eval": cmd_eval}[args.cmd]
         result = fn(cfg, args)
         return 130 if isinstance(result, dict) and result.get("interrupted") else 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, RunFolderBusy) as e:
         print(f"ms-dfkd {args.cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,6 +10,7 @@ import bz2
 import csv
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .assets import asset_path
+
+log = logging.getLogger("ms_dfkd")
 
 # Set once for every CSV reader here and in corpus.py (which imports this module): the convention
 # speeches are single CSV fields of ~50k chars, and a user's labelled CSV may have long fields too.
@@ -147,6 +150,24 @@ def _check_file(path):
     return path
 
 
+def _not_text(path, e):
+    return ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); give a .tsv, .csv or .jsonl file")
+
+
+def read_text_lines(path):
+    """The lines of a UTF-8 text file, split on \\n only (a trailing \\r is dropped): (line number, line).
+
+    No quote processing: one line is one record, so a text that starts with a double quote cannot
+    swallow the lines after it (csv's quoting would)."""
+    path = _check_file(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_text(path, e) from None
+    for i, line in enumerate(text.split("\n"), start=1):
+        yield i, line[:-1] if line.endswith("\r") else line
+
+
 def _label_id(raw, label_names, where):
     """Map a label given as a name or an integer (or its string) to its index."""
     if isinstance(raw, bool) or raw is None:
@@ -174,7 +195,9 @@ def load_glue_tsv(path, task):
     if task.name not in ("sst2", "cola"):
         raise ValueError(f"load_glue_tsv reads the sst2 and cola layouts, not {task.name!r}")
     path = _check_file(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = [line for _, line in read_text_lines(path)]
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
     out = []
     header = lines[0].split("\t") if lines else []
     if header[:2] == ["index", "sentence"]:
@@ -206,13 +229,16 @@ def iter_jsonl(path, error=ValueError):
     """(line number, object) for each non-blank line of a JSONL file; a bad line raises ``error``
     naming the file and line."""
     with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        try:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield i, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{i}: invalid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:
+            raise error(str(_not_text(path, e))) from None
 
 
 def load_labelled_file(path, label_names, text_field="text", label_field="label"):
@@ -230,20 +256,53 @@ def load_labelled_file(path, label_names, text_field="text", label_field="label"
             if not isinstance(rec, dict) or text_field not in rec or label_field not in rec:
                 raise ValueError(f"{path}:{i}: each line needs the fields {text_field!r} and {label_field!r}")
             out.append((str(rec[text_field]), _label_id(rec[label_field], label_names, f"{path}:{i}")))
-    elif suffix in (".tsv", ".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            fields = reader.fieldnames or []
-            if text_field not in fields or label_field not in fields:
-                raise ValueError(f"{path}: the header needs the columns {text_field!r} and {label_field!r}; "
-                                 f"found {fields}")
-            for rec in reader:
-                where = f"{path}:{reader.line_num}"
-                out.append((rec[text_field], _label_id(rec[label_field], label_names, where)))
+    elif suffix == ".tsv":
+        out = _read_labelled_tsv(path, label_names, text_field, label_field)
+    elif suffix == ".csv":
+        try:
+            with open(path, encoding="utf-8", newline="") as f:
+                reader = csv.DictReader(f)
+                fields = reader.fieldnames or []
+                if text_field not in fields or label_field not in fields:
+                    raise ValueError(f"{path}: the header needs the columns {text_field!r} and {label_field!r}; "
+                                     f"found {fields}")
+                for rec in reader:
+                    where = f"{path}:{reader.line_num}"
+                    out.append((rec[text_field], _label_id(rec[label_field], label_names, where)))
+        except UnicodeDecodeError as e:
+            raise _not_text(path, e) from None
     else:
         raise ValueError(f"{path}: unsupported eval file type {suffix!r}; use .tsv, .csv or .jsonl")
     if not out:
         raise ValueError(f"{path}: no labelled examples in the file")
+    log.info(f"{path}: {len(out)} examples")
+    return out
+
+
+def _read_labelled_tsv(path, label_names, text_field, label_field):
+    """A header line naming the columns, then one example a line, tab-separated, with exactly as many
+    columns as the header; blank lines are skipped. A wrong column count names the file and line."""
+    lines = read_text_lines(path)
+    header = None
+    out = []
+    for i, line in lines:
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if header is None:
+            header = cols
+            if text_field not in header or label_field not in header:
+                raise ValueError(f"{path}: the header needs the columns {text_field!r} and {label_field!r}; "
+                                 f"found {header}")
+            t, l = header.index(text_field), header.index(label_field)
+            continue
+        if len(cols) != len(header):
+            raise ValueError(f"{path}:{i}: expected {len(header)} tab-separated columns ({', '.join(header)}), "
+                             f"got {len(cols)}")
+        out.append((cols[t], _label_id(cols[l], label_names, f"{path}:{i}")))
+    if header is None:
+        raise ValueError(f"{path}: empty file; expected a header naming the columns {text_field!r} and "
+                         f"{label_field!r}")
     return out
 
 
@@ -251,7 +310,9 @@ def load_task_file(path, task):
     """An eval file for a task: GLUE layout for sst2/cola .tsv files, else the generic reader."""
     task = get_task(task)
     if task.name in ("sst2", "cola") and str(path).lower().endswith(".tsv"):
-        return load_glue_tsv(path, task)
+        rows = load_glue_tsv(path, task)
+        log.info(f"{path}: {len(rows)} examples")
+        return rows
     return load_labelled_file(path, task.label_names)
 
 

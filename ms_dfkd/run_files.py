@@ -1,17 +1,102 @@
-"""The files of a run folder that grow as it runs: generated*.jsonl (one shard per rank) and metrics.jsonl.
+"""The files of a run folder: its lock, and the files that grow as it runs, generated*.jsonl (one shard
+per rank) and metrics.jsonl.
 
-Both are append-only JSONL. The checkpoint records how many bytes each held when it was written;
+One process at a time owns a run folder (``RunLock``: a second one would duplicate every line). The
+JSONL files are append-only. The checkpoint records how many bytes each held when it was written;
 on resume the lines written after it are moved to a side file (kept, never lost) before appending
 again, so that a resumed run writes what a straight one would.
 """
+import fcntl
 import json
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 
 from .data import iter_jsonl
 
 log = logging.getLogger("ms_dfkd")
+
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the whole run: ``flock`` on RUN_DIR/.lock, whose text names
+    the holder (pid, host, start time).
+
+    The kernel drops a flock when its process dies, however it dies (kill -9 included), so a lock file
+    left by a dead run is simply taken over, with a warning that names the old holder.
+    """
+
+    def __init__(self, out_dir):
+        self.path = Path(out_dir) / LOCK_NAME
+        self._fd = None
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise RunFolderBusy(f"run folder {self.path.parent} is in use by pid {holder.get('pid', '?')} on host "
+                                f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
+                                f"finish or choose another --run.out_dir") from None
+        old = _read_holder(fd)
+        if old:
+            log.warning(f"run folder {self.path.parent}: taking over the lock of pid {old.get('pid', '?')} on host "
+                        f"{old.get('host', '?')}, which no longer holds it (that run ended without releasing it)")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        """Empty the lock file (so that the next run sees no stale holder) and unlock it."""
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        finally:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _read_holder(fd):
+    try:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        return json.loads(text) if text else {}
+    except (OSError, ValueError):
+        return {"pid": "?", "host": "?"}
+
+
+def remove_stale_temp_files(out_dir):
+    """Delete the temporary files that an interrupted atomic write left in a run folder (``.NAME.*.tmp``).
+
+    Only called while holding the folder's lock, so no live writer owns them. Returns the paths removed."""
+    removed = []
+    for p in sorted({*Path(out_dir).glob(".*.tmp"), *Path(out_dir).glob(".tmp*")}):
+        if p.is_file():
+            p.unlink()
+            removed.append(p)
+    if removed:
+        log.warning(f"removed {len(removed)} temporary file(s) left by an interrupted save in {out_dir}: "
+                    + ", ".join(p.name for p in removed))
+    return removed
 
 
 class JsonlWriter:

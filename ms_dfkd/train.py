@@ -33,7 +33,7 @@ from .gumbel import derive_seed
 from .models.checkpoint_io import CheckpointError
 from .replay import ReplayBuffer
 from .run_checkpoint import CKPT_NAME
-from .run_files import JsonlWriter, shard_name
+from .run_files import JsonlWriter, RunLock, remove_stale_temp_files, shard_name
 from .steps import GeneratorLoss, StudentStep, loss_scaler_for, make_train_step, soft_sequence_layout
 from .vocab_bridge import build_vocab_bridge
 
@@ -302,6 +302,16 @@ class Distiller:
 
     # ------------------------------------------------------------------ the loop
     def run(self, resume=True):
+        """The whole run: warm-up, then rounds. Returns the per-round metrics, or None when Ctrl-C stopped
+        it (after saving). Rank 0 holds the run folder's lock throughout: a second process on the same
+        folder gets RunFolderBusy before it reads or writes anything there."""
+        if not self.is_main:
+            return self._run(resume)
+        with RunLock(self.out):
+            remove_stale_temp_files(self.out)
+            return self._run(resume)
+
+    def _run(self, resume):
         cfg = self.cfg
         if resume and (self.out / CKPT_NAME).exists():
             self.load_checkpoint()

@@ -132,3 +132,34 @@ def test_tasks():
     assert get_task("sentiment").num_labels == 2
     with pytest.raises(ValueError, match="unknown task 'mnli'"):
         get_task("mnli")
+
+
+def test_tsv_is_read_line_by_line_without_quote_processing(tmp_path):
+    """A text that starts with a double quote (csv's quoting would merge the lines after it into one
+    field) stays one row; every row keeps its own label."""
+    names = ["a", "b", "c", "d", "e"]
+    rows = [('"Quoted start of a headline', "a"), ("a plain one", "b"), ('ends with a quote"', "c"),
+            ('"both"', "d"), ("tab-free text with \"inner\" quotes", "e")] * 5
+    tsv = tmp_path / "topics.tsv"
+    tsv.write_bytes(("text\tlabel\r\n" + "".join(f"{t}\t{l}\r\n" for t, l in rows)).encode())
+    got = load_labelled_file(tsv, names)
+    assert got == [(t, names.index(l)) for t, l in rows]
+
+
+def test_tsv_wrong_column_count_names_file_and_line(tmp_path):
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("text\tlabel\nfine\ta\ntwo\ttabs\there\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.tsv:3: expected 2 tab-separated columns \(text, label\), got 3"):
+        load_labelled_file(tsv, ["a", "b"])
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"empty\.tsv: empty file"):
+        load_labelled_file(empty, ["a", "b"])
+
+
+@pytest.mark.parametrize("name", ["bin.tsv", "bin.csv", "bin.jsonl"])
+def test_binary_file_is_an_error_naming_it(tmp_path, name):
+    f = tmp_path / name
+    f.write_bytes(b"text\tlabel\n\xff\xfe\x00\x81garbage\t0\n")
+    with pytest.raises(ValueError, match=rf"{name.replace('.', chr(92) + '.')}: not UTF-8 text"):
+        load_labelled_file(f, ["a", "b"])

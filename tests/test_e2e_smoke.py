@@ -364,3 +364,19 @@ def test_prompt_specificity_tool(teacher, capsys):
     assert all(abs(x * 8 - round(x * 8)) < 1e-2 for x in rates)
     with pytest.raises(SystemExit, match="needs both"):
         prompt_specificity.main(["--config", SMOKE, "--teacher.checkpoint", teacher, "--template", "{label} only"])
+
+
+def test_second_process_on_a_run_folder_is_refused(teacher, tmp_path, capsys):
+    """While another process holds the run folder, distill exits 2 naming it and writes nothing there."""
+    import signal
+    from test_run_files import _hold_lock
+    out = tmp_path / "run"
+    p = _hold_lock(out)
+    try:
+        code = main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out)])
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert code == 2
+    assert f"run folder {out} is in use by pid {p.pid}" in capsys.readouterr().err
+    assert sorted(f.name for f in out.iterdir()) == [".lock"]

@@ -60,3 +60,46 @@ def test_read_jsonl_names_what_is_missing(tmp_path):
         read_jsonl(tmp_path)
     with pytest.raises(FileNotFoundError, match="nothing.jsonl"):
         read_jsonl(tmp_path / "nothing.jsonl")
+
+
+def _hold_lock(folder):
+    """A second process that takes the run folder's lock and keeps it until killed."""
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "import sys, time; from ms_dfkd.run_files import RunLock; "
+                          "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(folder)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_lock_refuses_a_second_holder_and_takes_over_from_a_dead_one(tmp_path, caplog):
+    import signal
+    import socket
+    from ms_dfkd.run_files import RunFolderBusy, RunLock
+    p = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunFolderBusy) as e:
+            RunLock(tmp_path).acquire()
+        assert f"in use by pid {p.pid} on host {socket.gethostname()}" in str(e.value)
+    finally:
+        p.send_signal(signal.SIGKILL)  # dies holding it: the lock file still names it
+        p.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == p.pid
+    with caplog.at_level("WARNING", logger="ms_dfkd"):
+        with RunLock(tmp_path):
+            assert json.loads((tmp_path / ".lock").read_text())["pid"] != p.pid
+    assert f"taking over the lock of pid {p.pid}" in caplog.text
+    assert (tmp_path / ".lock").read_text() == ""  # released: the next run sees no stale holder
+    with RunLock(tmp_path):
+        pass
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    from ms_dfkd.run_files import remove_stale_temp_files
+    stale = [tmp_path / ".checkpoint.safetensors.abc123.tmp", tmp_path / ".tmpq8x1"]
+    keep = [tmp_path / "checkpoint.safetensors", tmp_path / "generated.jsonl", tmp_path / ".lock"]
+    for f in stale + keep:
+        f.write_bytes(b"x")
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(stale)
+    assert all(f.exists() for f in keep) and not any(f.exists() for f in stale)
