@@ -199,7 +199,7 @@ def bridge_matrix(case):
 
 def noise(case):
     """The Gumbel noise of the generator batch, [B*T, V]: rows b*T + t, columns 0..V-1."""
-    from ms_dfkd.gumbel import gumbel_np
+    from kernels.gumbel_noise import gumbel_np
     B, T = case.arrays["batch/gen_ids"].shape
     return gumbel_np(case.seed, np.arange(B * T), np.arange(case.gen_cfg["vocab_size"]))
 

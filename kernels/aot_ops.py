@@ -16,9 +16,8 @@ import pathlib
 import mindspore as ms
 from mindspore import nn, ops
 
-from kernels.soft_embedding_composite import zero_grad
 from kernels.triton_config import FUSED_ROWS
-from kernels.triton_ops import ids_or_argmax, scalar_tensor, scatter_rows, table_slots
+from kernels.utils import ids_or_argmax, scalar_tensor, scatter_rows, table_slots, zero_grad
 
 LIB_ENV = "MS_DFKD_KERNELS_LIB"
 LIB_NAME = "libms_dfkd_kernels.so"
@@ -138,6 +137,8 @@ class KDLossRowsOp(nn.Cell):
     def construct(self, student, teacher, temperature):
         return self.op(student, teacher, temperature)
 
+
+# ---- entry points called by kernels.soft_embedding_op / kernels.kd_loss_op (parsed in graph mode) -----
 
 @functools.lru_cache(maxsize=None)
 def _soft_op(hard, grad_tables, two_tables):

@@ -11,7 +11,15 @@ Paths:
 
 Order of precedence: ``set_kernel_backend(name)``, then the environment variable MS_DFKD_KERNELS, then
 the device target. A path that was asked for but cannot run raises; nothing falls back silently.
+
+Every path module has the same entry points with the same arguments, so an op runs as
+    path_module(resolve_backend(op), op).<op>(args...)
+    soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
+    fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids, row_offset)
+    kd_loss_rows(student, teacher, temperature)              (kd_loss_op reduces the rows)
 """
+import functools
+import importlib
 import logging
 import os
 
@@ -21,6 +29,15 @@ logger = logging.getLogger("ms_dfkd.kernels")
 
 BACKENDS = ("composite", "aot", "triton_interpret", "triton")
 ENV_VAR = "MS_DFKD_KERNELS"
+OPS = ("soft_embedding", "fused_linear_soft_embedding", "kd_loss")
+# the module of each concrete path that holds an op's entry point
+_PATH_MODULES = {
+    "composite": {"soft_embedding": "kernels.soft_embedding_composite",
+                  "fused_linear_soft_embedding": "kernels.soft_embedding_composite",
+                  "kd_loss": "kernels.kd_loss_composite"},
+    "triton_interpret": dict.fromkeys(OPS, "kernels.triton_ops"),
+    "aot": dict.fromkeys(OPS, "kernels.aot_ops"),
+}
 
 _override = None
 _logged = set()
@@ -78,3 +95,12 @@ def resolve_backend(op_name):
         _logged.add((op_name, name))
         logger.info("%s: running the %s path (chosen by %s)", op_name, name, why)
     return name
+
+
+@functools.lru_cache(maxsize=None)
+def path_module(path, op_name):
+    """The module whose entry point runs ``op_name`` on the concrete ``path`` (from resolve_backend).
+
+    An lru_cache object: graph mode runs it in Python while the graph compiles (its arguments are
+    constants), and the importing happens only for the paths that run."""
+    return importlib.import_module(_PATH_MODULES[path][op_name])

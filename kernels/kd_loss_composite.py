@@ -1,4 +1,6 @@
-"""Temperature-scaled KD loss as MindSpore ops, in slabs of rows so that no N x V temporary exists.
+"""Temperature-scaled KD loss as MindSpore ops, in slabs of rows so that no N x V temporary exists
+(path "composite"). ``kd_loss_rows(student, teacher, temperature)`` -> loss_row [N] float32 takes the
+arguments every path takes (kernels/kd_loss_op.py reduces the rows).
 
 Per row, with p = softmax(teacher / T), q = softmax(student / T):
     loss_row = T^2 * KL(p || q) = T^2 * sum p (log p - log q)
@@ -10,12 +12,14 @@ side that plays the teacher here. The per-row KL is computed from the same log-p
 gradient, so an error in a row's log-sum-exp (MindSpore's CPU log is good to ~5e-6) cancels out of
 log p - log q - KL.
 """
+import functools
+
 import mindspore as ms
 from mindspore import nn, ops
 
-from kernels.soft_embedding_composite import per_row, row_chunks
+from kernels.utils import no_bfloat16, per_row, row_chunks
 
-_log_softmax = ops.LogSoftmax(axis=-1)  # a primitive: see soft_embedding_composite
+_log_softmax = ops.LogSoftmax(axis=-1)  # a primitive: see kernels.utils
 
 
 class KDLossRows(nn.Cell):
@@ -52,3 +56,14 @@ class KDLossRows(nn.Cell):
             dstudent.append((c * (ops.exp(log_q) - p)).astype(student.dtype))
             dteacher.append((c * p * (log_p - log_q - per_row(kl[start:stop], vocab))).astype(teacher.dtype))
         return ops.concat(dstudent, 0), ops.concat(dteacher, 0)
+
+
+# ---- entry point called by kernels.kd_loss_op (parsed in graph mode) -------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _rows_cell(temperature):
+    return KDLossRows(temperature)
+
+
+def kd_loss_rows(student, teacher, temperature):
+    return _rows_cell(float(temperature))(no_bfloat16(student), no_bfloat16(teacher))

@@ -3,24 +3,16 @@
     loss_n = T^2 * KL(softmax(teacher_n / T) || softmax(student_n / T))      per row n of [N, V]
     "none" -> [N];  "sum" -> sum_n w_n loss_n;  "mean" -> sum_n w_n loss_n / sum_n w_n  (w = 1 without
     row_weights; an all-zero mask gives 0, not NaN)
-Gradients reach both inputs. The per-row op is chosen by kernels.dispatch; the reduction is plain
-MindSpore arithmetic on [N] values, so its gradient comes from autodiff. Returns float32.
+Gradients reach both inputs. The per-row op, kd_loss_rows(student, teacher, temperature), runs on the
+path chosen by kernels.dispatch; the reduction is plain MindSpore arithmetic on [N] values, so its
+gradient comes from autodiff. Returns float32.
 """
-import functools
-import importlib
-
 import mindspore as ms
 from mindspore import ops
 
 from kernels import dispatch
-from kernels.kd_loss_composite import KDLossRows
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-@functools.lru_cache(maxsize=None)
-def _rows_cell(temperature):
-    return KDLossRows(temperature)
 
 
 @ops.constexpr
@@ -42,16 +34,7 @@ def kd_loss(student_logits, teacher_logits, temperature, reduction="mean", row_w
     weights_shape = None if row_weights is None else tuple(row_weights.shape)
     _check(tuple(student_logits.shape), tuple(teacher_logits.shape), float(temperature), reduction, weights_shape)
     path = dispatch.resolve_backend("kd_loss")
-    if path == "composite":
-        # MindSpore's CPU slice has no bfloat16 kernel; the composite computes in float32 anyway
-        if student_logits.dtype == ms.bfloat16:
-            student_logits = student_logits.astype(ms.float32)
-        if teacher_logits.dtype == ms.bfloat16:
-            teacher_logits = teacher_logits.astype(ms.float32)
-        rows = _rows_cell(float(temperature))(student_logits, teacher_logits)
-    else:
-        module = importlib.import_module("kernels.triton_ops" if path == "triton_interpret" else "kernels.aot_ops")
-        rows = module.kd_loss_rows(student_logits, teacher_logits, float(temperature))
+    rows = dispatch.path_module(path, "kd_loss").kd_loss_rows(student_logits, teacher_logits, float(temperature))
     if reduction == "none":
         return rows
     if row_weights is None:

@@ -1,8 +1,15 @@
-"""Gumbel-softmax soft embedding as MindSpore ops, in slabs of rows so that no N x V temporary exists.
+"""Gumbel-softmax soft embedding as MindSpore ops, in slabs of rows so that no N x V temporary exists
+(path "composite").
 
-Both ops walk the tokens in slabs of [rows, V] (about CHUNK_ELEMENTS values each): a slab's noise,
-probabilities and gradients live only while it is processed. Every output is at most [N, V] (the
-logits' gradient, which the op must return) or [N, sum H].
+    soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
+    fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids, row_offset)
+
+take the arguments every path takes (kernels/soft_embedding_op.py has the contract); they derive the
+per-row noise keys from (seed, row_offset) with kernels.utils.row_keys and run the Cells below.
+
+Both ops walk the tokens in slabs of [rows, V] (about kernels.utils.CHUNK_ELEMENTS values each): a
+slab's noise, probabilities and gradients live only while it is processed. Every output is at most
+[N, V] (the logits' gradient, which the op must return) or [N, sum H].
 
 soft_embedding: forward, per slab, x = logits + g, then k = argmax(x) (hard mode: the value is the
 gathered rows, no softmax is needed) or y = softmax(x / tau) and soft = y @ T. The backward regenerates
@@ -18,28 +25,21 @@ values are therefore tiled to full width before use.
 
 Both are ``nn.Cell`` with a ``bprop`` method, which is how MindSpore takes a custom backward in
 GRAPH_MODE as well as PyNative. The slab loops are Python loops over static shapes (unrolled in graph
-mode, hence MAX_CHUNKS). Forward and backward compute in float32 whatever the input dtype.
+mode, hence kernels.utils.MAX_CHUNKS). Forward and backward compute in float32 whatever the input dtype.
 """
 import functools
 
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 
-from ms_dfkd.gumbel import MASK32, MIX_MULT, U_MAX, U_MIN, mix32_np
+from kernels.utils import gumbel, no_bfloat16, per_row, row_chunks, row_keys, scatter_rows, zero_grad
 
-# The upper clamp bound as a float32 value, as gumbel_np applies it.
-_U_MAX32 = float(np.float32(U_MAX))
-assert U_MIN < 2.0 ** -24
-# One slab holds about this many values. The fused-linear op's point is memory, so its slabs are
-# small; on CPU each slab also re-reads the LM head in matmuls with few rows, so its time grows
-# as slabs shrink. Measured at N=4096, V=49152, Hg=576 on 2 cores before the grouped backward below
-# (peak above inputs / time, against 2864 MB / 23 s for logits + the composite): 1M values 268 MB /
-# 66 s, 2M 334 MB / 40 s, 4M 509 MB / 30 s, 8M 785 MB / 26 s (times vary by a third between runs).
-# The slab loops are unrolled in graph mode, so their number is capped.
-CHUNK_ELEMENTS = 1 << 22
+# The fused-linear op's point is memory, so its slabs are smaller than the CHUNK_ELEMENTS of kernels.utils;
+# on CPU each slab also re-reads the LM head in matmuls with few rows, so its time grows as slabs shrink.
+# Measured at N=4096, V=49152, Hg=576 on 2 cores before the grouped backward below (peak above inputs /
+# time, against 2864 MB / 23 s for logits + the composite): 1M values 268 MB / 66 s, 2M 334 MB / 40 s,
+# 4M 509 MB / 30 s, 8M 785 MB / 26 s (times vary by a third between runs).
 FUSED_CHUNK_ELEMENTS = 1 << 20
-MAX_CHUNKS = 256
 # The fused backward computes dhidden = dlogits @ lm_head and dlm_head += dlogits^T @ h once per this
 # many slabs, not once per slab: with slabs of ~20 rows those GEMMs and the read-modify-write of the
 # [V, Hg] sum are memory-bound, and per slab they took about half the backward. A group's dlogits
@@ -53,89 +53,13 @@ FUSED_DWEIGHT_GROUP = 8
 _matmul = ops.MatMul()
 _matmul_tb = ops.MatMul(transpose_b=True)
 _matmul_ta = ops.MatMul(transpose_a=True)
-_tile = ops.Tile()
 _softmax = ops.Softmax(axis=-1)
-
-
-# The chunker is an lru_cache object, which graph mode runs in Python (its arguments are constants).
-@functools.lru_cache(maxsize=None)
-def row_chunks(n_rows, vocab, elements=None):
-    """((start, stop), ...) over the tokens: slabs of about ``elements`` values (CHUNK_ELEMENTS by
-    default), at most MAX_CHUNKS of them."""
-    elements = elements or CHUNK_ELEMENTS
-    size = min(n_rows, max(elements // max(vocab, 1), -(-n_rows // MAX_CHUNKS), 1))
-    return tuple((start, min(start + size, n_rows)) for start in range(0, n_rows, size))
-
-
-_MIX = ms.Tensor(np.uint32(MIX_MULT))
-_SHIFT16 = ms.Tensor(np.uint32(16))
-_SHIFT9 = ms.Tensor(np.uint32(9))
 
 
 @functools.lru_cache(maxsize=None)
 def _vocab_blocks(vocab, n_blocks=16):
     size = -(-vocab // n_blocks)
     return tuple((start, min(start + size, vocab)) for start in range(0, vocab, size))
-
-
-def mix32(x):
-    """The hash of ms_dfkd.gumbel on uint32 lanes, whose products wrap mod 2**32 like the numpy
-    version's int64 & 0xFFFFFFFF (half the memory of int64 lanes, and no masking).
-
-    The noise below is this module's own rather than gumbel_ms for three reasons: uint32 lanes; logs
-    in float64 (1 float32 ulp from gumbel_np instead of about 4e-6); constant column hashes (graph
-    mode's arange over constant bounds fails to compile inside a bprop)."""
-    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, _SHIFT16))
-    x = x * _MIX
-    x = ops.bitwise_xor(x, ops.bitwise_right_shift(x, _SHIFT16))
-    x = x * _MIX
-    return ops.bitwise_xor(x, ops.bitwise_right_shift(x, _SHIFT16))
-
-
-@functools.lru_cache(maxsize=128)
-def _column_hashes(start, stop):
-    """mix32(col) for col in start..stop-1, as a constant [1, C] uint32 tensor (graph mode's arange
-    with constant bounds fails to compile, and the hash of a column never changes)."""
-    return ms.Tensor(mix32_np(np.arange(start, stop)).astype(np.uint32).reshape(1, -1))
-
-
-@functools.lru_cache(maxsize=64)
-def _row_ids(n_rows, row_offset):
-    return ms.Tensor(((np.arange(n_rows, dtype=np.int64) + row_offset) & MASK32).astype(np.uint32))
-
-
-def per_row(column, width):
-    """[R, 1] -> [R, width], materialised: MindSpore's CPU kernels are ~10x slower on a broadcast
-    operand than on two same-shape ones, and tiling costs less than an add."""
-    return _tile(column, (1, width))
-
-
-def gumbel(keys, start, stop):
-    """Gumbel noise [R, stop - start] of ms_dfkd.gumbel for uint32 row keys [R] and columns start..stop-1.
-
-    The logs run in float64: MindSpore's float32 log on CPU in graph mode is off by up to 5e-6 and
-    returns 0 just below 1, which turns into errors of 5e-3 in -log(-log u). The float64 result rounded
-    to float32 is within one float32 ulp of gumbel_np. The lower clamp of gumbel_np (U_MIN = 1e-10)
-    never binds, since u >= 2**-24, so only the upper one is applied."""
-    cols = _column_hashes(start, stop)
-    h = mix32(ops.bitwise_xor(per_row(keys.reshape(-1, 1), stop - start), _tile(cols, (keys.shape[0], 1))))
-    u = (ops.bitwise_right_shift(h, _SHIFT9).astype(ms.float64) + 0.5) * (2.0 ** -23)
-    u = ops.minimum(u, _U_MAX32)
-    return (-ops.log(-ops.log(u))).astype(ms.float32)
-
-
-def row_keys(seed, n_rows, row_offset=0):
-    """uint32 [N]: the per-row hash mix(mix(seed) ^ row) of ms_dfkd.gumbel.row_keys_np."""
-    if isinstance(seed, int):
-        seed = ms.Tensor(seed & MASK32, ms.int64)
-    seed = ops.bitwise_and(seed.astype(ms.int64).reshape(1), MASK32).astype(ms.uint32)
-    return mix32(ops.bitwise_xor(mix32(seed), _row_ids(n_rows, row_offset)))
-
-
-def zero_grad(x):
-    """A zero gradient for an input that gets none: a broadcast view, which in PyNative allocates
-    nothing (ops.zeros_like of a [V, H] table would allocate 113 MB at SmolLM2's size)."""
-    return ops.broadcast_to(ops.zeros((1,) * len(x.shape), x.dtype), x.shape)
 
 
 def _split_columns(x, tables):
@@ -157,8 +81,7 @@ def _scatter_rows(tables, k, dvalue):
     """one_hot(k)^T @ dvalue, split per table: the gradient of the gathered rows."""
     grads = []
     for tbl, d in zip(tables, _split_columns(dvalue, tables)):
-        zero = ops.zeros(tbl.shape, ms.float32)
-        grads.append(ops.tensor_scatter_add(zero, k.reshape(-1, 1), d).astype(tbl.dtype))
+        grads.append(scatter_rows(tbl, k, d).astype(tbl.dtype))
     return grads
 
 
@@ -314,3 +237,27 @@ class FusedLinearSoftEmbedding(nn.Cell):
         dids = None if ids is None else zero_grad(ids)
         return (ops.concat(dhidden, 0).astype(hidden.dtype), dweight.astype(lm_head.dtype),
                 zero_grad(keys), tuple(dtables), dids)
+
+
+# ---- entry points called by kernels.soft_embedding_op (parsed in graph mode) ---------------------------
+
+@functools.lru_cache(maxsize=None)
+def _soft_cell(tau, hard, grad_tables):
+    return SoftEmbedding(tau, hard, grad_tables)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_cell(tau, hard):
+    return FusedLinearSoftEmbedding(tau, hard)
+
+
+def soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables):
+    keys = row_keys(seed, logits.shape[0], row_offset)
+    out = _soft_cell(float(tau), bool(hard), bool(grad_tables))(
+        no_bfloat16(logits), keys, tuple(no_bfloat16(t) for t in tables), ids)[0]
+    return out.astype(ms.bfloat16) if ms.bfloat16 in (logits.dtype, *[t.dtype for t in tables]) else out
+
+
+def fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids, row_offset):
+    keys = row_keys(seed, hidden.shape[0], row_offset)
+    return _fused_cell(float(tau), bool(hard))(hidden, lm_head, keys, tuple(tables), ids)[0]

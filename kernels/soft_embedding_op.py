@@ -4,8 +4,9 @@
     fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard=True, ids=None, row_offset=0)
 
 Both return [N, sum(H_i)]: the tables' embeddings side by side (teacher and student tables go in one
-pass, with the same noise). Noise: g[n, v] = ms_dfkd.gumbel noise of (seed, row_offset + n, v), with
-seed a python int or an int64 scalar tensor. y = softmax((logits + g) / tau).
+pass, with the same noise). Noise: g[n, v] = kernels.gumbel_noise.gumbel_np noise of (seed,
+row_offset + n, v), with seed a python int or an int64 scalar tensor and row_offset a python int.
+y = softmax((logits + g) / tau).
     soft mode:  value = y @ concat(tables)
     hard mode:  value = concat(tables)[k], k = ids if given else argmax(logits + g) (an exact row gather);
                 straight-through: d value / d logits is taken as that of the soft y @ T.
@@ -15,30 +16,12 @@ otherwise, and always on the fused-linear op, zeros. Outputs have the tables' dt
 float32 whatever the input dtypes.
 
 These functions are parsed by MindSpore in graph mode, so everything that is plain Python (checks,
-dispatch, op caches) lives in constexpr / lru_cache helpers that run while the graph compiles.
+dispatch, op caches) lives in constexpr / lru_cache helpers that run while the graph compiles. After the
+checks, kernels.dispatch names the path, and that path's module runs the op with these same arguments.
 """
-import functools
-import importlib
-
-import mindspore as ms
 from mindspore import ops
 
 from kernels import dispatch
-from kernels import soft_embedding_composite as composite
-
-
-@functools.lru_cache(maxsize=None)
-def _soft_cell(tau, hard, grad_tables):
-    return composite.SoftEmbedding(tau, hard, grad_tables)
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_cell(tau, hard):
-    return composite.FusedLinearSoftEmbedding(tau, hard)
-
-
-def _path_module(path):
-    return importlib.import_module("kernels.triton_ops" if path == "triton_interpret" else "kernels.aot_ops")
 
 
 @ops.constexpr
@@ -72,12 +55,6 @@ def _check_tables(name, n_rows, vocab, tables, tau, ids):
     return _check(name, n_rows, vocab, shapes, dtypes, float(tau), ids_shape)
 
 
-def _cpu_slicable(x):
-    """The composite slices its inputs in row slabs and computes in float32; MindSpore's CPU slice has no
-    bfloat16 kernel, so bfloat16 is cast once here (the cast's gradient returns bfloat16)."""
-    return x.astype(ms.float32) if x.dtype == ms.bfloat16 else x
-
-
 def soft_embedding(logits, tables, seed, tau, hard=True, ids=None, row_offset=0, grad_tables=False):
     """Gumbel-softmax soft embedding of logits [N, V] through tables [V, H_i] -> [N, sum H_i]."""
     _check_2d("soft_embedding", "logits", logits.shape)
@@ -85,12 +62,8 @@ def soft_embedding(logits, tables, seed, tau, hard=True, ids=None, row_offset=0,
     _check_tables("soft_embedding", n_rows, vocab, tables, tau, ids)
     tables = tuple(tables)
     path = dispatch.resolve_backend("soft_embedding")
-    if path == "composite":
-        keys = composite.row_keys(seed, n_rows, row_offset)
-        out = _soft_cell(float(tau), bool(hard), bool(grad_tables))(
-            _cpu_slicable(logits), keys, tuple(_cpu_slicable(t) for t in tables), ids)[0]
-        return out.astype(ms.bfloat16) if ms.bfloat16 in (logits.dtype, *[t.dtype for t in tables]) else out
-    return _path_module(path).soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
+    return dispatch.path_module(path, "soft_embedding").soft_embedding(
+        logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
 
 
 def fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard=True, ids=None, row_offset=0):
@@ -101,8 +74,5 @@ def fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard=True, i
     _check_tables("fused_linear_soft_embedding", n_rows, vocab, tables, tau, ids)
     tables = tuple(tables)
     path = dispatch.resolve_backend("fused_linear_soft_embedding")
-    if path == "composite":
-        keys = composite.row_keys(seed, n_rows, row_offset)
-        return _fused_cell(float(tau), bool(hard))(hidden, lm_head, keys, tables, ids)[0]
-    return _path_module(path).fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids,
-                                                          row_offset)
+    return dispatch.path_module(path, "fused_linear_soft_embedding").fused_linear_soft_embedding(
+        hidden, lm_head, tables, seed, tau, hard, ids, row_offset)

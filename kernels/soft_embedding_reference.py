@@ -19,7 +19,7 @@ Backward for an upstream gradient dout [N, sum H]:
 """
 import numpy as np
 
-from ms_dfkd.gumbel import gumbel_np
+from kernels.gumbel_noise import gumbel_np
 
 
 def _as64(x):

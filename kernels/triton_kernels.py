@@ -8,15 +8,15 @@ and strides are int32; tables, hidden states and the LM head are float32 (the ca
 be float32, float16 or bfloat16 and their gradient has their dtype.
 
 Gumbel noise is regenerated in every kernel from (seed, row, column) with the integer hash of
-ms_dfkd.gumbel, on uint32 lanes whose products wrap mod 2**32 exactly like the int64 & 0xFFFFFFFF of
-the numpy version.
+kernels/gumbel_noise.py, on uint32 lanes whose products wrap mod 2**32 exactly like the int64 &
+0xFFFFFFFF of the numpy version.
 """
 import triton
 import triton.language as tl
 
 from kernels.triton_config import (FUSED_ROWS, KD_BLOCK, MM_BLOCK_K, MM_BLOCK_M,  # noqa: F401 (re-exported)
                                    MM_BLOCK_N, SE_BLOCK_H, SE_BLOCK_M, SE_BLOCK_V)
-from ms_dfkd.gumbel import MIX_MULT, U_MAX, U_MIN
+from kernels.gumbel_noise import MIX_MULT, U_MAX, U_MIN
 
 _MIX: tl.constexpr = tl.constexpr(MIX_MULT)
 _U_MIN: tl.constexpr = tl.constexpr(U_MIN)
@@ -43,7 +43,7 @@ def row_keys(seed_ptr, row_offset_ptr, row_base, offs_m):
 
 @triton.jit
 def uniform(keys, cols):
-    """[BLOCK_M, BLOCK_V] uniforms of ms_dfkd.gumbel.uniform_np (bit for bit)."""
+    """[BLOCK_M, BLOCK_V] uniforms of kernels.gumbel_noise.uniform_np (bit for bit)."""
     h = _mix32(keys[:, None] ^ _mix32(cols.to(tl.uint32))[None, :])
     u = ((h >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07  # 2**-23
     return tl.minimum(tl.maximum(u, _U_MIN), _U_MAX)

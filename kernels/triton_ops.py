@@ -15,8 +15,7 @@ import numpy as np
 from mindspore import nn, ops
 
 from kernels import triton_runtime as rt
-from kernels.soft_embedding_composite import zero_grad
-from ms_dfkd.gumbel import MASK32
+from kernels.utils import ids_or_argmax, scalar_tensor, scatter_rows, table_slots, zero_grad
 
 
 def _custom(fn, out_shape, out_dtype, bprop=None):
@@ -25,11 +24,6 @@ def _custom(fn, out_shape, out_dtype, bprop=None):
 
 def _tables_of(t0, t1, two_tables):
     return (t0, t1) if two_tables else (t0,)
-
-
-def scatter_rows(table, k, dvalue):
-    """one_hot(k)^T @ dvalue: the gradient of the gathered rows of a [V, H] table (float32)."""
-    return ops.tensor_scatter_add(ops.zeros(table.shape, ms.float32), k.reshape(-1, 1), dvalue)
 
 
 class SoftEmbeddingOp(nn.Cell):
@@ -142,7 +136,7 @@ class KDLossRowsOp(nn.Cell):
         return self.op(student, teacher)
 
 
-# ---- entry points called by kernels.soft_embedding / kernels.kd_loss (parsed in graph mode) ---------
+# ---- entry points called by kernels.soft_embedding_op / kernels.kd_loss_op (parsed in graph mode) -----
 
 @functools.lru_cache(maxsize=None)
 def _soft_op(tau, hard, grad_tables, two_tables):
@@ -159,36 +153,11 @@ def _kd_op(temperature):
     return KDLossRowsOp(temperature)
 
 
-def scalar_tensor(value, dtype):
-    """A python number or a 0/1-element tensor as a [1] tensor (the kernels load scalars from memory)."""
-    if isinstance(value, int):
-        return ms.Tensor([value & MASK32], dtype)
-    if isinstance(value, float):
-        return ms.Tensor([value], dtype)
-    return value.astype(dtype).reshape((1,))
-
-
 def kernel_float(x):
     """float32 and float16 go to the kernels as they are; bfloat16 (no numpy dtype) as float32."""
     if x.dtype == ms.float32 or x.dtype == ms.float16:
         return x
     return x.astype(ms.float32)
-
-
-def table_slots(tables):
-    """The kernels' two table slots, float32: (t0, t1, two_tables); tables after the first share slot two."""
-    t0 = tables[0].astype(ms.float32)
-    if len(tables) == 1:
-        return t0, t0, False
-    if len(tables) == 2:
-        return t0, tables[1].astype(ms.float32), True
-    return t0, ops.concat(tables[1:], 1).astype(ms.float32), True
-
-
-def ids_or_argmax(ids, n_rows):
-    if ids is None:
-        return ops.full((n_rows,), -1, dtype=ms.int32)
-    return ids.astype(ms.int32)
 
 
 def soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables):

@@ -14,7 +14,7 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 
-from .gumbel import derive_seed
+from kernels.gumbel_noise import derive_seed
 from .models.checkpoint_io import CheckpointError, load_safetensors, safetensors_metadata, save_safetensors
 from .run_files import rewind_shards
 

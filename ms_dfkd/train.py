@@ -29,7 +29,7 @@ from .config import save_config
 from .corpus import Corpus, CorpusSampler, balanced_labels
 from .data import load_split
 from .distributed import ranks_agree
-from .gumbel import derive_seed
+from kernels.gumbel_noise import derive_seed
 from .models.checkpoint_io import CheckpointError
 from .replay import ReplayBuffer
 from .run_checkpoint import CKPT_NAME

@@ -23,7 +23,7 @@ from kernels import kd_loss_reference as kref  # noqa: E402  (numpy only)
 from kernels import soft_embedding_reference as sref  # noqa: E402
 from kernels.triton_config import FUSED_ROWS  # noqa: E402
 from kernels.triton_runtime import from_bf16_bits, to_bf16_bits  # noqa: E402
-from ms_dfkd.gumbel import gumbel_np, uniform_np  # noqa: E402
+from kernels.gumbel_noise import gumbel_np, uniform_np  # noqa: E402
 
 import cupy as cp  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 
 from kernels import kd_loss_reference as kref
 from kernels import soft_embedding_reference as sref
-from ms_dfkd.gumbel import gumbel_np
+from kernels.gumbel_noise import gumbel_np
 
 
 def _central_difference(f, x, eps=1e-6):

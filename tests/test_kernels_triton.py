@@ -18,7 +18,7 @@ from kernels import dispatch, fused_linear_soft_embedding, kd_loss, soft_embeddi
 from kernels import kd_loss_reference as kref  # noqa: E402
 from kernels import soft_embedding_reference as sref  # noqa: E402
 from kernels import triton_runtime as rt  # noqa: E402
-from ms_dfkd.gumbel import gumbel_np, uniform_np  # noqa: E402
+from kernels.gumbel_noise import gumbel_np, uniform_np  # noqa: E402
 
 # the interpreter's own int(array) calls, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

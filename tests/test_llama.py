@@ -6,7 +6,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
-from ms_dfkd.gumbel import gumbel_np
+from kernels.gumbel_noise import gumbel_np
 from ms_dfkd.models.checkpoint_io import CheckpointError, state_of
 from ms_dfkd.models.llama import LlamaConfig, LlamaForCausalLM, set_trainable
 from ms_dfkd.models.llama_sampling import sample

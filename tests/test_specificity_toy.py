@@ -13,7 +13,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter
 
 from ms_dfkd.config import LossConfig
-from ms_dfkd.gumbel import derive_seed
+from kernels.gumbel_noise import derive_seed
 from ms_dfkd.models.llama import LlamaConfig, LlamaForCausalLM, set_trainable
 from ms_dfkd.models.llama_sampling import sample
 from ms_dfkd.steps import GeneratorLoss, make_train_step, soft_sequence_layout

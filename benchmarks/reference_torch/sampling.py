@@ -2,14 +2,14 @@
 
 Contract (the one ms_dfkd's sampler and training step share):
     z[b, t] = argmax_v(logits[b, t, v] / temperature + g[b, t, v]) over the top-p nucleus,
-    g[b, t, :] = ms_dfkd.gumbel.gumbel_np(seed, [b * max_new_tokens + t], arange(V)).
+    g[b, t, :] = kernels.gumbel_noise.gumbel_np(seed, [b * max_new_tokens + t], arange(V)).
 A row stops at its first token in {eos_id} | stop_ids: new_mask is 1 before the stop, the stop
 token is kept in new_ids, pad_id after it.
 """
 import numpy as np
 import torch
 
-from ms_dfkd.gumbel import gumbel_np
+from kernels.gumbel_noise import gumbel_np
 
 
 def _pick(logits, noise, temperature, top_p):

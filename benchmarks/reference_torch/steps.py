@@ -1,6 +1,6 @@
 """The DFKD-T3 generator step and student step in eager PyTorch, written from shared/METHOD.md.
 
-Everything random comes in as data: the Gumbel noise g [B*T, V] (ms_dfkd.gumbel.gumbel_np of the
+Everything random comes in as data: the Gumbel noise g [B*T, V] (kernels.gumbel_noise.gumbel_np of the
 batch's seed, rows b*T + t), the sampled tokens and their mask, the prompts and the labels, so that
 this code and ms_dfkd see identical numbers.
 

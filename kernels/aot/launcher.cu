@@ -328,7 +328,7 @@ MS_DFKD_AOT(MsDfkdKdBackward) {
   return launch("kd_backward_kernel", variant, static_cast<int>(n), cdiv(vocab, KD_BLOCK), a, stream);
 }
 
-// The Gumbel noise alone, for checking it on a GPU against ms_dfkd.gumbel.gumbel_np.
+// The Gumbel noise alone, for checking it on a GPU against kernels.gumbel_noise.gumbel_np.
 // inputs: seed [1] int64, row_offset [1] int64;  outputs: g [N, V] f32, u [N, V] f32
 MS_DFKD_AOT(MsDfkdGumbel) {
   if (nparam != 4) return 1;

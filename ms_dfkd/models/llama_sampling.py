@@ -10,7 +10,7 @@ and step graphs, paid once per shape and cached by MindSpore for the process.
 
 Gumbel-max sampling (the noise contract shared with the training step):
     z[b, t] = argmax_v( l[b, t, v] / temperature + g[b, t, v] ),  v in the top-p nucleus
-    g[b, t, :] = ms_dfkd.gumbel noise of (seed, row = b * max_new_tokens + t, col = v), v = 0..V-1
+    g[b, t, :] = kernels.gumbel_noise noise of (seed, row = b * max_new_tokens + t, col = v), v = 0..V-1
 i.e. exactly ``gumbel_np(seed, [b * max_new_tokens + t], np.arange(V))``. The training
 step regenerates the same g from (seed, row, col) instead of storing it. The nucleus is
 the smallest set of tokens whose softmax(l / temperature) mass reaches top_p (ties at the
@@ -28,7 +28,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import ops, Tensor
 
-from ..gumbel import gumbel_np
+from kernels.gumbel_noise import gumbel_np
 
 _NEG_INF = float("-inf")
 
