@@ -1,6 +1,6 @@
 """The ahead-of-time compiled Triton kernels as MindSpore ``aot`` custom ops with bprop (path "aot", GPU).
 
-The shared library comes from scripts/build_kernels.sh (default kernels/build/libms_dfkd_kernels.so,
+The shared library comes from scripts/build_kernels.sh (default kernels/build/libdfkd_kernels.so,
 or the file named by MS_DFKD_KERNELS_LIB); its entry points are in kernels/aot/launcher.cu. The ops
 mirror kernels/triton_ops.py (same inputs, outputs and bprops), except that tau and the temperature
 travel as 1-element tensors, since aot ops take no attributes. Tables, hidden states and the LM head
@@ -20,7 +20,7 @@ from kernels.triton_config import FUSED_ROWS
 from kernels.utils import ids_or_argmax, scalar_tensor, scatter_rows, table_slots, zero_grad
 
 LIB_ENV = "MS_DFKD_KERNELS_LIB"
-LIB_NAME = "libms_dfkd_kernels.so"
+LIB_NAME = "libdfkd_kernels.so"
 
 
 def library_path():

@@ -25,7 +25,7 @@ import os
 
 from mindspore import ops
 
-logger = logging.getLogger("ms_dfkd.kernels")
+logger = logging.getLogger("kernels")
 
 BACKENDS = ("composite", "aot", "triton_interpret", "triton")
 ENV_VAR = "MS_DFKD_KERNELS"

@@ -6,7 +6,7 @@
 #   OUT=dir PYTHON=python scripts/build_kernels.sh
 #
 # Needs no GPU: Triton's compiler runs ptxas here, and nvcc only compiles host code. The result,
-# $OUT/libms_dfkd_kernels.so (default kernels/build/), is what kernels/aot_ops.py loads; run
+# $OUT/libdfkd_kernels.so (default kernels/build/), is what kernels/aot_ops.py loads; run
 # scripts/gpu_check_kernels.sh on a GPU machine to check it against the numpy references.
 set -euo pipefail
 
@@ -28,10 +28,10 @@ echo "== compiling Triton kernels for sm_$ARCH into $OUT/aot_kernels.h"
 (cd "$ROOT" && env -u TRITON_INTERPRET "$PYTHON" -m kernels.aot_build --arch "$ARCH" --out "$OUT")
 
 # Hopper's Triton cubins target sm_90a; the launcher is host code, the -gencode only stamps the arch.
-echo "== building $OUT/libms_dfkd_kernels.so with $NVCC"
+echo "== building $OUT/libdfkd_kernels.so with $NVCC"
 "$NVCC" -O2 -std=c++17 -shared -Xcompiler -fPIC \
   -gencode "arch=compute_$ARCH,code=sm_$ARCH" \
-  -I"$OUT" "$ROOT/kernels/aot/launcher.cu" -o "$OUT/libms_dfkd_kernels.so" -ldl
-echo "== built $OUT/libms_dfkd_kernels.so"
-nm -D --defined-only "$OUT/libms_dfkd_kernels.so" | grep -o 'MsDfkd[A-Za-z]*' | sort | tr '\n' ' '
+  -I"$OUT" "$ROOT/kernels/aot/launcher.cu" -o "$OUT/libdfkd_kernels.so" -ldl
+echo "== built $OUT/libdfkd_kernels.so"
+nm -D --defined-only "$OUT/libdfkd_kernels.so" | grep -o 'MsDfkd[A-Za-z]*' | sort | tr '\n' ' '
 echo

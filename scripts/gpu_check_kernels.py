@@ -1,6 +1,6 @@
 """Check the aot Triton kernels on a GPU against the numpy references, then time them.
 
-    python3 scripts/gpu_check_kernels.py [--lib kernels/build/libms_dfkd_kernels.so] [--no-timing]
+    python3 scripts/gpu_check_kernels.py [--lib kernels/build/libdfkd_kernels.so] [--no-timing]
 
 Runs where MindSpore is absent (the lent GPU machines have CuPy, not MindSpore): it calls the library's
 entry points through the same C ABI that MindSpore's aot custom op uses, with CuPy device buffers and
@@ -249,7 +249,7 @@ def timing(lib):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lib", default=str(ROOT / "kernels" / "build" / "libms_dfkd_kernels.so"))
+    parser.add_argument("--lib", default=str(ROOT / "kernels" / "build" / "libdfkd_kernels.so"))
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
     lib = Lib(args.lib)

@@ -41,7 +41,7 @@ struct Driver {
 template <typename F>
 bool resolve(void *lib, const char *name, F *fn) {
   *fn = reinterpret_cast<F>(dlsym(lib, name));
-  if (*fn == nullptr) fprintf(stderr, "ms_dfkd aot kernels: libcuda.so.1 has no %s\n", name);
+  if (*fn == nullptr) fprintf(stderr, "kernels/aot: libcuda.so.1 has no %s\n", name);
   return *fn != nullptr;
 }
 
@@ -54,7 +54,7 @@ const Driver *driver() {
   state = -1;
   void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
   if (lib == nullptr) {
-    fprintf(stderr, "ms_dfkd aot kernels: cannot open libcuda.so.1: %s\n", dlerror());
+    fprintf(stderr, "kernels/aot: cannot open libcuda.so.1: %s\n", dlerror());
     return nullptr;
   }
   bool ok = resolve(lib, "cuInit", &d.Init) && resolve(lib, "cuDeviceGet", &d.DeviceGet) &&
@@ -81,7 +81,7 @@ bool check(CUresult r, const char *what) {
   if (r == CUDA_SUCCESS) return true;
   const char *msg = nullptr;
   driver()->GetErrorString(r, &msg);
-  fprintf(stderr, "ms_dfkd aot kernels: %s failed: %s\n", what, msg ? msg : "unknown error");
+  fprintf(stderr, "kernels/aot: %s failed: %s\n", what, msg ? msg : "unknown error");
   return false;
 }
 
@@ -102,7 +102,7 @@ int find_kernel(const char *name, const char *variant) {
   for (int i = 0; i < kNumAotKernels; ++i) {
     if (strcmp(kAotKernels[i].name, name) == 0 && strcmp(kAotKernels[i].variant, variant) == 0) return i;
   }
-  fprintf(stderr, "ms_dfkd aot kernels: no cubin for %s [%s]\n", name, variant);
+  fprintf(stderr, "kernels/aot: no cubin for %s [%s]\n", name, variant);
   return -1;
 }
 
@@ -165,7 +165,7 @@ const char *variant_of(const char *dtype) {
   if (strcmp(dtype, "float32") == 0 || strcmp(dtype, "float") == 0) return "fp32";
   if (strcmp(dtype, "float16") == 0 || strcmp(dtype, "half") == 0) return "fp16";
   if (strcmp(dtype, "bfloat16") == 0 || strcmp(dtype, "bf16") == 0) return "bf16";
-  fprintf(stderr, "ms_dfkd aot kernels: unsupported logits dtype %s\n", dtype);
+  fprintf(stderr, "kernels/aot: unsupported logits dtype %s\n", dtype);
   return nullptr;
 }
 
