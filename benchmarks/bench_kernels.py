@@ -1,10 +1,13 @@
 """Time and peak memory of the fused ops against unfused / unchunked MindSpore, forward + backward.
 
-    python scripts/bench_kernels.py                          # the issue's grid (slow on 2 cores)
-    python scripts/bench_kernels.py --n 512 --v 30522 --h 384 --ops soft_embedding kd_loss
-    python scripts/bench_kernels.py --backend aot            # on a GPU with MindSpore and the built library
-    python scripts/bench_kernels.py --ops fused_linear --n 4096 --v 49152 --h 576 \
+    python -m benchmarks.bench_kernels                       # from the repository root; the issue's grid
+                                                             # (slow on 2 cores)
+    python -m benchmarks.bench_kernels --n 512 --v 30522 --h 384 --ops soft_embedding kd_loss
+    python -m benchmarks.bench_kernels --backend aot         # on a GPU with MindSpore and the built library
+    python -m benchmarks.bench_kernels --ops fused_linear --n 4096 --v 49152 --h 576 \
         --variants logits+composite fused --fused-dweight-group 1 8   # fused once per LM-head grad group
+
+(``python benchmarks/bench_kernels.py`` works too, where the ms-dfkd package is installed.)
 
 Each (op, variant, N, V, H) runs in a fresh subprocess, so that its peak resident memory (the process's
 RSS high-water mark, getrusage) is its own; the table shows that peak above the RSS measured just before
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers run here
 VARIANTS = {"soft_embedding": ("naive", "composite"), "fused_linear": ("logits+naive", "logits+composite", "fused"),
             "kd_loss": ("naive", "composite")}
 FUSED_OF = {"soft_embedding": "composite", "fused_linear": "fused", "kd_loss": "composite"}
@@ -41,10 +44,10 @@ def _rss_mib():
     return float("nan")
 
 
-def _naive_soft_embedding(logits, table, seed, tau, composite, ms, ops):
+def _naive_soft_embedding(logits, table, seed, tau, utils, ops):
     """Unchunked: the whole [N, V] noise, softmax and matmul, with MindSpore's autodiff."""
     n, v = logits.shape
-    x = logits + composite.gumbel(composite.row_keys(seed, n), 0, v)
+    x = logits + utils.gumbel(utils.row_keys(seed, n), 0, v)
     y = ops.softmax(x / tau, axis=-1)
     soft = ops.matmul(y, table)
     hard = ops.gather(table, ops.argmax(x, dim=1), 0)
@@ -52,13 +55,13 @@ def _naive_soft_embedding(logits, table, seed, tau, composite, ms, ops):
 
 
 def worker(case):
-    sys.path.insert(0, ROOT)
     import mindspore as ms
     import numpy as np
     from mindspore import ops
 
     from kernels import dispatch, fused_linear_soft_embedding, kd_loss, soft_embedding
     from kernels import soft_embedding_composite as composite
+    from kernels import utils
 
     if case.get("fused_chunk_elements"):
         composite.FUSED_CHUNK_ELEMENTS = case["fused_chunk_elements"]
@@ -88,7 +91,7 @@ def worker(case):
     if op == "soft_embedding":
         def loss(x, table, dout):
             if variant == "naive":
-                return (_naive_soft_embedding(x, table, seed, tau, composite, ms, ops) * dout).sum()
+                return (_naive_soft_embedding(x, table, seed, tau, utils, ops) * dout).sum()
             return (soft_embedding(x, [table], seed, tau, hard=True) * dout).sum()
         grad_position = 0
     elif op == "fused_linear":
@@ -101,7 +104,7 @@ def worker(case):
                         * dout).sum()
             logits = ops.matmul(hidden, lm_head.T)
             if variant == "logits+naive":
-                return (_naive_soft_embedding(logits, table, seed, tau, composite, ms, ops) * dout).sum()
+                return (_naive_soft_embedding(logits, table, seed, tau, utils, ops) * dout).sum()
             return (soft_embedding(logits, [table], seed, tau, hard=True, ids=given) * dout).sum()
         grad_position = (0, 1)
     else:
@@ -138,7 +141,7 @@ def worker(case):
 
 
 def run_case(case, timeout):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)]
+    cmd = [sys.executable, "-m", "benchmarks.bench_kernels", "--worker", json.dumps(case)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
