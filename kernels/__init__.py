@@ -4,8 +4,9 @@ Each op has a numpy reference (tests only), a chunked MindSpore composite (row s
 Ascend), and Triton kernels run either ahead-of-time compiled on GPU (``aot``) or by Triton's
 interpreter on CPU (``triton_interpret``). ``set_kernel_backend`` / MS_DFKD_KERNELS pick the path.
 
-The public names are imported lazily so that the numpy-only modules (references, aot_build) load
-without MindSpore.
+The public names are imported lazily so that the numpy-only modules (gumbel_noise, the references,
+triton_config, triton_runtime, aot_build) load without MindSpore. Graph mode cannot see this lazy
+``__getattr__``: code compiled by it imports the names themselves (``from kernels import soft_embedding``).
 """
 import importlib
 
