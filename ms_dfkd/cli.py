@@ -152,9 +152,12 @@ def cmd_distill_from_texts(cfg, args):
     if not recs:
         raise ValueError(f"no records in {args.texts}")
     K = len(cfg.task.label_names)
-    bad = [i for i, r in enumerate(recs) if len(r.get("teacher_probs", [])) != K]
-    if bad:
-        raise ValueError(f"{args.texts}: record {bad[0]} has no {K}-class teacher_probs")
+    for i, r in enumerate(recs):
+        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+            raise ValueError(f"{args.texts}: record {i} is not an object with a \"text\" string: {str(r)[:80]!r}")
+        probs = r.get("teacher_probs")
+        if not isinstance(probs, list) or len(probs) != K:
+            raise ValueError(f"{args.texts}: record {i} has no {K}-class teacher_probs")
     steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
     student = distill_from_texts(cfg, recs, steps)
     out = Path(args.out)
@@ -257,8 +260,8 @@ def build_parser():
     s = with_cfg("train-teacher", "fine-tune the teacher classifier on task.train")
     s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
     s = with_cfg("distill", "run a method (run.method) and report test accuracy")
-    s.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in run.out_dir "
-                                                        "(refuses if one exists; use another out_dir)")
+    s.add_argument("--fresh", action="store_true", help="start a new run; refuses when run.out_dir already "
+                                                        "holds a checkpoint (nothing is overwritten)")
     s.add_argument("--dump-params", action="store_true", help="also write this rank's final trainable "
                    "parameters to RUN_DIR/params.rank<r>.safetensors (to check that ranks agree)")
     s = with_cfg("generate", "generate texts only")
@@ -312,9 +315,14 @@ def main(argv=None):
               "distill-from-texts": cmd_distill_from_texts, "eval": cmd_eval}[args.cmd]
         result = fn(cfg, args)
         return 130 if isinstance(result, dict) and result.get("interrupted") else 0
-    except (ConfigError, FileNotFoundError, ValueError, RunFolderBusy) as e:
+    except (ConfigError, OSError, ValueError, RunFolderBusy) as e:
+        # a user's mistake or the machine's (a missing, unreadable, read-only or full path): one line
+        # that names the key or the file, no traceback. OSError's text carries the path.
         print(f"ms-dfkd {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a non-finite loss: nothing was saved after the last good checkpoint
+        print(f"ms-dfkd {args.cmd}: error: {e}; the run folder resumes from its last checkpoint", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ms-dfkd {args.cmd}: interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,8 @@ Unknown keys and values of the wrong type are errors that name the key, so a
 typo in a config never silently runs the default.
 """
 import dataclasses
+import math
+import string
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +97,7 @@ class LossConfig:
 
 
 PRECISIONS = ("float32", "float16", "bfloat16")
+KERNEL_PATHS = ("auto", "composite", "aot", "triton_interpret", "triton")  # kernels/dispatch.py
 
 
 @dataclass
@@ -144,6 +147,8 @@ class Config:
             raise ConfigError(f"run.method: {self.run.method!r} is not one of {METHODS}")
         if self.run.mode not in ("graph", "pynative"):
             raise ConfigError(f"run.mode: {self.run.mode!r} is not 'graph' or 'pynative'")
+        if self.run.kernels not in KERNEL_PATHS:
+            raise ConfigError(f"run.kernels: {self.run.kernels!r} is not one of {KERNEL_PATHS}")
         if self.run.precision not in PRECISIONS:
             raise ConfigError(f"run.precision: {self.run.precision!r} is not one of {PRECISIONS}")
         if self.generator.trainable not in ("all", "top_k", "head_norms"):
@@ -151,10 +156,23 @@ class Config:
         if len(self.task.label_names) < 2:
             raise ConfigError(f"task.label_names: need at least 2 labels, got {self.task.label_names!r}")
         for sec, key in (("generator", "batch_size"), ("generator", "max_new_tokens"), ("student", "batch_size"),
-                         ("run", "rounds"), ("teacher", "max_length"), ("student", "max_length")):
+                         ("run", "rounds"), ("teacher", "max_length"), ("student", "max_length"),
+                         ("generator", "prompt_max_length"), ("teacher", "batch_size"), ("teacher", "epochs"),
+                         ("run", "replay_size"), ("teacher", "lr"), ("student", "lr"), ("generator", "lr")):
             v = getattr(getattr(self, sec), key)
             if v <= 0:
                 raise ConfigError(f"{sec}.{key}: must be > 0, got {v}")
+        for sec, key in (("run", "gen_steps_per_round"), ("run", "student_steps_per_round"), ("run", "eval_every"),
+                         ("run", "eval_examples"), ("run", "checkpoint_every"), ("run", "show_samples"),
+                         ("teacher", "train_examples"), ("student", "hidden_mse"), ("generator", "top_k_layers")):
+            v = getattr(getattr(self, sec), key)
+            if v < 0:
+                raise ConfigError(f"{sec}.{key}: must be >= 0, got {v}")
+        for key in ("spec", "div", "adv", "flu"):
+            if getattr(self.loss, key) < 0:
+                raise ConfigError(f"loss.{key}: a loss weight must be >= 0, got {getattr(self.loss, key)}")
+        for sec, key in (("run", "out_dir"), ("teacher", "checkpoint")):
+            _check_template(f"{sec}.{key}", getattr(getattr(self, sec), key))
         for key in ("gumbel_tau", "sample_temperature"):
             if getattr(self.generator, key) <= 0:
                 raise ConfigError(f"generator.{key}: must be > 0, got {getattr(self.generator, key)}")
@@ -173,12 +191,28 @@ class Config:
         return self
 
     def fmt(self, template):
-        """Fill {task} {method} {seed} {arch} in a path template."""
+        """Fill {task} {method} {seed} {arch} in a path template (checked by validate)."""
         return template.format(task=self.task.name, method=self.run.method, seed=self.run.seed,
                                arch=self.teacher.arch)
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+
+TEMPLATE_FIELDS = ("task", "method", "seed", "arch")
+
+
+def _check_template(key, template):
+    """A path template may use {task} {method} {seed} {arch} and nothing else ({{ and }} for braces)."""
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}: {template!r} is not a valid path template ({e}); use {{{{ and }}}} for "
+                          f"literal braces") from None
+    bad = [n for n in names if n not in TEMPLATE_FIELDS]
+    if bad:
+        raise ConfigError(f"{key}: {template!r} uses {{{bad[0]}}}; a path template may use "
+                          + " ".join("{" + f + "}" for f in TEMPLATE_FIELDS))
 
 
 def _coerce(value, typ, key):
@@ -204,14 +238,17 @@ def _coerce(value, typ, key):
             f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
+        if not math.isfinite(f) or f != int(f):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(f)
     if typ is float:
         try:
-            return float(value)
+            f = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(f):  # nan passes every range check below, and fails much later
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return f
     if typ is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

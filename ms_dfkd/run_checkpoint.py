@@ -3,12 +3,20 @@
 checkpoint.safetensors (written atomically) holds every trainable parameter (student, its
 projection head if any, the generator's trainable layers) and both optimizers' states; its
 metadata holds the loop's state as JSON: counters, the replay buffer, the corpus cursor, the
-data RNG and the JSONL offsets (samples and metrics written after the checkpoint are moved
-aside on resume, so a resumed run equals a straight one). The teacher's logits and features on
-the buffer's texts are saved beside the weights, for the same reason.
+data RNG, the current round's step metrics and the JSONL offsets (samples and metrics written
+after the checkpoint are moved aside on resume, so a resumed run equals a straight one). The
+teacher's logits and features on the buffer's texts are saved beside the weights, for the same
+reason.
+
+Integrity: the metadata carries a SHA-256 of the tensors and the state, checked on load. The
+checkpoint a save replaces is kept as checkpoint.prev.safetensors, so a corrupted file costs one
+save, not the run.
 """
+import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import mindspore as ms
@@ -21,6 +29,12 @@ from .run_files import rewind_shards
 log = logging.getLogger("ms_dfkd")
 
 CKPT_NAME = "checkpoint.safetensors"
+PREV_NAME = "checkpoint.prev.safetensors"
+
+# Settings a resumed run may change: they extend the run or change how it is evaluated and reported,
+# not what it computes. Any other change is refused.
+RESUMABLE_CHANGES = ("run.rounds", "run.eval_every", "run.eval_examples", "run.show_samples", "run.teacher_test",
+                     "run.checkpoint_every")
 
 
 def trainable_arrays(d):
@@ -43,20 +57,78 @@ def trainable_arrays(d):
     return arrays
 
 
+def digest(arrays, state_json):
+    """SHA-256 of the tensors (name, dtype, size, bytes, in name order) and the state JSON. The size, not
+    the shape: safetensors gives a 0-d scalar back with shape (1,)."""
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}|{a.dtype.str}|{a.size}|".encode())
+        h.update(a.tobytes())
+    h.update(state_json.encode())
+    return h.hexdigest()
+
+
 def save(d):
-    """Write d's checkpoint (rank 0 only; every rank holds the same weights)."""
+    """Write d's checkpoint (rank 0 only; every rank holds the same weights), keeping the one it replaces."""
     if not d.is_main:
         return
     state = {"counters": d.counters, "replay": d.replay.state_dict(),
              "corpus": d.corpus_sampler.state_dict() if d.corpus_sampler else None,
              "data_rng": d.data_rng.bit_generator.state,
              "texts_offset": d.texts_out.offset, "metrics_offset": d.metrics_out.offset,
-             "history": d.history, "method": d.method, "world_size": d.world}
+             "history": d.history, "method": d.method, "world_size": d.world, "acc": d.acc}
     # the teacher's outputs on the buffer are saved, not recomputed on resume: computed again in
     # other batches, a row's logits can differ in the last bit, and a resumed run would drift
     replay = {"replay/" + k: v for k, v in d.replay.teacher_arrays().items()}
-    save_safetensors({**trainable_arrays(d), **replay}, d.out / CKPT_NAME,
-                     metadata={"format": "ms-dfkd-run", "state": json.dumps(state)})
+    arrays = {**trainable_arrays(d), **replay}
+    state_json = json.dumps(state)
+    path = d.out / CKPT_NAME
+    if path.exists():
+        _keep_previous(path, d.out / PREV_NAME)
+    save_safetensors(arrays, path, metadata={"format": "ms-dfkd-run", "state": state_json,
+                                            "sha256": digest(arrays, state_json)})
+
+
+def _keep_previous(path, prev):
+    """prev <- path, atomically, before path is replaced (a hard link: no copy, the same inode)."""
+    tmp = prev.with_name(f".{prev.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(path, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copy2(path, tmp)
+    os.replace(tmp, prev)
+
+
+def compare_resume_config(cfg, out):
+    """{key: (saved, now)} of the settings that differ from the run folder's config.yaml and may change on
+    resume (RESUMABLE_CHANGES, and the results section, which runs do not read). ConfigError listing the
+    others. Keys that config.yaml lacks (written by an older version) are not compared."""
+    import yaml
+    from .config import ConfigError
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return {}
+    saved = yaml.safe_load(path.read_text()) or {}
+    now = cfg.to_dict()
+    changes, refused = {}, []
+    for sec, body in now.items():
+        for key, value in body.items():
+            old = (saved.get(sec) or {}).get(key, value)
+            if old == value:
+                continue
+            name = f"{sec}.{key}"
+            changes[name] = (old, value)
+            # run.out_dir: the folder was moved or copied, or its template written otherwise
+            if name not in RESUMABLE_CHANGES and sec != "results" and name != "run.out_dir":
+                refused.append(f"{name} {old!r} -> {value!r}")
+    if refused:
+        raise ConfigError(f"{out} holds a run made with other settings: refusing to resume with "
+                          + "; ".join(refused) + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume; "
+                          "use another --run.out_dir for a different run")
+    return changes
 
 
 def load(d):
@@ -67,6 +139,12 @@ def load(d):
     meta = safetensors_metadata(path)
     if meta.get("format") != "ms-dfkd-run" or "state" not in meta:
         raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
+    if "sha256" in meta and digest({**arrays, **{"replay/" + k: v for k, v in teacher_out.items()}},
+                                   meta["state"]) != meta["sha256"]:
+        prev = d.out / PREV_NAME
+        back = (f"the previous checkpoint is {prev}: move it to {path} to resume from one save earlier"
+                if prev.exists() else "no previous checkpoint is kept in this folder")
+        raise CheckpointError(f"{path} is corrupted: its data does not match the checksum written with it; {back}")
     state = json.loads(meta["state"])
     if state["method"] != d.method:
         raise CheckpointError(f"{path} belongs to a {state['method']!r} run, not {d.method!r}; "
@@ -90,6 +168,8 @@ def load(d):
         p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
     d.counters = state["counters"]
     d.history = state["history"]
+    if "acc" in state:
+        d.acc = state["acc"]
     records = state["replay"]["records"]
     if records and not teacher_out:  # a checkpoint from before the teacher outputs were saved
         log.info(f"{path} has no saved teacher outputs: computing them for the {len(records)} replay records")

@@ -64,6 +64,10 @@ class Distiller:
         self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
                          "samples": 0, "warmup_steps": 0}
         self.history = []
+        # the current phase's (warm-up's or round's) step metrics, kept in the checkpoint so that an
+        # interrupted round writes the same metrics.jsonl line as a straight one
+        self.acc = _empty_acc()
+        self._phase_t0 = time.time()
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -314,6 +318,7 @@ class Distiller:
     def _run(self, resume):
         cfg = self.cfg
         if resume and (self.out / CKPT_NAME).exists():
+            self._check_resume_config()
             self.load_checkpoint()
             log.info(f"resumed from {self.out / CKPT_NAME} at round {self.counters['round']}")
         elif self.is_main:
@@ -339,31 +344,33 @@ class Distiller:
                 self.save_checkpoint()
                 log.warning(f"interrupted: checkpoint saved to {self.out / CKPT_NAME}; rerun the same command to resume")
                 return None
-        bar.close()
+            finally:
+                bar.close()  # before any error is printed: the bar's last line ends with its own newline
         return self.history
 
     def _warmup(self, bar, kW):
         """dfkd-t3 only: kW generator steps before the first round. Their samples train the generator
         and nothing else (not the replay buffer, not generated.jsonl), so the student still sees as
         many samples as every other method while the generator has trained longer."""
-        c, info_sum, t0, toks = self.counters, {}, time.time(), 0
+        c = self.counters
         if c["warmup_steps"] >= kW:
             return
+        self._phase_t0 = time.time()
         while c["warmup_steps"] < kW:
             self._check_stop()
             w = c["warmup_steps"]
             s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP)
             info = self._generator_update(s, what=f"warm-up step {w}")
             self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
-            toks += info.pop("gen_tokens", 0)
-            _accumulate(info_sum, info)
+            self.acc["tokens"] += info.pop("gen_tokens", 0)
+            _accumulate(self.acc["info"], info)
             c["warmup_steps"] += 1
             bar.update(1)
             bar.set_postfix(_postfix(info))
             if c["warmup_steps"] % max(self.cfg.run.gen_steps_per_round, 1) == 0 and c["warmup_steps"] < kW:
                 self.save_checkpoint()  # resumable within a long warm-up
+        info_sum, toks, seconds = self._close_phase()
         rec = {k: float(np.mean(v)) for k, v in info_sum.items()}
-        seconds = time.time() - t0
         # phase=warmup: readers of metrics.jsonl that aggregate rounds skip this record
         rec.update(phase="warmup", warmup_steps=c["warmup_steps"], steps_in_record=len(info_sum.get("loss_g", [])),
                    warmup_s=seconds, gen_tokens_per_s=toks / max(seconds, 1e-9), peak_rss_mb=peak_rss_mb())
@@ -374,27 +381,28 @@ class Distiller:
     def _rounds(self, bar, kG, kS):
         cfg = self.cfg
         while self.counters["round"] < cfg.run.rounds:
-            round_info, t_round, toks = {}, time.time(), 0
+            self._phase_t0 = time.time()
+            acc = self.acc
             while self.counters["gen_in_round"] < kG:
                 self._check_stop()
                 recs, info, (t_logits, t_feats) = self._produce()
-                toks += info.pop("gen_tokens", 0)
+                acc["tokens"] += info.pop("gen_tokens", 0)
                 self.replay.add(recs, t_logits, t_feats)
                 self.texts_out.write(recs)
-                _accumulate(round_info, info)
+                _accumulate(acc["info"], info)
                 self.counters["gen_in_round"] += 1
                 bar.update(1)
                 bar.set_postfix(_postfix(info))
             while self.counters["stu_in_round"] < kS:
                 self._check_stop()
                 loss = self._student_update()
-                _accumulate(round_info, {"loss_s": loss})
+                _accumulate(acc["info"], {"loss_s": loss})
                 self.counters["stu_in_round"] += 1
                 bar.update(1)
                 bar.set_postfix(loss_s=f"{loss:.3f}")
             if self.method == "dfkd-t3" and kS:
                 self.refresh_tables()
-            self._end_round(round_info, time.time() - t_round, toks)
+            self._end_round(*self._close_phase())
 
     def _on_sigint(self, signum, frame):
         if self.stop_flag:  # second Ctrl-C: stop now, without saving
@@ -408,7 +416,7 @@ class Distiller:
         if self.stop_flag:
             raise StopRequested
 
-    def _end_round(self, round_info, seconds, toks):
+    def _end_round(self, round_info, toks, seconds):
         cfg, c = self.cfg, self.counters
         rec = {k: float(np.mean(v)) for k, v in round_info.items()}
         rec.update(round=c["round"], gen_steps=c["gen_steps"], stu_steps=c["stu_steps"], samples=c["samples"],
@@ -449,9 +457,30 @@ class Distiller:
         n = self.cfg.run.eval_examples if which == "dev" else 0  # the test set is always whole
         return rows[:n] if n else rows
 
+    def _close_phase(self):
+        """(step metrics, generated tokens, seconds) of the phase that ends, over every resume; resets them."""
+        acc = self.acc
+        seconds = acc["seconds"] + time.time() - self._phase_t0
+        self.acc, self._phase_t0 = _empty_acc(), time.time()
+        return acc["info"], acc["tokens"], seconds
+
     # ------------------------------------------------------------------ checkpoints (run_checkpoint.py)
     def save_checkpoint(self):
+        now = time.time()  # the phase's seconds so far go into the checkpoint with its metrics
+        self.acc["seconds"] += now - self._phase_t0
+        self._phase_t0 = now
         run_checkpoint.save(self)
+
+    def _check_resume_config(self):
+        """Refuse to resume with other settings than the run folder's config.yaml, except those that only
+        extend the run or change its evaluation; those are recorded (config.yaml is rewritten)."""
+        changes = run_checkpoint.compare_resume_config(self.cfg, self.out)
+        if changes and self.is_main:
+            save_config(self.cfg, self.out / "config.yaml")
+            JsonlWriter(self.out / "config_changes.jsonl").write(
+                [{"time": time.strftime("%Y-%m-%d %H:%M:%S"), "changed": changes}])
+            log.warning("resuming with changed settings (recorded in config_changes.jsonl): "
+                        + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
 
     def load_checkpoint(self):
         run_checkpoint.load(self)
@@ -506,11 +535,15 @@ def _perplexity(logits, ids, mask):
     return float(np.exp((nll * m).sum() / max(m.sum(), 1.0)))
 
 
+def _empty_acc():
+    return {"info": {}, "tokens": 0, "seconds": 0.0}
+
+
 def _accumulate(acc, info):
     for k, v in info.items():
         if k.startswith("_") or isinstance(v, np.ndarray):
             continue
-        acc.setdefault(k, []).append(v)
+        acc.setdefault(k, []).append(float(v))  # python floats: the checkpoint keeps them as JSON
 
 
 def _postfix(info):

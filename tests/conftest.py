@@ -31,3 +31,19 @@ def smoke_teacher(tmp_path_factory):
     assert main(["train-teacher", "--config", str(config), "--teacher.checkpoint", str(path)]) == 0
     assert path.is_file()
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def smoke_one_round_run(smoke_teacher, tmp_path_factory):
+    """A finished 1-round run of the smoke config, shared read-only: a test that changes it works on a copy."""
+    import mindspore as ms
+    from pathlib import Path
+    from ms_dfkd.config import load_config, parse_overrides
+    from ms_dfkd.train import Distiller
+    config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    out = tmp_path_factory.mktemp("one_round") / "run"
+    cfg = load_config(config, parse_overrides(["--teacher.checkpoint", smoke_teacher, "--run.out_dir", str(out),
+                                               "--run.rounds", "1"]))
+    ms.set_context(mode=ms.GRAPH_MODE)
+    assert Distiller(cfg).run() is not None
+    return out

@@ -70,12 +70,24 @@ def atomic_write(path, write_fn):
         raise
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (disk full, read-only, ...); the file at its path is unchanged."""
+
+
 def save_safetensors(state, path, metadata=None):
-    """Write {name: np.ndarray} as safetensors (readable by ms.load_checkpoint(format='safetensors'))."""
+    """Write {name: np.ndarray} as safetensors (readable by ms.load_checkpoint(format='safetensors')).
+
+    Atomic: on any failure the file at ``path`` (if any) is left as it was, and CheckpointWriteError says so."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
+    path = Path(path)
     clean = {k: np.ascontiguousarray(v) for k, v in state.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    try:
+        atomic_write(path, lambda tmp: save_file(clean, tmp, metadata=meta))
+    except (SafetensorError, OSError) as e:
+        kept = "the previous one there is unchanged" if path.exists() else "nothing was written"
+        raise CheckpointWriteError(f"could not write {path} ({e}); {kept}") from None
 
 
 def load_safetensors(path):

@@ -123,7 +123,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     stops = np.array(sorted({int(eos_id), *map(int, stop_ids)}), np.int64)
 
     def noise(t):
-        # numpy, not gumbel_ms: MindSpore's CPU log is off by ~4e-6 near 1, which moves g by up
+        # numpy, not MindSpore ops: MindSpore's CPU log is off by ~4e-6 near 1, which moves g by up
         # to 0.06 where u -> 1; gumbel_np is the reference the contract is written against
         if greedy:
             return Tensor(np.zeros((b, 1), np.float32))
