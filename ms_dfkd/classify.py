@@ -20,8 +20,11 @@ def softmax_np(z, axis=-1):
 
 
 class EncoderRunner:
-    """Jitted no-grad forward of a sequence classifier over fixed [batch, max_length] shapes,
-    so graph mode compiles once; the last batch is padded with empty rows."""
+    """Jitted no-grad forward of a sequence classifier over fixed [batch, max_length] shapes.
+
+    Texts go through in chunks of ``batch_size``; a shorter chunk (the 8 texts of a generator batch,
+    the tail of an evaluation) is padded with empty rows only up to the next power of two, so graph
+    mode compiles a handful of shapes and labelling 8 texts does not run 64 rows."""
 
     def __init__(self, model, tokenizer, max_length, batch_size=64, jit=True):
         self.model, self.tok, self.L, self.B = model, tokenizer, max_length, batch_size
@@ -44,7 +47,8 @@ class EncoderRunner:
         for i in it:
             chunk = texts[i:i + self.B]
             n = len(chunk)
-            ids, mask = self.encode(chunk + [""] * (self.B - n))
+            rows = min(self.B, 1 << (n - 1).bit_length())
+            ids, mask = self.encode(chunk + [""] * (rows - n))
             lo, fe = self.fwd(ms.Tensor(ids), ms.Tensor(mask))
             outs.append(lo.asnumpy()[:n])
             if with_features:

@@ -42,11 +42,16 @@ def place_soft_tokens(e, cls_vec, sep_vec, cls_sel, tok_sel, sep_sel):
 
 
 class GeneratorLoss(nn.Cell):
-    """L_G for one batch. Teacher and student are frozen here; only generator parameters train."""
+    """L_G for one batch. Teacher and student are frozen here; only generator parameters train.
+
+    ``trunk_layers`` = k > 0 (``generator.trainable top_k``): the first argument is not the token ids but
+    the states entering the top k layers (``trunk_states``, computed once outside the step, without
+    gradient: nothing below layer L-k trains), and the step runs only the top k layers."""
 
     def __init__(self, generator, teacher, student, prompt_len, max_new_tokens, num_labels,
-                 weights, kd_temperature, gumbel_tau):
+                 weights, kd_temperature, gumbel_tau, trunk_layers=0):
         super().__init__()
+        self.trunk_layers = int(trunk_layers)
         self.generator, self.teacher, self.student = generator, teacher, student
         self.P, self.T, self.K = prompt_len, max_new_tokens, num_labels
         self.w_spec, self.w_div, self.w_adv, self.w_flu = (float(weights.spec), float(weights.div),
@@ -57,7 +62,10 @@ class GeneratorLoss(nn.Cell):
     def construct(self, full_ids, full_mask, gen_ids, gen_mask, frozen_logits, targets, seed,
                   table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask):
         B, T = gen_ids.shape
-        hidden = self.generator.hidden_states(input_ids=full_ids, attention_mask=full_mask)
+        if self.trunk_layers:  # full_ids holds the trunk states [B, P+T, H]
+            hidden = self.generator.top_hidden_states(full_ids, full_mask, self.trunk_layers)
+        else:
+            hidden = self.generator.hidden_states(input_ids=full_ids, attention_mask=full_mask)
         # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2. The LM head
         # runs on those T positions only (the prompt's [B, P, V] logits would be dead weight).
         gl = self.generator.logits_from_hidden(hidden[:, self.P - 1:self.P - 1 + T, :])

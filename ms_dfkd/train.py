@@ -116,7 +116,6 @@ class Distiller:
             set_trainable(self.generator, "none")
             self.generator.set_train(False)
             self.frozen = self.generator  # prompted: the generator never trains, it is G_theta0
-            self._make_frozen_fwd()
             return
         set_trainable(self.generator, g.trainable, g.top_k_layers)
         self.frozen, _ = build.build_generator(cfg)  # G_theta0: the same pretrained (or same-seed) weights
@@ -125,8 +124,11 @@ class Distiller:
         self.bridge = build_vocab_bridge(self.g_tok, self.t_tok)
         log.info(self.bridge.summary())
         self.refresh_tables(teacher=True)
+        # with the top k layers training, the layers below are the frozen model's: run them once a step
+        self.trunk_layers = (g.top_k_layers if g.trainable == "top_k" and hasattr(self.generator, "trunk_states")
+                             else 0)
         self.gen_loss = GeneratorLoss(self.generator, self.teacher, self.student, self.P, self.T, self.K,
-                                      cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau)
+                                      cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau, self.trunk_layers)
         self.opt_g = nn.AdamWeightDecay(self.generator.trainable_params(), learning_rate=g.lr, weight_decay=0.0)
         red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
         self.scaler_g = loss_scaler_for(self.teacher, self.student, self.generator)
@@ -135,12 +137,19 @@ class Distiller:
         self._make_frozen_fwd()
 
     def _make_frozen_fwd(self):
-        """No-grad G_theta0 logits at the sample's positions: [B, P+T] ids -> [B, T, V]."""
-        P, T, frozen = self.P, self.T, self.frozen
+        """No-grad G_θ0 on [prompt; sample] ids [B, P+T]: (the generator step's first input, G_θ0's logits
+        at the sample's positions [B, T, V]). That input is the ids themselves, or with trunk layers the
+        states entering the top k layers, which the trained generator shares with G_θ0."""
+        P, T, frozen, k = self.P, self.T, self.frozen, self.trunk_layers
 
         def frozen_fwd(ids, mask):
-            hidden = frozen.hidden_states(input_ids=ids, attention_mask=mask)
-            return ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
+            if k:
+                gen_input = ops.stop_gradient(frozen.trunk_states(ids, mask, k))
+                hidden = frozen.top_hidden_states(gen_input, mask, k)
+            else:
+                gen_input = ids
+                hidden = frozen.hidden_states(input_ids=ids, attention_mask=mask)
+            return gen_input, ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
 
         self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
 
@@ -179,8 +188,7 @@ class Distiller:
         for text, y in zip(passages, labels):
             body = cfg.task.prompt_template.replace("{label}", cfg.task.label_names[y])
             if cfg.generator.chat_template:
-                from .tokenization import smollm2_chat_prompt
-                body = smollm2_chat_prompt(body)
+                body = tok.chat_prompt(body)  # the generator's own format (SmolLM2's, Qwen2.5's ChatML)
             pre, _, post = body.partition("{text}")
             a = tok.encode(pre, add_special_tokens=False)
             c = tok.encode(post, add_special_tokens=False)
@@ -197,24 +205,28 @@ class Distiller:
             mask[i, P - len(r):] = 1
         return ids, mask
 
-    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE):
+    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False):
         """One batch of generator.batch_size samples, labels balanced, from the next corpus passages.
 
         The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
-        labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts."""
+        labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts, and with
+        return_logits the generator's logits [B, T, V] each token was drawn from."""
         g = self.cfg.generator
         passages = self.corpus_sampler.next_batch(g.batch_size)
         labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
         p_ids, p_mask = self._prompt_ids(passages, labels)
         seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, stream)
-        new_ids, new_mask = self._sample(self.generator, p_ids, p_mask, self.T, seed,
-                                         temperature=g.sample_temperature, top_p=g.top_p,
-                                         eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
-                                         graph=self.jit)
+        new_ids, new_mask, *logits = self._sample(self.generator, p_ids, p_mask, self.T, seed,
+                                                  temperature=g.sample_temperature, top_p=g.top_p,
+                                                  eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
+                                                  graph=self.jit, return_logits=return_logits)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
-        return dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,
-                    ids=new_ids, mask=new_mask, texts=texts)
+        out = dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,
+                   ids=new_ids, mask=new_mask, texts=texts)
+        if return_logits:
+            out["logits"] = logits[0]
+        return out
 
     # ------------------------------------------------------------------ one unit of data per method
     def _produce(self):
@@ -253,8 +265,10 @@ class Distiller:
         return ([self.real_examples[i][0] for i in idx], np.array([self.real_examples[i][1] for i in idx]), {})
 
     def _prompted_texts(self, n, step_id):
-        s = self.generate_batch(step_id)
-        return s["texts"], s["labels"], self._fluency_stats(s)
+        # the prompted generator is G_θ0 itself: the logits its tokens were drawn from give their
+        # perplexity under G_θ0, with no second forward
+        s = self.generate_batch(step_id, return_logits=True)
+        return s["texts"], s["labels"], {"perplexity_g0": _perplexity(s["logits"], s["ids"], s["mask"])}
 
     def _dfkd_t3_texts(self, n, step_id):
         s = self.generate_batch(step_id)
@@ -267,22 +281,15 @@ class Distiller:
         if "soft_argmax" in info:
             info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
 
-    def _fluency_stats(self, s):
-        """Perplexity of the sampled tokens under the frozen generator (no gradient)."""
-        full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
-        full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
-        lo = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask)).asnumpy()
-        return {"perplexity_g0": _perplexity(lo, s["ids"], s["mask"])}
-
     def _generator_update(self, s, what=None):
         B_, T = s["ids"].shape
         full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
         full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
-        frozen = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask))
+        gen_input, frozen = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask))
         frozen_np = frozen.asnumpy()
         cls_sel, tok_sel, sep_sel, enc_mask = soft_sequence_layout(s["mask"])
         t0 = time.time()
-        out = self.gen_step(ms.Tensor(full_ids), ms.Tensor(full_mask), ms.Tensor(s["ids"]), ms.Tensor(s["mask"]),
+        out = self.gen_step(gen_input, ms.Tensor(full_mask), ms.Tensor(s["ids"]), ms.Tensor(s["mask"]),
                             frozen.reshape(B_ * T, -1), ms.Tensor(s["labels"]),
                             ms.Tensor(np.int64(s["seed"])), self.table_t, self.table_s, self.cls_t, self.sep_t,
                             self.cls_s, self.sep_s, ms.Tensor(cls_sel), ms.Tensor(tok_sel), ms.Tensor(sep_sel),

@@ -71,10 +71,12 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     Bn, T = s["ids"].shape
     full_ids = ms.Tensor(np.concatenate([s["p_ids"], s["ids"]], 1))
     full_mask = ms.Tensor(np.concatenate([s["p_mask"], s["mask"]], 1))
-    frozen = d.frozen_fwd(full_ids, full_mask).reshape(Bn * T, -1)
+    gen_input, frozen = d.frozen_fwd(full_ids, full_mask)
+    assert d.trunk_layers == 1 and gen_input.shape == (Bn, full_ids.shape[1], d.g_cfg.hidden_size)
+    frozen = frozen.reshape(Bn * T, -1)
     sel = [ms.Tensor(a) for a in soft_sequence_layout(s["mask"])]
     grad_fn = ms.value_and_grad(d.gen_loss, None, d.opt_g.parameters, has_aux=True)
-    _, grads = grad_fn(full_ids, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]), frozen,
+    _, grads = grad_fn(gen_input, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]), frozen,
                        ms.Tensor(s["labels"]), ms.Tensor(np.int64(s["seed"])), d.table_t, d.table_s,
                        d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel)
     assert len(grads) == len(trainable)

@@ -424,3 +424,24 @@ def test_bpe_roundtrip_and_specials(smollm2):
     assert smollm2_chat_prompt("Q", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     chat = tok.encode(expected)
     assert chat.count(1) == 3 and chat.count(2) == 2
+
+
+def test_trunk_then_top_layers_equal_the_whole_model(tiny):
+    """trunk_states (the layers below the top k, no final norm) then top_hidden_states (the top k and the
+    norm) give the hidden states of one full forward, for every k, with left padding."""
+    cfg, model, w = tiny
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, cfg.vocab_size, (2, 7)).astype(np.int32)
+    mask = np.ones((2, 7), np.int32)
+    mask[1, :3] = 0
+    ids_t, mask_t = ms.Tensor(ids), ms.Tensor(mask)
+    whole = model.hidden_states(input_ids=ids_t, attention_mask=mask_t).asnumpy()
+    for k in range(1, cfg.num_hidden_layers + 1):
+        trunk = model.trunk_states(ids_t, mask_t, k)
+        assert trunk.shape == (2, 7, cfg.hidden_size)
+        top = model.top_hidden_states(trunk, mask_t, k)
+        got = top.asnumpy()
+        np.testing.assert_allclose(got[mask == 1], whole[mask == 1], rtol=1e-5, atol=1e-6, err_msg=f"k={k}")
+        # and the unpadded row's logits against the float64 numpy reference
+        np.testing.assert_allclose(model.logits_from_hidden(top).asnumpy()[0], np_forward(w, cfg, ids[0]),
+                                   rtol=1e-4, atol=1e-4, err_msg=f"k={k}")

@@ -1,8 +1,13 @@
-"""Llama-family decoder (SmolLM2, Llama 2/3 layout) in MindSpore.
+"""Llama-family decoder (SmolLM2, Llama 2/3 layout; Qwen2 / Qwen2.5) in MindSpore.
 
 Read top to bottom: config, RMSNorm, rotary embedding, grouped-query attention,
 SwiGLU MLP, decoder layer, the stack, the causal-LM head, then the helper that
 chooses which parameters train.
+
+Qwen2 is this same network with three config values set: ``qkv_bias=True`` (a bias on the
+q, k and v projections, none on o_proj), ``tie_word_embeddings=False`` (its own LM head, as
+the Qwen2.5-Coder GGUF files have) and its rope base (``rope_theta=1e6``); HF's
+modeling_qwen2.py differs from modeling_llama.py in nothing else that inference uses.
 
 Parameter names follow Hugging Face ``LlamaForCausalLM`` (``model.layers.N.self_attn.q_proj.weight``,
 weights stored [out, in]) so that state dicts map one to one. Rotary embedding is the
@@ -59,6 +64,7 @@ class LlamaConfig:
     rope_theta: float = 100000.0
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = True
+    qkv_bias: bool = False             # Qwen2: q_proj, k_proj and v_proj have a bias
     compute_dtype: str = "float32"     # "float32" | "float16" | "bfloat16"
     initializer_range: float = 0.02
     bos_token_id: int = 1
@@ -91,15 +97,23 @@ def _param(shape, name, std, rng):
 
 
 class Linear(nn.Cell):
-    """y = x @ W.T without bias; W is [out, in] and is cast to the compute dtype."""
+    """y = x @ W.T (+ b with bias=True); W is [out, in]; W and b are cast to the compute dtype.
 
-    def __init__(self, in_features, out_features, compute_dtype, std, rng):
+    A random init draws the bias like the weight (HF starts it at zero), so tests see it."""
+
+    def __init__(self, in_features, out_features, compute_dtype, std, rng, bias=False):
         super().__init__()
         self.weight = _param((out_features, in_features), "weight", std, rng)
+        self.bias = _param((out_features,), "bias", std, rng) if bias else None
         self.compute_dtype = compute_dtype
 
     def construct(self, x):
-        return linear(x, cast(self.weight, self.compute_dtype))
+        if self.bias is None:
+            return linear(x, cast(self.weight, self.compute_dtype))
+        # BiasAdd on the 2-D product, not a broadcasting add (its CPU index tables: see RMSNorm)
+        y = _matmul_tb(x.reshape(-1, x.shape[-1]), cast(self.weight, self.compute_dtype))
+        y = ops.bias_add(y, cast(self.bias, self.compute_dtype))
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 
 class Embedding(nn.Cell):
@@ -174,10 +188,10 @@ class LlamaAttention(nn.Cell):
         self.n_rep = self.n_heads // self.n_kv
         self.head_dim = cfg.head_dim
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        h, d, std = cfg.hidden_size, cfg.head_dim, cfg.initializer_range
-        self.q_proj = Linear(h, self.n_heads * d, cdt, std, rng)
-        self.k_proj = Linear(h, self.n_kv * d, cdt, std, rng)
-        self.v_proj = Linear(h, self.n_kv * d, cdt, std, rng)
+        h, d, std, qkv_bias = cfg.hidden_size, cfg.head_dim, cfg.initializer_range, cfg.qkv_bias
+        self.q_proj = Linear(h, self.n_heads * d, cdt, std, rng, bias=qkv_bias)
+        self.k_proj = Linear(h, self.n_kv * d, cdt, std, rng, bias=qkv_bias)
+        self.v_proj = Linear(h, self.n_kv * d, cdt, std, rng, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, cdt, std, rng)
 
     def project(self, x, rope):
@@ -265,13 +279,19 @@ class LlamaModel(nn.Cell):
         bias = attention_bias((causal * mask.expand_dims(1)) > 0, self.n_kv, self.n_heads // self.n_kv)
         return rope, bias
 
-    def construct(self, inputs_embeds, attention_mask):
-        """inputs_embeds [B, L, H], attention_mask [B, L] (1 real, 0 pad) -> normed hidden [B, L, H]."""
+    def construct(self, inputs_embeds, attention_mask, start=0, stop=None, final_norm=True):
+        """inputs_embeds [B, L, H], attention_mask [B, L] (1 real, 0 pad) -> normed hidden [B, L, H].
+
+        ``start``/``stop`` run only layers [start, stop) on inputs_embeds (then the states entering
+        layer ``start``), and ``final_norm=False`` skips the norm: the driver runs the frozen bottom
+        layers once and only the trained top ones per model (LlamaForCausalLM.trunk_states)."""
         rope, bias = self.rope_and_bias(attention_mask)
         x = cast(inputs_embeds, self.compute_dtype)
-        for layer in self.layers:
-            x, _, _ = layer(x, rope, bias)
-        return self.norm(x)
+        stop = len(self.layers) if stop is None else stop
+        for i, layer in enumerate(self.layers):
+            if start <= i < stop:  # python ints: resolved while the graph compiles
+                x, _, _ = layer(x, rope, bias)
+        return self.norm(x) if final_norm else x
 
     def prefill(self, input_ids, attention_mask, cache_len):
         """Full forward over a left-padded prompt [B, P]; returns (normed hidden [B, P, H], caches).
@@ -324,6 +344,10 @@ class LlamaForCausalLM(nn.Cell):
             self.lm_head = Linear(config.hidden_size, config.vocab_size, cdt, config.initializer_range, rng)
         self.compute_dtype = cdt
 
+    def get_input_embeddings(self):
+        """The [V, H] token table (a Parameter), as the encoders' get_input_embeddings."""
+        return self.model.embed_tokens.weight
+
     def lm_head_weight(self):
         """[V, H] output projection (the embedding table itself when tied)."""
         if self.tie_word_embeddings:
@@ -342,6 +366,18 @@ class LlamaForCausalLM(nn.Cell):
         if attention_mask is None:
             attention_mask = ops.ones(inputs_embeds.shape[:2], ms.int32)
         return self.model(inputs_embeds, attention_mask)
+
+    def trunk_states(self, input_ids, attention_mask, n_top):
+        """The states entering the top ``n_top`` decoder layers [B, L, H]: what every copy of this model
+        that differs only in its top layers (the trained generator and the frozen G_θ0 with
+        ``generator.trainable top_k``) computes alike, so it runs once."""
+        stop = self.config.num_hidden_layers - n_top
+        return self.model(self.model.embed(input_ids), attention_mask, 0, stop, False)
+
+    def top_hidden_states(self, trunk, attention_mask, n_top):
+        """The top ``n_top`` layers and the final norm over ``trunk_states``: normed hidden [B, L, H];
+        equal to ``hidden_states`` of the same ids."""
+        return self.model(trunk, attention_mask, self.config.num_hidden_layers - n_top)
 
     def construct(self, input_ids=None, inputs_embeds=None, attention_mask=None):
         return self.logits_from_hidden(self.hidden_states(input_ids, inputs_embeds, attention_mask))
