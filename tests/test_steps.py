@@ -275,10 +275,13 @@ def world():
     return w
 
 
-def build_cell(world, weights, dtype="float32"):
+def build_cell(world, weights, dtype="float32", trunk_layers=0):
     gen = LlamaForCausalLM(LlamaConfig(**GEN_CFG, compute_dtype=dtype), seed=1)
     load_state(gen, world["gen_state"])
-    set_trainable(gen, "all")
+    if trunk_layers:
+        set_trainable(gen, "top_k", trunk_layers)
+    else:
+        set_trainable(gen, "all")
     teacher = BertForSequenceClassification(BertConfig(**TEACHER_CFG, compute_dtype=dtype))
     student = BertForSequenceClassification(BertConfig(**STUDENT_CFG, compute_dtype=dtype))
     for model, state in ((teacher, world["teacher_state"]), (student, world["student_state"])):
@@ -286,7 +289,7 @@ def build_cell(world, weights, dtype="float32"):
         model.set_train(False)
         for p in model.get_parameters():
             p.requires_grad = False
-    cell = GeneratorLoss(gen, teacher, student, P, T, K, weights, KD_T, TAU)
+    cell = GeneratorLoss(gen, teacher, student, P, T, K, weights, KD_T, TAU, trunk_layers)
     return cell, gen
 
 
@@ -356,6 +359,31 @@ def test_generator_loss_matches_float64_reference(world, weights):
     inputs = list(cell_inputs(world))
     inputs[6] = ms.Tensor(np.int64(SEED + 1))
     np.testing.assert_allclose(float(cell(*inputs)[0].asnumpy()), got["total"], rtol=1e-6)
+
+
+def test_trunk_path_equals_the_full_forward(world):
+    """generator.trainable top_k: the step reads the states entering the top k layers (computed once by
+    trunk_states) and runs only those layers; every term and the trained parameters' gradients are the
+    full forward's (whose gradient the finite differences check)."""
+    full_cell, full_gen = build_cell(world, WEIGHTS)
+    cell, gen = build_cell(world, WEIGHTS, trunk_layers=1)
+    params = gen.trainable_params()
+    names = {id(p): n for n, p in gen.parameters_and_names()}
+    trained = [names[id(p)] for p in params]
+    assert sorted(trained) == sorted(n for n in world["gen_state"]
+                                     if n.startswith("model.layers.1.") or n == "model.norm.weight")
+    inputs = list(cell_inputs(world))
+    full_out, full_grads = ms.value_and_grad(full_cell, None, full_gen.trainable_params(), has_aux=True)(*inputs)
+    full_grads = dict(zip([n for n, _ in full_gen.parameters_and_names()], full_grads))
+    inputs[0] = gen.trunk_states(inputs[0], inputs[1], 1)
+    assert inputs[0].shape == (B, P + T, GEN_CFG["hidden_size"])
+    out, grads = ms.value_and_grad(cell, None, params, has_aux=True)(*inputs)
+    for a, b, name in zip(full_out, out, TERMS + ("teacher_logits",)):
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-6, err_msg=name)
+    for name, g in zip(trained, grads):
+        ref = full_grads[name].asnumpy()
+        assert np.abs(ref).max() > 0, name
+        np.testing.assert_allclose(g.asnumpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=name)
 
 
 def test_tokens_after_the_stop_do_not_count(world):
