@@ -3,7 +3,9 @@
 Architectures (config ``arch`` strings):
   teacher:   minilm_l6 (real MiniLM-L6 + fresh head, fine-tuned by train-teacher) | tiny
   student:   minilm_l3_onnx | minilm_l6_layers:N (first N layers of MiniLM-L6) | bert_random:N | tiny
-  generator: smollm2 (SmolLM2-135M-Instruct GGUF) | tiny (random Llama with SmolLM2's tokenizer)
+  generator: smollm2 (SmolLM2-135M-Instruct GGUF) | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b
+             (Qwen2.5-Coder-*-Instruct GGUF, opt-in assets: MS_DFKD_QWEN=1 bash scripts/setup.sh)
+             | tiny (random Llama with SmolLM2's tokenizer)
 The tiny ones keep the real tokenizers, so the smoke run exercises the real vocab bridge.
 """
 import json
@@ -32,10 +34,27 @@ def teacher_tokenizer(cfg=None):
 student_tokenizer = teacher_tokenizer  # all shipped students are uncased-BERT WordPiece models
 
 
+# generator.arch -> the GGUF asset holding its weights and tokenizer
+GENERATOR_GGUF = {"smollm2": "smollm2_gguf", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b",
+                  "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b"}
+GENERATOR_ARCHS = tuple(GENERATOR_GGUF) + ("tiny",)
+
+
+def _generator_asset(cfg):
+    arch = "smollm2" if cfg is None else cfg.generator.arch
+    if arch == "tiny":
+        return GENERATOR_GGUF["smollm2"]  # a random Llama with SmolLM2's tokenizer
+    if arch not in GENERATOR_GGUF:
+        raise ValueError(f"generator.arch: unknown architecture {arch!r} ({' | '.join(GENERATOR_ARCHS)})")
+    return GENERATOR_GGUF[arch]
+
+
 def generator_tokenizer(cfg=None):
-    if "bpe" not in _TOKENIZERS:
-        _TOKENIZERS["bpe"] = bpe_tokenizer_from_gguf(asset_path("smollm2_gguf"))
-    return _TOKENIZERS["bpe"]
+    """The generator's BPE tokenizer (SmolLM2's for cfg None), built once per GGUF file."""
+    name = _generator_asset(cfg)
+    if ("bpe", name) not in _TOKENIZERS:
+        _TOKENIZERS[("bpe", name)] = bpe_tokenizer_from_gguf(asset_path(name))
+    return _TOKENIZERS[("bpe", name)]
 
 
 def _tiny_bert(vocab, hidden, layers, heads, num_labels, pooling="cls_pooler"):
@@ -135,9 +154,9 @@ def _arch_int(arch, key):
 def build_generator(cfg, seed=None):
     """(model, config). For 'tiny' the init is seeded from run.seed, so that every rank agrees."""
     arch = cfg.generator.arch
-    if arch == "smollm2":
+    if arch in GENERATOR_GGUF:
         from .models.llama_weights import load_gguf_llama
-        lcfg, model = load_gguf_llama(asset_path("smollm2_gguf"))
+        lcfg, model = load_gguf_llama(asset_path(GENERATOR_GGUF[arch]))
         return set_compute_dtype(model, cfg), lcfg
     if arch == "tiny":
         from .models.llama import LlamaConfig, LlamaForCausalLM
@@ -147,7 +166,7 @@ def build_generator(cfg, seed=None):
                            num_attention_heads=g.num_heads, num_key_value_heads=g.num_kv_heads,
                            max_position_embeddings=1024)
         return set_compute_dtype(LlamaForCausalLM(lcfg, seed=cfg.run.seed if seed is None else seed), cfg), lcfg
-    raise ValueError(f"generator.arch: unknown architecture {arch!r} (smollm2 | tiny)")
+    raise ValueError(f"generator.arch: unknown architecture {arch!r} ({' | '.join(GENERATOR_ARCHS)})")
 
 
 def set_compute_dtype(model, cfg):

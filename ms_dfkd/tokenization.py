@@ -1,8 +1,9 @@
 """Tokenizers on the Rust ``tokenizers`` library, built offline.
 
 ``Tokenizer`` is the one interface the rest of ms-dfkd uses: batch encoding to
-numpy with padding and truncation, and decoding. Two constructors build it:
-WordPiece for the BERT family and byte-level BPE from a GGUF file's metadata.
+numpy with padding and truncation, decoding, and the generator's chat prompt. Two
+constructors build it: WordPiece for the BERT family and byte-level BPE from a GGUF
+file's metadata (SmolLM2's and Qwen2's pre-tokenizers).
 """
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ class Tokenizer:
     eos_id: int = None                 # [SEP] for WordPiece
     unk_id: int = None
     kind: str = "wordpiece"            # "wordpiece" | "bpe"
-    chat_template: str = None          # jinja-free template string, see apply_chat_template
+    chat_template: str = None          # the GGUF's Jinja template, kept for reference (not rendered)
+    chat_format: str = None            # "smollm2" | "qwen2": which chat_prompt wraps a user turn
     extra: dict = field(default_factory=dict)
 
     @property
@@ -80,6 +82,13 @@ class Tokenizer:
     def decode_batch(self, batch, skip_special_tokens=True):
         return [self.decode(r, skip_special_tokens) for r in batch]
 
+    def chat_prompt(self, user_text):
+        """One user turn in this generator's chat format, ending where the assistant starts writing."""
+        if self.chat_format not in CHAT_PROMPTS:
+            raise ValueError(f"the {self.kind} tokenizer from {self.extra.get('source')} has no chat format "
+                             f"(chat_format={self.chat_format!r}; known: {sorted(CHAT_PROMPTS)})")
+        return CHAT_PROMPTS[self.chat_format](user_text)
+
 
 def wordpiece_tokenizer(path):
     """BERT uncased WordPiece ``Tokenizer`` from a ``vocab.txt``, a ``tokenizer.json`` or a
@@ -133,21 +142,52 @@ def wordpiece_tokenizer(path):
 
 # SmolLM2's chat template puts this system message first when the caller gives none.
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# So does Qwen2.5's (Qwen2.5-Coder-*-Instruct included).
+QWEN2_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+# Qwen2's pre-tokenizer: contractions, letters with one leading non-letter, single digits,
+# punctuation runs, newlines, spaces (llama.cpp's "qwen2" pre-type; the pattern of HF's
+# Qwen2TokenizerFast). Its pieces then go through the byte-to-unicode map without a regex.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# GGUF token types (llama.cpp's llama_token_type)
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+
+
+def _pre_tokenizer(pre, path):
+    """(normalizer, pre-tokenizer) of a GGUF's tokenizer.ggml.pre value."""
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    if pre == "smollm":   # every digit its own piece, then the GPT-2 regex
+        return None, pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    if pre == "qwen2":
+        return normalizers.NFC(), pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise ValueError(f"{path}: tokenizer.ggml.pre is {pre!r}; supported: 'smollm' (SmolLM2), 'qwen2' (Qwen2/2.5)")
 
 
 def bpe_tokenizer_from_gguf(path):
     """Byte-level BPE ``Tokenizer`` from a GGUF file's ``tokenizer.ggml.*`` metadata (GPT-2 style).
 
-    Pipeline as SmolLM2 ships it: every digit is its own pre-token, then the GPT-2
-    ByteLevel regex and byte-to-unicode map (no prefix space), BPE over the GGUF merges,
-    ByteLevel decoder. No BOS/EOS is added by ``encode`` (the GGUF says add_bos_token
-    false; the chat template carries the special tokens). CONTROL tokens
-    (token_type 3, e.g. <|im_start|>) are registered as special so they are never split
-    and ``decode`` skips them. pad_id is the GGUF padding_token_id, else eos (SmolLM2:
-    2 = <|im_end|>); pad positions are always masked, so the id only needs to be valid.
-    The Jinja chat template string, if present, is kept in ``chat_template``.
+    The pre-tokenizer follows ``tokenizer.ggml.pre``: SmolLM2's ("smollm": every digit is its
+    own pre-token, then the GPT-2 ByteLevel regex) or Qwen2's ("qwen2": NFC, then the
+    QWEN2_SPLIT regex, single digits included), then the byte-to-unicode map (no prefix
+    space), BPE over the GGUF merges, ByteLevel decoder. No BOS/EOS is added by ``encode``
+    (both GGUFs say add_bos_token false; the chat prompt carries the special tokens).
+    CONTROL tokens (e.g. <|im_start|>) and UNUSED ones (Qwen's [PAD151665]... fillers up to
+    the embedding's row count) are registered as special: never split, skipped by
+    ``decode``, empty rows of the vocabulary bridge. USER_DEFINED tokens (Qwen's
+    <tool_call>) are never split but are text. pad_id is the GGUF padding_token_id, else eos
+    (SmolLM2: 2 = <|im_end|>; Qwen: 151643 = <|endoftext|>); pad positions are always
+    masked, so the id only needs to be valid. The Jinja chat template string is kept in
+    ``chat_template``; ``chat_prompt`` writes out the same text for one user turn.
     """
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
     from .models.gguf_file import read_gguf
 
     meta = read_gguf(path).get  # FileNotFoundError / GGUFError name the file
@@ -160,18 +200,22 @@ def bpe_tokenizer_from_gguf(path):
     merges = meta("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise ValueError(f"{path}: tokenizer.ggml.tokens or tokenizer.ggml.merges is missing")
-    types = meta("tokenizer.ggml.token_type") or [1] * len(tokens)
+    pre = meta("tokenizer.ggml.pre")
+    normalizer, pre_tokenizer = _pre_tokenizer(pre, path)
+    types = meta("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
 
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    if normalizer is not None:
+        backend.normalizer = normalizer
+    backend.pre_tokenizer = pre_tokenizer
     backend.decoder = decoders.ByteLevel()
-    control = [tok for tok, t in zip(tokens, types) if t == 3]  # GGUF token type 3 = CONTROL
-    backend.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in control])
+    special = [tok for tok, t in zip(tokens, types) if t in (_CONTROL, _UNUSED)]
+    backend.add_special_tokens([AddedToken(tok, special=True, normalized=False) for tok in special])
+    user = [tok for tok, t in zip(tokens, types) if t == _USER_DEFINED]
+    if user:
+        backend.add_tokens([AddedToken(tok, special=False, normalized=False) for tok in user])
 
     eos = int(meta("tokenizer.ggml.eos_token_id", 2))
     return Tokenizer(
@@ -182,8 +226,15 @@ def bpe_tokenizer_from_gguf(path):
         unk_id=meta("tokenizer.ggml.unknown_token_id"),
         kind="bpe",
         chat_template=meta("tokenizer.chat_template"),
-        extra={"source": str(path), "pre": meta("tokenizer.ggml.pre")},
+        chat_format={"smollm": "smollm2", "qwen2": "qwen2"}[pre],
+        extra={"source": str(path), "pre": pre},
     )
+
+
+def _chatml(system, user_text):
+    return (f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n{user_text}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
 
 
 def smollm2_chat_prompt(user_text, system=None):
@@ -192,7 +243,16 @@ def smollm2_chat_prompt(user_text, system=None):
     Same string as the GGUF's Jinja template with add_generation_prompt=True;
     system=None uses the template's default system message.
     """
-    system = SMOLLM2_DEFAULT_SYSTEM if system is None else system
-    return (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{user_text}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
+    return _chatml(SMOLLM2_DEFAULT_SYSTEM if system is None else system, user_text)
+
+
+def qwen2_chat_prompt(user_text, system=None):
+    """Qwen2.5 ChatML of one user turn, ending where the assistant starts writing.
+
+    Same string as the GGUF's Jinja template with add_generation_prompt=True and no tools;
+    system=None uses the template's default system message, as the model saw in training.
+    """
+    return _chatml(QWEN2_DEFAULT_SYSTEM if system is None else system, user_text)
+
+
+CHAT_PROMPTS = {"smollm2": smollm2_chat_prompt, "qwen2": qwen2_chat_prompt}

