@@ -323,7 +323,7 @@ class MSSide:
 
     def generator_losses_and_grads(self):
         """({term: float}, teacher logits, {param name: grad}) for the generator step."""
-        loss, (spec, div, adv, flu, t_logits), grads = self._gen_grad(*self._gen_inputs())
+        loss, (spec, div, adv, flu, t_logits, _), grads = self._gen_grad(*self._gen_inputs())
         terms = {"total": loss, "spec": spec, "div": div, "adv": adv, "flu": flu}
         return ({k: float(v.asnumpy()) for k, v in terms.items()}, t_logits.asnumpy(),
                 self._named(self.gen, self.gen_params, grads))

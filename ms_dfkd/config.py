@@ -93,6 +93,7 @@ class LossConfig:
     div: float = 0.5
     adv: float = 0.1
     flu: float = 0.5
+    rwl: float = 0.0               # reward-weighted likelihood of the generator's own samples (losses.py)
     kd_temperature: float = 2.0
 
 
@@ -168,7 +169,7 @@ class Config:
             v = getattr(getattr(self, sec), key)
             if v < 0:
                 raise ConfigError(f"{sec}.{key}: must be >= 0, got {v}")
-        for key in ("spec", "div", "adv", "flu"):
+        for key in ("spec", "div", "adv", "flu", "rwl"):
             if getattr(self.loss, key) < 0:
                 raise ConfigError(f"loss.{key}: a loss weight must be >= 0, got {getattr(self.loss, key)}")
         for sec, key in (("run", "out_dir"), ("teacher", "checkpoint")):

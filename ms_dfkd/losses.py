@@ -1,4 +1,5 @@
-"""The four generator losses of DFKD-T3 and the student KD loss (METHOD.md).
+"""The generator losses of DFKD-T3 (the four of the method and an optional reward-weighted likelihood)
+and the student KD loss (docs/METHOD.md).
 
 The KL terms go through ``kernels.kd_loss`` (tau^2 * KL(p_teacher || p_student)),
 so a fused kernel can replace the composite without touching this file.
@@ -41,6 +42,30 @@ def fluency_loss(gen_logits, frozen_logits, mask):
     gradients for both sides).
     """
     return kd_loss(frozen_logits, gen_logits, 1.0, row_weights=mask)
+
+
+def reward_weighted_nll(gen_logits, gen_ids, mask, teacher_logits, target_labels):
+    """-sum_b w_b * mean_t log p_theta(z_bt) / B over the generator's own samples z.
+
+    w_b = max(p_T(y_b | z_b) - mean of p_T(y_b | z_b') over the samples b' asked for the same label, 0),
+    without gradient: the samples the teacher finds more specific than the others of their label are made
+    more likely. The baseline is per label: with one baseline for the batch, the label the generator
+    already writes best wins every weight and the generator learns to write that class for every prompt.
+    Unlike the straight-through specificity term, it moves whole sampled texts, which stay fluent
+    because the generator wrote them.
+    gen_logits [B*T, V]; gen_ids [B*T]; mask [B*T] float; teacher_logits [B, K]; target_labels [B].
+    """
+    B = teacher_logits.shape[0]
+    p = ops.softmax(teacher_logits.astype(ms.float32), -1)
+    onehot = ops.one_hot(target_labels, teacher_logits.shape[-1], 1.0, 0.0).astype(ms.float32)
+    p_target = ops.stop_gradient((p * onehot).sum(-1))
+    label_mean = (onehot * p_target.reshape(-1, 1)).sum(0) / ops.maximum(onehot.sum(0), 1.0)  # [K]
+    weight = ops.relu(p_target - (onehot * label_mean.reshape(1, -1)).sum(-1))
+    logp = ops.log_softmax(gen_logits.astype(ms.float32), -1)
+    tok = ops.gather_elements(logp, 1, gen_ids.reshape(-1, 1).astype(ms.int32)).reshape(B, -1)
+    m = mask.reshape(B, -1)
+    mean_logp = (tok * m).sum(-1) / ops.maximum(m.sum(-1), 1.0)
+    return -(weight * mean_logp).sum() / B
 
 
 def student_kd_loss(student_logits, teacher_logits, kd_temperature):

@@ -186,6 +186,20 @@ def self_bleu(texts, n_max=4, max_samples=None, seed=0, epsilon=0.1):
     return float(np.mean(scores))
 
 
+def is_degenerate(text):
+    """True for a sample that is not text: no word of two letters or more, or (from four tokens on) one
+    whitespace token that makes up more than half of it ("- - - - -", "N.B - - - -", "the the the the")."""
+    tokens = _tokens(text)
+    if not any(sum(c.isalpha() for c in t) >= 2 for t in tokens):
+        return True
+    return len(tokens) >= 4 and Counter(tokens).most_common(1)[0][1] * 2 > len(tokens)
+
+
+def degenerate_share(texts):
+    """Share of ``is_degenerate`` samples (0.0 for no texts)."""
+    return float(np.mean([is_degenerate(t) for t in texts])) if texts else 0.0
+
+
 def label_balance(labels, num_labels):
     """Share of each label and the entropy ratio H(shares) / log K (1.0 = perfectly balanced)."""
     y = np.asarray(labels, np.int64).reshape(-1)

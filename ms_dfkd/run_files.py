@@ -184,14 +184,14 @@ def rewind_shards(out_dir, step, tag, rank, world_size):
     for p in paths:
         if not p.exists():
             continue
-        side = JsonlWriter(p).rewind(_offset_of_step(p, step), tag)
+        side = JsonlWriter(p).rewind(offset_of_step(p, step), tag)
         if side:
             log.warning(f"samples written after the checkpoint were moved to {side}")
             sides.append(side)
     return sides
 
 
-def _offset_of_step(path, step):
+def offset_of_step(path, step):
     """Byte offset of the first record with record["step"] >= step (the file size if none)."""
     offset = 0
     with open(path, "rb") as f:

@@ -1,8 +1,8 @@
 """The two training steps of DFKD-T3 as MindSpore cells, and their jitted update functions.
 
-Generator step (METHOD.md, steps 4-7): one forward with gradient over [prompt; sample],
+Generator step (docs/METHOD.md): one forward with gradient over [prompt; sample],
 straight-through Gumbel-softmax soft embeddings into teacher and student, and
-L_G = spec*CE + div*cos + adv*(-tau^2 KL) + flu*KL(G||G0).
+L_G = spec*CE + div*cos + adv*(-tau^2 KL) + flu*KL(G||G0) [+ rwl * reward-weighted NLL].
 Student step: tau^2 KL(p_T || p_S) on re-tokenised text (+ optional hidden MSE).
 
 One jitted step function per optimizer (two nn optimizers inside one jitted function
@@ -56,6 +56,7 @@ class GeneratorLoss(nn.Cell):
         self.P, self.T, self.K = prompt_len, max_new_tokens, num_labels
         self.w_spec, self.w_div, self.w_adv, self.w_flu = (float(weights.spec), float(weights.div),
                                                            float(weights.adv), float(weights.flu))
+        self.w_rwl = float(getattr(weights, "rwl", 0.0))
         self.kd_t, self.tau = float(kd_temperature), float(gumbel_tau)
         self.use_student = self.w_adv != 0.0
 
@@ -87,7 +88,12 @@ class GeneratorLoss(nn.Cell):
             adv = ops.zeros((), ms.float32)
         flu = losses.fluency_loss(gl, frozen_logits, gen_mask.reshape(-1).astype(ms.float32))
         total = self.w_spec * spec + self.w_div * div + self.w_adv * adv + self.w_flu * flu
-        return total, spec, div, adv, flu, t_logits
+        if self.w_rwl != 0.0:
+            rwl = losses.reward_weighted_nll(gl, gen_ids, gen_mask.reshape(-1).astype(ms.float32), t_logits, targets)
+            total = total + self.w_rwl * rwl
+        else:
+            rwl = ops.zeros((), ms.float32)
+        return total, spec, div, adv, flu, t_logits, rwl
 
 
 class StudentLoss(nn.Cell):

@@ -294,12 +294,13 @@ class Distiller:
                             ms.Tensor(np.int64(s["seed"])), self.table_t, self.table_s, self.cls_t, self.sep_t,
                             self.cls_s, self.sep_s, ms.Tensor(cls_sel), ms.Tensor(tok_sel), ms.Tensor(sep_sel),
                             ms.Tensor(enc_mask))
-        loss, spec, div, adv, flu, t_logits = [o.asnumpy() for o in out]
-        for name, v in (("loss_g", loss), ("spec", spec), ("div", div), ("adv", adv), ("flu", flu)):
+        loss, spec, div, adv, flu, t_logits, rwl = [o.asnumpy() for o in out]
+        for name, v in (("loss_g", loss), ("spec", spec), ("div", div), ("adv", adv), ("flu", flu), ("rwl", rwl)):
             if not np.isfinite(v):
                 raise FloatingPointError(f"{what or 'generator step %d' % self.counters['gen_steps']}: {name} = {v}")
+        rwl = {"loss_rwl": float(rwl)} if self.cfg.loss.rwl else {}
         return {"loss_g": float(loss), "loss_spec": float(spec), "loss_div": float(div), "loss_adv": float(adv),
-                "loss_flu": float(flu), "gen_step_s": time.time() - t0,
+                "loss_flu": float(flu), **rwl, "gen_step_s": time.time() - t0,
                 "perplexity_g0": _perplexity(frozen_np, s["ids"], s["mask"]),
                 "soft_argmax": t_logits.argmax(-1), "gen_tokens": int(s["mask"].sum())}
 

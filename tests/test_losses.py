@@ -114,3 +114,35 @@ def test_student_loss_kd_plus_hidden_mse_and_its_gradients(alpha):
     p, q = np.exp(_log_softmax(t_logits / tau)), np.exp(_log_softmax(s_logits / tau))
     np.testing.assert_allclose(grad_of[cell.student.A.name].asnumpy(), x.T @ ((q - p) * tau / N),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_reward_weighted_nll_matches_a_loop_and_its_gradient():
+    """-sum_b max(p_b - mean of p over b's label, 0) * mean_t log softmax(l_bt)[z_bt] / B, with p_b the
+    teacher's probability of the target; the gradient w.r.t. the generator logits is
+    -w_b / (B n_b) (onehot(z) - softmax(l))."""
+    rng = np.random.default_rng(5)
+    B, T, V, K = 6, 3, 7, 2
+    gl = rng.normal(size=(B * T, V))
+    z = rng.integers(0, V, B * T)
+    mask = np.ones(B * T)
+    mask[[2, 7, 8, 17]] = 0  # ragged lengths
+    tl = rng.normal(size=(B, K)) * 2
+    y = np.array([0, 1, 0, 0, 1, 1])
+    p = np.exp(_log_softmax(tl))[np.arange(B), y]
+    w = np.array([max(p[b] - p[y == y[b]].mean(), 0) for b in range(B)])
+    expected, grad = 0.0, np.zeros_like(gl)
+    for b in range(B):
+        rows = [b * T + t for t in range(T) if mask[b * T + t]]
+        lp = [_log_softmax(gl[r])[z[r]] for r in rows]
+        expected -= w[b] * np.mean(lp) / B
+        for r in rows:
+            sm = np.exp(_log_softmax(gl[r]))
+            grad[r] = -w[b] / (B * len(rows)) * (np.eye(V)[z[r]] - sm)
+    args = [ms.Tensor(gl.astype(np.float32)), ms.Tensor(z.astype(np.int32)), ms.Tensor(mask.astype(np.float32)),
+            ms.Tensor(tl.astype(np.float32)), ms.Tensor(y.astype(np.int32))]
+    got = losses.reward_weighted_nll(*args)
+    np.testing.assert_allclose(float(got.asnumpy()), expected, rtol=1e-5)
+    g = ms.grad(losses.reward_weighted_nll, grad_position=(0, 3))(*args)
+    np.testing.assert_allclose(g[0].asnumpy(), grad, atol=1e-6)
+    assert np.abs(g[1].asnumpy()).max() == 0  # the teacher's probability is a weight, not a target
+    assert w.max() > 0 and (w == 0).any()  # the case exercises both sides of the max

@@ -122,3 +122,14 @@ def test_label_balance_by_hand():
 
 def test_specificity_rate():
     assert specificity_rate(np.array([1, 0, 1, 1]), [1, 1, 1, 0]) == 0.5
+
+
+def test_degenerate_samples_are_flagged():
+    from ms_dfkd.metrics import degenerate_share, is_degenerate
+    for bad in ["- - - - - - - -", "N.B - - - - - -", "the the the the good", "", "!!! ???", "a 1 2 3"]:
+        assert is_degenerate(bad), bad
+    for good in ["A warm, funny film.", "Great cast", "the plot is the weakest part of the film",
+                 "- a sharp and moving drama -"]:
+        assert not is_degenerate(good), good
+    assert degenerate_share(["- - - - -", "a fine film", "N.B - - - -", "dull"]) == 0.5
+    assert degenerate_share([]) == 0.0

@@ -1,6 +1,6 @@
 """End-to-end learning signal: on a toy teacher with a known decision rule, DFKD-T3's
-generator step (Gumbel-max sample -> straight-through soft embedding -> teacher CE)
-raises the specificity rate of the samples.
+generator step (Gumbel-max sample -> straight-through soft embedding -> teacher CE) raises the
+specificity rate of the samples, for each label.
 
 Toy world: vocabulary of 64 tokens shared by generator and teacher (identity bridge).
 The teacher calls a text 'negative' when most of its tokens are < 32, else 'positive'.
@@ -51,7 +51,8 @@ def rule(ids, mask):
     return np.array(out)
 
 
-def test_specificity_rises():
+def train_toy(weights, steps=30, lr=1e-2):
+    """(specificity per label before, after) ``steps`` generator steps with these loss weights."""
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the sampler and the step are ms.jit functions
     ms.set_seed(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -60,9 +61,8 @@ def test_specificity_rises():
     gen = LlamaForCausalLM(cfg, seed=1)
     set_trainable(gen, "all")
     teacher = ToyTeacher()
-    weights = LossConfig(spec=1.0, div=0.0, adv=0.0, flu=0.0)
     loss_cell = GeneratorLoss(gen, teacher, teacher, P, T, 2, weights, 1.0, 1.0)
-    opt = nn.Adam(gen.trainable_params(), learning_rate=1e-2)
+    opt = nn.Adam(gen.trainable_params(), learning_rate=lr)
     step = make_train_step(loss_cell, opt, jit=True)
     table = teacher.get_input_embeddings().value()
     zero = ms.Tensor(np.zeros(H, np.float32))
@@ -78,14 +78,16 @@ def test_specificity_rises():
         return labels, p_ids, p_mask, ids, mask, seed
 
     def spec_rate(n):
-        hits = []
+        hits, labs = [], []
         for i in range(n):
             labels, _, _, ids, mask, _ = batch(10_000 + i)
             hits.append(rule(ids, mask) == labels)
-        return float(np.mean(hits))
+            labs.append(labels)
+        hits, labs = np.concatenate(hits), np.concatenate(labs)
+        return [float(hits[labs == y].mean()) for y in (0, 1)]
 
     before = spec_rate(4)
-    for i in range(30):
+    for i in range(steps):
         labels, p_ids, p_mask, ids, mask, seed = batch(i)
         full_ids = ms.Tensor(np.concatenate([p_ids, ids], 1))
         full_mask = ms.Tensor(np.concatenate([p_mask, mask], 1))
@@ -95,7 +97,16 @@ def test_specificity_rises():
                    ms.Tensor(np.int64(seed)), table, table, zero, zero, zero, zero,
                    ms.Tensor(cls_sel), ms.Tensor(tok_sel), ms.Tensor(sep_sel), ms.Tensor(enc_mask))
         assert np.isfinite(out[0].asnumpy())
-    after = spec_rate(4)
-    print("specificity before/after", before, after)
-    assert before < 0.75, before
-    assert after > before + 0.2 and after >= 0.85, (before, after)
+    return before, spec_rate(4)
+
+
+def test_specificity_rises_for_both_labels():
+    """Each label's specificity must rise: a generator that learned to write one class for every prompt
+    would raise the mean and fail here. (The reward-weighted likelihood alone is a far noisier signal on
+    this toy: 60 steps at lr 3e-2 gave 0.81 -> 0.75 and 0.38 -> 0.94; docs/EXPERIMENTS.md.)"""
+    w = LossConfig(spec=1.0, div=0.0, adv=0.0, flu=0.0)
+    before, after = train_toy(w, steps=30, lr=1e-2)
+    print("specificity per label before/after", before, after)
+    assert np.mean(before) < 0.75, before
+    for y in (0, 1):
+        assert after[y] >= 0.8 and after[y] > before[y] + 0.1, (y, before, after)
