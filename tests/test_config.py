@@ -1,7 +1,9 @@
 """Config parsing: YAML files and --section.key overrides, and the errors that name the bad key."""
+from pathlib import Path
+
 import pytest
 
-from ms_dfkd.config import ConfigError, load_config, parse_overrides
+from ms_dfkd.config import ConfigError, load_config, parse_overrides, save_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -40,3 +42,37 @@ def test_override_errors():
         parse_overrides(["--run.seed"])
     with pytest.raises(ConfigError, match="unknown config key 'loss.spc'"):
         load_config(None, [("loss.spc", "1")])
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    """Every configs/*.yaml loads (no unknown key, no bad value), sets what its file says, formats its
+    paths, and comes back equal through save_config (the config.yaml of a run folder)."""
+    import yaml
+    cfg = load_config(path)
+    for section, body in yaml.safe_load(path.read_text()).items():
+        for key, value in body.items():
+            got = getattr(getattr(cfg, section), key)
+            assert got == value or (isinstance(value, str) and str(got) == value), (section, key, got, value)
+    assert "{" not in cfg.fmt(cfg.run.out_dir) and "{" not in cfg.fmt(cfg.teacher.checkpoint)
+    saved = tmp_path / "config.yaml"
+    save_config(cfg, saved)
+    again = load_config(saved)
+    assert again == cfg
+    save_config(again, tmp_path / "again.yaml")
+    assert (tmp_path / "again.yaml").read_text() == saved.read_text()
+
+
+def test_smoke_config_round_trips_with_overrides(tmp_path):
+    """The smoke config as a run saves it (overrides applied) loads back equal, field for field."""
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    cfg = load_config(smoke, parse_overrides(["--run.rounds", "3", "--loss.div", "0.25", "--corpus.sources",
+                                              "bbc,political", "--generator.chat_template", "false"]))
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    assert again.run.rounds == 3 and again.loss.div == 0.25 and again.corpus.sources == ["bbc", "political"]
+    assert again.generator.chat_template is False and again.generator.arch == "tiny"
