@@ -6,6 +6,8 @@ Architectures (config ``arch`` strings):
   generator: smollm2 (SmolLM2-135M-Instruct GGUF) | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b
              (Qwen2.5-Coder-*-Instruct GGUF, opt-in assets: MS_DFKD_QWEN=1 bash scripts/setup.sh)
              | tiny (random Llama with SmolLM2's tokenizer)
+             | mindformers_llama | mindformers_tiny (smollm2's / tiny's weights in mindformers' Llama,
+             optional extra: MS_DFKD_MINDFORMERS=1 bash scripts/setup.sh)
 The tiny ones keep the real tokenizers, so the smoke run exercises the real vocab bridge.
 """
 import json
@@ -37,11 +39,15 @@ student_tokenizer = teacher_tokenizer  # all shipped students are uncased-BERT W
 # generator.arch -> the GGUF asset holding its weights and tokenizer
 GENERATOR_GGUF = {"smollm2": "smollm2_gguf", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b",
                   "qwen2.5-coder-1.5b": "qwen2.5-coder-1.5b"}
-GENERATOR_ARCHS = tuple(GENERATOR_GGUF) + ("tiny",)
+# mindformers_*: SmolLM2's (or tiny's) weights in mindformers' LlamaForCausalLM; optional extra, see
+# models/mindformers_llama.py (MS_DFKD_MINDFORMERS=1 bash scripts/setup.sh)
+MINDFORMERS_ARCHS = {"mindformers_llama": "smollm2", "mindformers_tiny": "tiny"}
+GENERATOR_ARCHS = tuple(GENERATOR_GGUF) + ("tiny",) + tuple(MINDFORMERS_ARCHS)
 
 
 def _generator_asset(cfg):
     arch = "smollm2" if cfg is None else cfg.generator.arch
+    arch = MINDFORMERS_ARCHS.get(arch, arch)
     if arch == "tiny":
         return GENERATOR_GGUF["smollm2"]  # a random Llama with SmolLM2's tokenizer
     if arch not in GENERATOR_GGUF:
@@ -154,6 +160,9 @@ def _arch_int(arch, key):
 def build_generator(cfg, seed=None):
     """(model, config). For 'tiny' the init is seeded from run.seed, so that every rank agrees."""
     arch = cfg.generator.arch
+    if arch in MINDFORMERS_ARCHS:
+        from .models.mindformers_llama import build_mindformers_generator
+        return build_mindformers_generator(cfg, seed)
     if arch in GENERATOR_GGUF:
         from .models.llama_weights import load_gguf_llama
         lcfg, model = load_gguf_llama(asset_path(GENERATOR_GGUF[arch]))
