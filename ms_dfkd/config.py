@@ -118,6 +118,7 @@ class RunConfig:
     kernels: str = "auto"          # auto | composite | triton_interpret | aot
     precision: str = "float32"     # compute dtype of all three models: float32 | float16 (dynamic loss
     #                                scaling) | bfloat16 (GPU/Ascend); master weights stay float32
+    threads: int = 0               # CPU kernel threads; 0 = the cores this process may use (taskset/affinity)
     checkpoint_every: int = 1      # rounds
     show_samples: int = 3          # generated texts per label printed at the end
     teacher_test: bool = True      # also evaluate the teacher on test at the end (the results table
@@ -164,6 +165,7 @@ class Config:
             if v <= 0:
                 raise ConfigError(f"{sec}.{key}: must be > 0, got {v}")
         for sec, key in (("run", "gen_steps_per_round"), ("run", "student_steps_per_round"), ("run", "eval_every"),
+                         ("run", "threads"),
                          ("run", "eval_examples"), ("run", "checkpoint_every"), ("run", "show_samples"),
                          ("teacher", "train_examples"), ("student", "hidden_mse"), ("generator", "top_k_layers")):
             v = getattr(getattr(self, sec), key)

@@ -445,3 +445,28 @@ def test_trunk_then_top_layers_equal_the_whole_model(tiny):
         # and the unpadded row's logits against the float64 numpy reference
         np.testing.assert_allclose(model.logits_from_hidden(top).asnumpy()[0], np_forward(w, cfg, ids[0]),
                                    rtol=1e-4, atol=1e-4, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("prefilter", [2, 8, 256])
+def test_top_p_prefilter_gives_the_nucleus_of_a_full_sort(tiny, prefilter):
+    """The nucleus found among the `prefilter` most probable tokens (whole-row fallback when their mass
+    is below top_p) picks the same tokens as the full-sort reference of test_top_p_nucleus."""
+    cfg, model, _ = tiny
+    ids, mask = left_pad(ROWS)
+    T, temp, top_p, seed = 10, 1.3, 0.6, 7
+    new, _, logits = sample(model, ids, mask, T, seed=seed, temperature=temp, top_p=top_p, eos_id=-1,
+                            return_logits=True, graph=True, prefilter=prefilter)
+    fallbacks = 0
+    for b in range(len(ROWS)):
+        for t in range(T):
+            s = logits[b, t].astype(np.float64) / temp
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            order = np.argsort(-p)
+            n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+            fallbacks += n_keep > prefilter
+            nuc = order[:n_keep]
+            g = gumbel_np(seed, [b * T + t], np.arange(cfg.vocab_size))[0]
+            assert new[b, t] == nuc[np.argmax(s[nuc] + g[nuc])]
+    if prefilter == 2:
+        assert fallbacks > 0  # the whole-row fallback ran
