@@ -147,8 +147,8 @@ def cmd_generate(cfg, args):
         s = d.generate_batch(10_000_000 + i)  # a noise stream of its own, apart from training steps
         probs = d.teacher_run.probs(s["texts"])
         w.write([{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p]}
-                 for t, y, p in zip(s["texts"], s["labels"], probs)])
-    log.info(f"wrote {n_batches * cfg.generator.batch_size} texts to {out}")
+                 for t, y, p in zip(s["texts"], s["labels"], probs)][:args.num - i * cfg.generator.batch_size])
+    log.info(f"wrote {args.num} texts to {out}")
     return {"out": str(out)}
 
 

@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ms_dfkd.cli import main
@@ -174,3 +175,107 @@ def test_non_finite_loss_stops_before_saving(smoke_teacher, run_copy, capsys, mo
     assert main(cmd) == 0
     rounds = [json.loads(l)["round"] for l in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [0, 1]
+
+
+# ------------------------------------------------------------------ commands that make something
+
+def _jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_generate_and_generate_from_a_run(smoke_teacher, run_copy, tmp_path, monkeypatch):
+    """generate writes N texts, targets balanced over the labels, each with the teacher's probabilities.
+    --from-run samples with the run's trained generator: for the same passages it makes the same prompts
+    and draws the same noise as the pretrained generator, and other texts. (The smoke generator's logits
+    are too flat for two small steps to change a Gumbel-max sample, so the run's checkpoint gets a generator
+    with sharper logits first: its tied embedding table scaled up. The run folder is left as it was.)"""
+    from ms_dfkd.models.checkpoint_io import load_safetensors, safetensors_metadata, save_safetensors
+    from ms_dfkd.train import Distiller
+    ck = run_copy / "checkpoint.safetensors"
+    arrays = load_safetensors(ck)
+    arrays["generator/model.embed_tokens.weight"] = arrays["generator/model.embed_tokens.weight"] * 30.0
+    save_safetensors(arrays, ck, metadata={k: v for k, v in safetensors_metadata(ck).items() if k != "sha256"})
+    batches, real_generate = [], Distiller.generate_batch
+
+    def recording(self, *args, **kwargs):
+        cursor = self.corpus_sampler.state_dict()
+        s = real_generate(self, *args, **kwargs)
+        batches.append((self, cursor, s))
+        return s
+    monkeypatch.setattr(Distiller, "generate_batch", recording)
+    common = ["generate", "--config", SMOKE, "--teacher.checkpoint", smoke_teacher]
+    plain, from_run = tmp_path / "plain.jsonl", tmp_path / "from_run.jsonl"
+    before = _files(run_copy)
+    assert main([*common, "--num", "6", "--out", str(plain)]) == 0
+    n_plain = len(batches)
+    assert main([*common, "--num", "6", "--out", str(from_run), "--from-run", str(run_copy)]) == 0
+    assert _files(run_copy) == before
+    assert n_plain == 2 and len(batches) == 4  # ceil(6 / batch size 4) batches each
+
+    recs = _jsonl(plain)
+    assert len(recs) == 6 and len(_jsonl(from_run)) == 6  # N texts, not whole batches
+    assert [r["target"] for r in recs] == [0, 1, 0, 1, 0, 1]  # balanced: 3 of each label
+    for r in recs + _jsonl(from_run):
+        assert set(r) == {"text", "target", "teacher_probs"} and isinstance(r["text"], str)
+        assert len(r["teacher_probs"]) == 2 and abs(sum(r["teacher_probs"]) - 1) < 1e-5
+    assert [r["text"] for r in recs] == [t for _, _, s in batches[:2] for t in s["texts"]][:6]
+
+    d_plain, d_run = batches[0][0], batches[2][0]
+    assert d_plain.method == "prompted" and d_run.method == "dfkd-t3"
+    for (_, _, a), (_, _, b) in zip(batches[:2], batches[2:]):
+        assert a["seed"] == b["seed"]  # generate's own noise stream, the same for both
+    for n, p in d_run.generator.parameters_and_names():  # the run's generator, as its checkpoint has it
+        np.testing.assert_array_equal(p.asnumpy(), arrays["generator/" + n], err_msg=n)
+    # the pretrained generator on the from-run batch's passages: the same prompts and noise, other samples
+    _, cursor, trained = batches[2]
+    d_plain.corpus_sampler.load_state_dict(cursor)
+    pre = real_generate(d_plain, 10_000_000)
+    assert pre["passages"] == trained["passages"] and pre["seed"] == trained["seed"]
+    np.testing.assert_array_equal(pre["p_ids"], trained["p_ids"])
+    assert pre["texts"] != trained["texts"]
+    assert [r["text"] for r in _jsonl(from_run)[:4]] == trained["texts"]
+
+
+def test_train_teacher_reuses_its_checkpoint_unless_forced(smoke_teacher, tmp_path, caplog):
+    import logging
+    from ms_dfkd.build import load_teacher
+    from ms_dfkd.config import load_config, parse_overrides
+    from ms_dfkd.models.checkpoint_io import load_safetensors, safetensors_metadata
+    ck = tmp_path / "teacher.safetensors"
+    shutil.copy(smoke_teacher, ck)
+    old, old_mtime = ck.read_bytes(), ck.stat().st_mtime_ns
+    cmd = ["train-teacher", "--config", SMOKE, "--teacher.checkpoint", str(ck), "--teacher.train_examples", "64"]
+    with caplog.at_level(logging.INFO, logger="ms_dfkd"):
+        assert main(cmd) == 0
+    assert "teacher checkpoint exists, reusing it" in caplog.text
+    assert ck.read_bytes() == old and ck.stat().st_mtime_ns == old_mtime  # untouched, though the settings differ
+    assert main([*cmd, "--force"]) == 0  # retrained on 64 examples instead of 512
+    new = load_safetensors(ck)
+    assert ck.read_bytes() != old
+    changed = [k for k, v in load_safetensors(smoke_teacher).items() if not np.array_equal(v, new[k])]
+    assert "classifier.weight" in changed and len(changed) > 10
+    meta = safetensors_metadata(ck)
+    assert meta["format"] == "ms-dfkd-teacher" and json.loads(meta["dev"])["n"] > 1000
+    load_teacher(load_config(SMOKE, parse_overrides(["--teacher.checkpoint", str(ck)])))  # loads as a teacher
+
+
+def test_eval_json_out_and_no_teacher(smoke_teacher, smoke_one_round_run, tmp_path, capsys):
+    """eval --json-out writes exactly what it prints; --no-teacher evaluates the student alone and needs no
+    teacher checkpoint."""
+    f = tmp_path / "eval.tsv"
+    f.write_text("text\tlabel\na great and moving film\tpositive\ndull and far too long\tnegative\n"
+                 "it works\t1\nnot good\t0\nfine\tpositive\n")
+    out = tmp_path / "res.json"
+    common = ["eval", "--config", SMOKE, "--file", str(f), "--student", str(smoke_one_round_run)]
+    capsys.readouterr()
+    assert main([*common, "--teacher.checkpoint", smoke_teacher, "--json-out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    assert set(printed) == {"teacher", "student"}
+    for res in printed.values():
+        assert res["n"] == 5 and res["accuracy"] * 5 == pytest.approx(round(res["accuracy"] * 5))
+    out2 = tmp_path / "sub" / "student_only.json"
+    assert main([*common, "--teacher.checkpoint", str(tmp_path / "no_such_teacher.safetensors"), "--no-teacher",
+                 "--json-out", str(out2)]) == 0
+    printed2 = json.loads(capsys.readouterr().out)
+    assert json.loads(out2.read_text()) == printed2 == {"student": printed["student"]}
