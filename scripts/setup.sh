@@ -24,7 +24,22 @@ qwen_assets() {
   esac
   .venv/bin/python -m ms_dfkd.assets install $names
 }
-if [ -f "$stamp" ]; then qwen_assets; exit 0; fi
+# Opt-in: MS_DFKD_MINDFORMERS=1 also installs the mindformers extra (generator.arch mindformers_*): the exact
+# pins of requirements-mindformers.lock, --no-deps, over requirements.lock (whose mindspore and numpy stay),
+# then checks that the pins hold and mindformers imports. About 320 MB and 25 s; needs Python >= 3.10.
+mindformers_extra() {
+  [ "${MS_DFKD_MINDFORMERS:-0}" = 1 ] || return 0
+  local mark=.venv/.ms_dfkd_mindformers_$(cat requirements-mindformers.lock requirements.lock | cksum | cut -d' ' -f1)
+  [ -f "$mark" ] && return 0
+  .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+    || { echo "setup.sh: MS_DFKD_MINDFORMERS=1 needs Python >= 3.10 (mindformers 2.1.0)" >&2; exit 1; }
+  echo "[setup] installing the mindformers extra (requirements-mindformers.lock, --no-deps)..."
+  .venv/bin/python -m pip install -q --no-deps -r requirements-mindformers.lock
+  GLOG_v=3 .venv/bin/python -m ms_dfkd.models.mindformers_llama check requirements-mindformers.lock requirements.lock
+  rm -f .venv/.ms_dfkd_mindformers_*
+  touch "$mark"
+}
+if [ -f "$stamp" ]; then qwen_assets; mindformers_extra; exit 0; fi
 if [ ! -x .venv/bin/python ]; then
   # A fresh .venv takes 3.9 GB (4.7 GB with the torch extra), and pip unpacks the 0.8 GB MindSpore wheel
   # beside it: fail now, naming the folder, rather than with pip's "Errno 28" halfway through.
@@ -50,4 +65,5 @@ if [ "${MS_DFKD_BENCH:-0}" = 1 ]; then echo "[setup] installing torch==2.13.0 (b
 rm -f .venv/.ms_dfkd_setup_*
 touch "$stamp"
 qwen_assets
+mindformers_extra
 echo "[setup] done: $(python -c 'import mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)' 2>/dev/null | tail -1)"

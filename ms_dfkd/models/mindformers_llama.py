@@ -414,3 +414,60 @@ def build_mindformers_generator(cfg, seed=None):
 def state_of_hf(model):
     """{llama.py name: array} of a MindformersLlamaForCausalLM (the inverse of load_hf_state)."""
     return {mindformers_to_hf_name(n): p.asnumpy() for n, p in model.parameters_and_names()}
+
+
+def _pins(path):
+    import re
+    pins = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, ver = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = ver.strip()
+    return pins
+
+
+def check_extra(lock, base_lock):
+    """What setup.sh runs after installing the extra: every pin of ``lock`` installed at its version,
+    mindspore and numpy still at ``base_lock``'s, no unmet requirement (``pip check``) of a package of
+    the extra other than mindformers' own (it declares mindspore~=2.11 and packages its Llama does not
+    import), and mindformers imports with LlamaForCausalLM. Returns a list of problems (empty: good)."""
+    import subprocess
+    from importlib import metadata
+    problems = []
+    pins, base = _pins(lock), _pins(base_lock)
+    for name in ("mindspore", "numpy"):
+        pins[name] = base[name]
+    for name, ver in sorted(pins.items()):
+        try:
+            got = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            got = None
+        if got != ver:
+            problems.append(f"{name}: {got or 'not installed'}, pinned {ver}")
+    out = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True).stdout
+    import re
+    for line in out.splitlines():
+        who = re.sub(r"[-_.]+", "-", line.split(" ", 1)[0]).lower()
+        if who in pins and who != "mindformers":
+            problems.append(f"pip check: {line}")
+    try:
+        mf = import_mindformers()
+        if not hasattr(mf, "LlamaForCausalLM"):
+            problems.append("mindformers has no LlamaForCausalLM")
+    except MindformersNotInstalled as e:
+        problems.append(str(e))
+    return problems
+
+
+if __name__ == "__main__":  # python -m ms_dfkd.models.mindformers_llama check LOCK BASE_LOCK
+    if len(sys.argv) != 4 or sys.argv[1] != "check":
+        sys.exit("usage: python -m ms_dfkd.models.mindformers_llama check requirements-mindformers.lock requirements.lock")
+    found = check_extra(sys.argv[2], sys.argv[3])
+    for p in found:
+        print(f"mindformers extra: {p}", file=sys.stderr)
+    if not found:
+        import mindformers
+        print(f"mindformers extra: mindformers {mindformers.__version__} with mindspore {ms.__version__}, "
+              f"numpy {np.__version__}: pins hold, imports")
+    sys.exit(1 if found else 0)
