@@ -1,10 +1,52 @@
 """Shared pytest set-up. Run the suite from the repo root with `python -m pytest`."""
+import os
+
 import pytest
+
+# before any test module is collected: tests/test_kernels_triton_process.py checks that none set it
+TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
 
 def pytest_configure(config):
     # also declared in pyproject.toml; repeated here so a bare `pytest -c /dev/null` knows it
     config.addinivalue_line("markers", "real: uses the real pretrained weights from the asset packages")
+    config.addinivalue_line("markers", "slow: longer end-to-end runs")
+
+
+# ------------------------------------------------------------------ isolation of process-wide settings
+# MindSpore's execution mode (graph or PyNative) and kernels' backend override are global to the process:
+# whatever a test, a module's fixtures or a shared fixture set would otherwise decide how every later test
+# runs, so that a test meant to run eagerly ran as a graph in a full run (or the reverse) depending on
+# the order. Each test gets back, after it, the settings it started with; each module those it started
+# with (a module fixture may set a mode for its own tests); the session fixtures below restore theirs.
+
+def _global_settings():
+    import mindspore as ms
+    from kernels import dispatch
+    return ms.get_context("mode"), dispatch._override
+
+
+def _restore_global_settings(settings):
+    import mindspore as ms
+    from kernels import dispatch
+    mode, backend = settings
+    if ms.get_context("mode") != mode:
+        ms.set_context(mode=mode)
+    dispatch.set_kernel_backend(backend)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_global_settings():
+    settings = _global_settings()
+    yield
+    _restore_global_settings(settings)
+
+
+@pytest.fixture(autouse=True)
+def _test_global_settings():
+    settings = _global_settings()
+    yield
+    _restore_global_settings(settings)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +70,11 @@ def smoke_teacher(tmp_path_factory):
     from ms_dfkd.cli import main
     config = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
     path = tmp_path_factory.mktemp("teacher") / "tiny_teacher.safetensors"
-    assert main(["train-teacher", "--config", str(config), "--teacher.checkpoint", str(path)]) == 0
+    settings = _global_settings()
+    try:
+        assert main(["train-teacher", "--config", str(config), "--teacher.checkpoint", str(path)]) == 0
+    finally:
+        _restore_global_settings(settings)  # the command set graph mode
     assert path.is_file()
     return str(path)
 
@@ -44,6 +90,10 @@ def smoke_one_round_run(smoke_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("one_round") / "run"
     cfg = load_config(config, parse_overrides(["--teacher.checkpoint", smoke_teacher, "--run.out_dir", str(out),
                                                "--run.rounds", "1"]))
+    settings = _global_settings()
     ms.set_context(mode=ms.GRAPH_MODE)
-    assert Distiller(cfg).run() is not None
+    try:
+        assert Distiller(cfg).run() is not None
+    finally:
+        _restore_global_settings(settings)
     return out

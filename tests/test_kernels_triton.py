@@ -2,23 +2,21 @@
 inside MindSpore GRAPH_MODE graphs as pyfunc custom ops with bprop.
 
 Triton chooses interpreter or compiler when it is first imported, and MindSpore imports it, so
-TRITON_INTERPRET=1 must be set before MindSpore is: it is set here for runs of this file alone. When
-another module imported MindSpore first, these tests are skipped here and run instead, in a fresh
-process, by tests/test_kernels_triton_process.py.
+TRITON_INTERPRET=1 must be in the environment before the process starts. These tests run where it is
+(`TRITON_INTERPRET=1 python -m pytest tests/test_kernels_triton.py`); elsewhere they are skipped here and
+run instead, in a fresh process with TRITON_INTERPRET=1, by tests/test_kernels_triton_process.py. This
+file does not set it: set at collection it stayed in os.environ for the whole test run, and every
+subprocess of every later test inherited it.
 """
-import os
+import mindspore as ms
+import numpy as np
+import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import mindspore as ms  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from kernels import dispatch, fused_linear_soft_embedding, kd_loss, soft_embedding  # noqa: E402
-from kernels import kd_loss_reference as kref  # noqa: E402
-from kernels import soft_embedding_reference as sref  # noqa: E402
-from kernels import triton_runtime as rt  # noqa: E402
-from kernels.gumbel_noise import gumbel_np, uniform_np  # noqa: E402
+from kernels import dispatch, fused_linear_soft_embedding, kd_loss, soft_embedding
+from kernels import kd_loss_reference as kref
+from kernels import soft_embedding_reference as sref
+from kernels import triton_runtime as rt
+from kernels.gumbel_noise import gumbel_np, uniform_np
 
 # the interpreter's own int(array) calls, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")

@@ -21,3 +21,10 @@ def test_triton_kernel_tests_in_a_fresh_interpreter_process():
                             cwd=TRITON_TESTS.parent.parent, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+def test_no_test_module_sets_triton_interpret_for_the_whole_run():
+    """TRITON_INTERPRET=1 goes only to the subprocess above: set in os.environ while a module was collected,
+    it reached every subprocess of every later test (the msrun jobs, the CLI runs, the aot compile check)."""
+    import conftest
+    assert os.environ.get("TRITON_INTERPRET") == conftest.TRITON_INTERPRET_AT_START
