@@ -215,6 +215,19 @@ def test_gumbel_max_follows_the_noise_contract(tiny):
     assert (other != new).mean() > 0.3
 
 
+def full_sort_pick(logits, temp, top_p, seed, row):
+    """The reference token: the nucleus from a float64 sort of the whole row, Gumbel-max within it with the
+    noise of (seed, row, column). Returns (token, nucleus size)."""
+    s = logits.astype(np.float64) / temp
+    p = np.exp(s - s.max())
+    p /= p.sum()
+    order = np.argsort(-p)
+    n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)  # smallest set with mass >= p
+    nucleus = order[:n_keep]
+    g = gumbel_np(seed, [row], np.arange(len(s)))[0]
+    return nucleus[np.argmax(s[nucleus] + g[nucleus])], n_keep
+
+
 def test_top_p_nucleus(tiny):
     cfg, model, _ = tiny
     ids, mask = left_pad(ROWS)
@@ -223,14 +236,7 @@ def test_top_p_nucleus(tiny):
                             return_logits=True, graph=True)
     for b in range(len(ROWS)):
         for t in range(T):
-            s = logits[b, t].astype(np.float64) / temp
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            order = np.argsort(-p)
-            n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)  # smallest set with mass >= p
-            nucleus = order[:n_keep]
-            g = gumbel_np(seed, [b * T + t], np.arange(cfg.vocab_size))[0]
-            assert new[b, t] == nucleus[np.argmax(s[nucleus] + g[nucleus])]
+            assert new[b, t] == full_sort_pick(logits[b, t], temp, top_p, seed, b * T + t)[0]
 
 
 def test_stop_tokens_and_mask(tiny):
@@ -459,14 +465,8 @@ def test_top_p_prefilter_gives_the_nucleus_of_a_full_sort(tiny, prefilter):
     fallbacks = 0
     for b in range(len(ROWS)):
         for t in range(T):
-            s = logits[b, t].astype(np.float64) / temp
-            p = np.exp(s - s.max())
-            p /= p.sum()
-            order = np.argsort(-p)
-            n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+            token, n_keep = full_sort_pick(logits[b, t], temp, top_p, seed, b * T + t)
             fallbacks += n_keep > prefilter
-            nuc = order[:n_keep]
-            g = gumbel_np(seed, [b * T + t], np.arange(cfg.vocab_size))[0]
-            assert new[b, t] == nuc[np.argmax(s[nuc] + g[nuc])]
+            assert new[b, t] == token
     if prefilter == 2:
         assert fallbacks > 0  # the whole-row fallback ran
