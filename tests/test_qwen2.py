@@ -326,3 +326,26 @@ def test_qwen05_vocab_bridge_coverage_and_cost(qwen05):
     assert sums[tok.encode(" great")[0]] == 1
     assert bridge.ascii_coverage > 0.99 and bridge.coverage > 0.8 and bridge.unk_rows < 30_000
     assert seconds < 60
+
+
+@pytest.mark.real
+def test_qwen15_config_and_tokenizer_from_its_gguf(asset_or_skip):
+    """The 1.5B sibling through the same code, without loading its 1.5B weights (that takes about a minute
+    and 8.8 GB; done once by hand: greedy "The capital of France is" -> " Paris. Paris is the largest city
+    in France..."): its config from the metadata, every tensor accounted for, the 0.5B's vocabulary."""
+    from ms_dfkd.models.gguf_file import read_gguf
+    from ms_dfkd.models.llama_weights import config_from_gguf, gguf_name_to_hf
+    from ms_dfkd.tokenization import bpe_tokenizer_from_gguf
+    path = asset_or_skip("qwen2.5-coder-1.5b")
+    reader = read_gguf(path)
+    cfg = config_from_gguf(reader, path)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+            cfg.num_key_value_heads, cfg.vocab_size, cfg.qkv_bias, cfg.tie_word_embeddings) == \
+        (28, 1536, 8960, 12, 2, 151936, True, False)
+    model = LlamaForCausalLM(dataclasses.replace(cfg, num_hidden_layers=1, vocab_size=8), init_weights=False)
+    per_layer = {n.split(".", 3)[3] for n, _ in model.parameters_and_names() if n.startswith("model.layers.0.")}
+    names = {gguf_name_to_hf(t.name) for t in reader.tensors}
+    assert names == {f"model.layers.{i}.{n}" for i in range(28) for n in per_layer} | {
+        "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    tok = bpe_tokenizer_from_gguf(path)
+    assert tok.encode("Hello world") == [9707, 1879] and tok.chat_format == "qwen2" and tok.eos_id == 151645
