@@ -144,6 +144,21 @@ def plot(out, rows, ref, names):
     plt.close(fig)
 
 
+def report_only(out, every):
+    """blocks.md and curves.png from OUT's steps.jsonl and reference.json (a run in progress or stopped)."""
+    import yaml
+    from ms_dfkd.run_files import read_jsonl
+    steps, ref, cfg = out / "steps.jsonl", out / "reference.json", out / "run" / "config.yaml"
+    for f in (steps, ref, cfg):
+        if not f.is_file():
+            raise SystemExit(f"generator_diagnostic --report-only: {f} not found (run the diagnostic first)")
+    names = yaml.safe_load(cfg.read_text())["task"]["label_names"]
+    records = read_jsonl(steps)
+    print("\n".join(write_report(out, records, json.loads(ref.read_text()), every, names)))
+    print(f"[diagnostic] wrote {out / 'blocks.md'} and {out / 'curves.png'} from {len(records)} steps")
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "sentiment_offline.yaml"))
@@ -151,14 +166,18 @@ def main(argv=None):
     ap.add_argument("--every", type=int, default=10, help="steps per block line (and per checkpoint)")
     ap.add_argument("--reference-batches", type=int, default=8, help="batches of the prompted reference")
     ap.add_argument("--out", default=str(ROOT / "runs" / "diagnostic"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="write blocks.md and curves.png from the steps recorded so far; run nothing")
     args, rest = ap.parse_known_args(argv)
     for name in ("steps", "every", "reference_batches"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = Path(args.out)
+    if args.report_only:
+        return report_only(out, args.every)
     import mindspore as ms
     from ms_dfkd.config import ConfigError, load_config, parse_overrides
     from ms_dfkd.run_files import RunFolderBusy, RunLock
-    out = Path(args.out)
     try:
         cfg = load_config(args.config, parse_overrides(rest) + [
             ("run.method", "dfkd-t3"), ("run.out_dir", str(out / "run")), ("run.gen_warmup_steps", str(args.steps)),
