@@ -33,15 +33,59 @@ def _distiller(cfg):
     return Distiller(cfg)
 
 
-def test_smoke_distill_cli(teacher, tmp_path, capsys, monkeypatch):
-    # a PyTorch-free driver: with sys.modules["torch"] = None any `import torch` raises, whatever ran
-    # before this test in the same process (the parity tests import torch)
-    monkeypatch.setitem(sys.modules, "torch", None)
-    out = tmp_path / "run"
-    assert main(["distill", "--config", SMOKE, "--teacher.checkpoint", teacher, "--run.out_dir", str(out)]) == 0
+# Run in a fresh interpreter before anything else: every import of torch fails, as where it is not installed,
+# and each attempt is recorded with the lines that asked for it (a try/except around an import would hide
+# it otherwise). A check in this process would only see the imports made during one test.
+NO_TORCH = """
+import json, sys, traceback
+from pathlib import Path
+attempts = []
+
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            stack = [f"{f.filename}:{f.lineno}" for f in traceback.extract_stack()[:-1] if "importlib" not in f.filename]
+            attempts.append({"name": name, "from": stack[-4:]})
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+        return None
+
+sys.meta_path.insert(0, BlockTorch())
+import kernels
+from kernels import fused_linear_soft_embedding, kd_loss, set_kernel_backend, soft_embedding
+import ms_dfkd.train
+from ms_dfkd.cli import main
+code = main(sys.argv[2:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "torch")
+Path(sys.argv[1]).write_text(json.dumps({"code": code, "attempts": attempts, "loaded": loaded}))
+"""
+
+
+def test_smoke_distill_cli(teacher, tmp_path):
+    """The whole smoke run through the command, in a fresh interpreter where torch cannot be imported."""
+    import subprocess
+    out, report = tmp_path / "run", tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("MS_ROLE", "TRITON_INTERPRET")}
+    env["GLOG_v"] = "3"
+    r = subprocess.run([sys.executable, "-c", NO_TORCH, str(report), "distill", "--config", SMOKE,
+                        "--teacher.checkpoint", teacher, "--run.out_dir", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and report.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
+    rep = json.loads(report.read_text())
+    assert rep == {"code": 0, "attempts": [], "loaded": []}, rep
     final = json.loads((out / "final.json").read_text())
     assert 0.0 <= final["teacher_test"]["accuracy"] <= 1.0 and final["teacher_test"]["n"] > 1000
     assert 0.0 <= final["student_test"]["accuracy"] <= 1.0
+    # the whole test split, for both. The tiny teacher learns the label prior of its 512 training examples
+    # and nothing more (configs/smoke.yaml: "not meant to learn anything"; measured: it answers positive
+    # for every text, p ~ 0.562, on seeds 0-2), so its accuracy is the majority share of the test split,
+    # 0.559. A teacher with swapped labels, an untrained one that answers negative, or a report on another
+    # split or a part of it falls below that.
+    from ms_dfkd.config import load_config
+    from ms_dfkd.data import load_split
+    test = load_split(load_config(SMOKE), "test")
+    positive = float(np.mean([y for _, y in test]))
+    assert final["teacher_test"]["n"] == final["student_test"]["n"] == len(test)
+    assert final["teacher_test"]["accuracy"] >= max(positive, 1.0 - positive) - 1e-9, (final, positive)
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == [0, 1]
     for m in metrics:
@@ -51,7 +95,7 @@ def test_smoke_distill_cli(teacher, tmp_path, capsys, monkeypatch):
     recs = [json.loads(l) for l in (out / "generated.jsonl").read_text().splitlines()]
     assert len(recs) == 2 * 2 * 4
     assert all(abs(sum(r["teacher_probs"]) - 1) < 1e-4 for r in recs)
-    printed = capsys.readouterr().out
+    printed = r.stdout
     assert "teacher test accuracy" in printed and "student test accuracy" in printed
 
 
@@ -84,6 +128,29 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
         g = g.asnumpy()
         assert np.isfinite(g).all(), p.name
         assert np.abs(g).sum() > 0, p.name
+
+    # one optimizer step on the same inputs moves each parameter by what AdamW's first step gives for these
+    # gradients: m = (1 - b1) g, v = (1 - b2) g^2, delta = -lr m / (sqrt(v) + eps), weight decay 0 (MindSpore's
+    # AdamWeightDecay has no bias correction). That is 3.16 lr where |g| >> eps / sqrt(1 - b2) = 3.2e-5, but
+    # the smoke generator's gradients are 1e-9 to 3e-7, so here delta = lr (1 - b1) g / eps, far below lr.
+    opt, lr = d.opt_g, cfg.generator.lr
+    b1, b2, eps = float(opt.beta1.asnumpy()[0]), float(opt.beta2.asnumpy()[0]), float(opt.eps.asnumpy()[0])
+    assert abs(b1 - 0.9) < 1e-7 and abs(b2 - 0.999) < 1e-7 and abs(eps - 1e-6) < 1e-12
+    assert float(np.asarray(opt.weight_decay.asnumpy())) == 0.0
+    assert float(opt.get_lr().asnumpy()) == np.float32(lr)
+    before = [p.asnumpy().copy() for p in opt.parameters]
+    d.gen_step(gen_input, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]), frozen, ms.Tensor(s["labels"]),
+               ms.Tensor(np.int64(s["seed"])), d.table_t, d.table_s, d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel)
+    assert int(opt.global_step.asnumpy()[0]) == 1
+    for p, b, g in zip(opt.parameters, before, grads):
+        g = g.asnumpy().astype(np.float64)
+        m, v = (1 - b1) * g, (1 - b2) * g * g
+        expected = -lr * m / (np.sqrt(v) + eps)
+        delta = p.asnumpy().astype(np.float64) - b
+        # to the float32 rounding of the new weight: one unit in the last place of the old one
+        err = np.abs(delta - expected) - 1e-3 * np.abs(expected) - np.spacing(np.abs(b))
+        assert (err <= 0).all(), (p.name, float(err.max()))
+        assert np.abs(delta).max() > 1e-7 and np.abs(delta).max() <= lr * (1 - b1) / np.sqrt(1 - b2), p.name
 
     assert d.run() is not None
     for n, p in d.teacher.parameters_and_names():
@@ -159,12 +226,39 @@ def test_float16_precision_runs_with_loss_scaling(teacher, tmp_path):
         assert model.config.compute_dtype == "float16"
     assert d.scaler_g is not None and d.scaler_s is not None  # float16 backward: dynamic loss scaling
     gen0 = {n: p.asnumpy().copy() for n, p in d.generator.parameters_and_names() if p.requires_grad}
+    opt, lr, steps, real_step = d.opt_g, d.cfg.generator.lr, [], d.gen_step
+
+    def watched_step(*inputs):
+        before = [p.asnumpy().astype(np.float64) for p in opt.parameters]
+        k = int(opt.global_step.asnumpy()[0])
+        out = real_step(*inputs)
+        steps.append({"names": [p.name for p in opt.parameters], "before": before,
+                      "after": [p.asnumpy().astype(np.float64) for p in opt.parameters],
+                      "m": [m.asnumpy().astype(np.float64) for m in opt.moments1],
+                      "v": [v.asnumpy().astype(np.float64) for v in opt.moments2],
+                      "skipped": int(opt.global_step.asnumpy()[0]) == k})
+        return out
+    d.gen_step = watched_step
     hist = d.run()
     assert all(p.dtype == ms.float32 for p in d.generator.get_parameters())  # master weights stay float32
     for k in ("loss_g", "loss_s", "loss_scale_g", "loss_scale_s"):
         assert np.isfinite(hist[-1][k]), k
     moved = [n for n, p in d.generator.parameters_and_names() if n in gen0 and not np.array_equal(p.asnumpy(), gen0[n])]
     assert moved  # at least one finite step was applied
+    # every generator step was either applied or skipped for an overflow, which halved the scale (2**16 at
+    # the start, never raised within 1000 steps)
+    applied = int(d.opt_g.global_step.asnumpy()[0])
+    skipped = int(round(np.log2(2.0 ** 16 / hist[-1]["loss_scale_g"])))
+    assert applied >= 1 and applied + skipped == d.counters["gen_steps"] == 2, (applied, skipped)
+    # and each step moved the float32 weights by exactly the AdamW update of the optimizer's moments after
+    # it (nothing for a skipped step)
+    assert [s["skipped"] for s in steps].count(False) == applied and len(steps) == 2
+    for s in steps:
+        for name, b, a, m, v in zip(*(s[k] for k in ("names", "before", "after", "m", "v"))):
+            expected = np.zeros_like(b) if s["skipped"] else -lr * m / (np.sqrt(v) + 1e-6)
+            # to the float32 rounding of the new weight: one unit in the last place of the old one
+            err = np.abs(a - b - expected) - 1e-4 * np.abs(expected) - np.spacing(np.abs(b).astype(np.float32))
+            assert (err <= 0).all(), (name, float(err.max()))
 
 
 def test_bfloat16_on_cpu_is_a_clear_error(teacher, tmp_path):
@@ -262,6 +356,12 @@ def test_warmup_then_a_run_cut_into_four_pieces_equals_the_straight_run(teacher,
     recs = [json.loads(l) for l in (a / "generated.jsonl").read_text().splitlines()]
     assert [r["text"] for r in recs] == [t for _, _, texts, _ in seen[3:] for t in texts] and len(recs) == 16
     assert any(not np.array_equal(p.asnumpy(), gen0[n]) for n, p in da.generator.parameters_and_names() if n in gen0)
+    # by no more than 7 AdamW steps can move a weight: |m / sqrt(v)| <= 7.3 on any step without bias
+    # correction (Cauchy-Schwarz over the moment sums, b1^2 / b2 < 1)
+    lr = da.cfg.generator.lr
+    delta = max(float(np.abs(p.asnumpy() - gen0[n]).max()) for n, p in da.generator.parameters_and_names()
+                if n in gen0)
+    assert 0 < delta <= 7 * 7.3 * lr, (delta, lr)
     metrics = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["phase"] == "warmup" and metrics[0]["warmup_steps"] == 3
     assert all(np.isfinite(metrics[0][k]) for k in ("loss_g", "loss_spec", "specificity", "perplexity_g0"))
@@ -365,15 +465,42 @@ def test_distill_from_texts_and_inspect(teacher, one_round_run, tmp_path, capsys
     assert "8 generated texts" in capsys.readouterr().out
 
 
-def test_prompt_specificity_tool(teacher, capsys):
+def test_prompt_specificity_tool(teacher, capsys, monkeypatch):
     """scripts/prompt_specificity.py: every setting reads the same passages and noise, so one template
-    given twice scores the same; a template without {text} is refused by name."""
+    given twice samples the same texts and scores the same, and another template makes its own prompts from
+    the same passages, labels and noise; a template without {text} is refused by name."""
+    from ms_dfkd.train import Distiller
     sys.path.insert(0, str(ROOT / "scripts"))
     import prompt_specificity
+    batches, real_generate = [], Distiller.generate_batch
+
+    def recording(self, *args, **kwargs):
+        s = real_generate(self, *args, **kwargs)
+        batches.append((self.g_tok, s))
+        return s
+    monkeypatch.setattr(Distiller, "generate_batch", recording)
     tpl = "Write a {label} review.\\n{text}"
     prompt_specificity.main(["--config", SMOKE, "--teacher.checkpoint", teacher, "--template", tpl,
                              "--template", tpl, "--template", "Say {label} things about {text} please",
                              "--batches", "2"])
+    assert len(batches) == 3 * 2
+    tok = batches[0][0]
+    for i in range(2):
+        a, b, c = (batches[2 * t + i][1] for t in range(3))
+        for k in ("passages", "seed"):
+            assert a[k] == b[k] == c[k], k
+        np.testing.assert_array_equal(a["labels"], c["labels"])
+        for k in ("p_ids", "ids", "mask", "labels"):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # the same template: the same samples
+        assert a["texts"] == b["texts"]
+        # another template, other prompts (the tiny generator's logits are too flat to outweigh the Gumbel
+        # noise, so its samples and their scores come out the same: the prompts are what this checks)
+        assert not np.array_equal(a["p_ids"], c["p_ids"])
+        for y, row, m in zip(c["labels"], c["p_ids"], c["p_mask"]):
+            name = ["negative", "positive"][y]
+            assert f"Say {name} things about" in tok.decode(row[m == 1]), tok.decode(row[m == 1])
+        for y, row, m in zip(a["labels"], a["p_ids"], a["p_mask"]):
+            assert f"Write a {['negative', 'positive'][y]} review." in tok.decode(row[m == 1])
     rows = [l.split("|")[1:-1] for l in capsys.readouterr().out.splitlines() if l.startswith("| ")][1:]
     assert len(rows) == 3
     rates = [float(r[2]) for r in rows]
