@@ -4,9 +4,10 @@ written here from docs/METHOD.md, on tiny random models (no torch needed).
 The reference computes everything itself: the generator's logits by a numpy Llama over each row's
 unpadded [prompt; kept sample] (so the P-1 offset of the padded layout is checked, not copied), the
 straight-through soft embeddings as row gathers of B_vocab . E at the sampled ids, the encoder inputs
-[CLS] e_1 .. e_L [SEP] of each row, a numpy BERT for teacher and student, the four losses and their
-weights. The gradient is checked by central differences of the straight-through surrogate
-    F(theta) = w_flu L_flu(theta) + L_enc(E_hat[z] + (y(theta) - y(theta_0)) E_hat),
+[CLS] e_1 .. e_L [SEP] of each row, a numpy BERT for teacher and student, the four losses (and the
+optional reward-weighted likelihood) and their weights. The gradient is checked by central differences
+of the straight-through surrogate
+    F(theta) = w_flu L_flu(theta) + w_rwl L_rwl(theta) + L_enc(E_hat[z] + (y(theta) - y(theta_0)) E_hat),
 whose value at theta_0 is the step's loss and whose gradient there is the step's gradient.
 Also: soft_sequence_layout and place_soft_tokens against hand-built arrays, and a float16 step
 against the float32 one.
@@ -33,6 +34,7 @@ LABELS = [0, 1, 2, 0, 1, 2]          # two texts per label: every label has one 
 CLS_ID, SEP_ID, EOS_ID = 1, 2, 3     # encoder [CLS]/[SEP]; generator end of sequence
 KD_T, TAU = 2.0, 0.7
 WEIGHTS = LossConfig(spec=0.7, div=0.3, adv=0.2, flu=1.3)
+WITH_RWL = LossConfig(spec=0.7, div=0.3, adv=0.2, flu=1.3, rwl=0.9)  # the optional reward-weighted likelihood
 SEED = derive_seed(0, 0, 5, 1)
 
 GEN_CFG = dict(vocab_size=VG, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -171,20 +173,39 @@ def fluency(gl, frozen):
     return float(np.mean([kl(gl[k], frozen[k[0] * T + k[1]]) for k in keys]))
 
 
+def reward_weights(zt):
+    """w_b = max(p_T(y_b | z_b) - the mean of p_T(y | z) over the batch's samples asked for label y_b, 0)."""
+    y = np.array(LABELS)
+    p = np.exp(log_softmax(zt))[np.arange(B), y]
+    mean = {k: p[y == k].mean() for k in set(LABELS)}
+    return np.maximum(p - np.array([mean[k] for k in y]), 0.0)
+
+
+def reward_weighted_nll(gl, ids, w):
+    """-sum_b w_b mean_{t < L_b} log p_theta(z_bt) / B; a row with no kept token adds nothing."""
+    total = 0.0
+    for b in range(B):
+        lps = [log_softmax(gl[b, t])[z_bt] for t, z_bt in enumerate(ids[b, :GEN_LENS[b]])]
+        total += w[b] * (np.mean(lps) if lps else 0.0)
+    return -total / B
+
+
 def reference_loss(world, weights, gen_state=None):
-    """The step's forward value and its four terms (hard straight-through: e_t = E_hat[z_t])."""
+    """The step's forward value and its terms (hard straight-through: e_t = E_hat[z_t])."""
     gl = sample_logits(world["gen64"] if gen_state is None else gen_state, world["gen_cfg"], world["batch"])
     z = world["batch"]["gen_ids"]
     e_t = {b: world["hat_t"][z[b, :GEN_LENS[b]]] for b in range(B)}
     e_s = {b: world["hat_s"][z[b, :GEN_LENS[b]]] for b in range(B)}
     spec, div, adv, zt = encoder_terms(world, e_t, e_s, weights)
     flu = fluency(gl, world["frozen_logits"].astype(np.float64))
-    total = weights.spec * spec + weights.div * div + weights.adv * adv + weights.flu * flu
-    return {"total": total, "spec": spec, "div": div, "adv": adv, "flu": flu}, zt
+    rwl = reward_weighted_nll(gl, z, reward_weights(zt)) if weights.rwl else 0.0
+    total = weights.spec * spec + weights.div * div + weights.adv * adv + weights.flu * flu + weights.rwl * rwl
+    return {"total": total, "spec": spec, "div": div, "adv": adv, "flu": flu, "rwl": rwl}, zt
 
 
-def surrogate(world, weights, gen_state):
-    """F(theta): the straight-through surrogate whose gradient at theta_0 is the step's gradient."""
+def surrogate(world, weights, gen_state, w0=None):
+    """F(theta): the straight-through surrogate whose gradient at theta_0 is the step's gradient (the
+    reward weights w0 of the reward-weighted likelihood are taken at theta_0: they carry no gradient)."""
     gl = sample_logits(gen_state, world["gen_cfg"], world["batch"])
     z = world["batch"]["gen_ids"]
     e_t, e_s = {}, {}
@@ -198,8 +219,9 @@ def surrogate(world, weights, gen_state):
         e_t[b] = np.array(rows_t).reshape(-1, world["hat_t"].shape[1])
         e_s[b] = np.array(rows_s).reshape(-1, world["hat_s"].shape[1])
     spec, div, adv, _ = encoder_terms(world, e_t, e_s, weights)
+    rwl = reward_weighted_nll(gl, z, w0) if weights.rwl else 0.0
     return (weights.spec * spec + weights.div * div + weights.adv * adv
-            + weights.flu * fluency(gl, world["frozen_logits"].astype(np.float64)))
+            + weights.flu * fluency(gl, world["frozen_logits"].astype(np.float64)) + weights.rwl * rwl)
 
 
 # ------------------------------------------------------------------ the tiny world, built once
@@ -337,17 +359,31 @@ def test_place_soft_tokens_by_hand():
 
 # ------------------------------------------------------------------ the loss against the reference
 
-@pytest.mark.parametrize("weights", [WEIGHTS, LossConfig(spec=1.0, div=0.5, adv=0.0, flu=0.5)],
-                         ids=["all_terms", "no_student"])
+@pytest.mark.parametrize("weights", [WEIGHTS, LossConfig(spec=1.0, div=0.5, adv=0.0, flu=0.5), WITH_RWL],
+                         ids=["four_terms", "no_student", "with_rwl"])
 def test_generator_loss_matches_float64_reference(world, weights):
     cell, _ = build_cell(world, weights)
     out = cell(*cell_inputs(world))
     got = dict(zip(TERMS, (float(o.asnumpy()) for o in out[:5])))
+    got["rwl"] = float(out[6].asnumpy())
     ref, zt = reference_loss(world, weights)
+    if weights.rwl:
+        assert abs(ref["rwl"]) > 1e-3, ref["rwl"]
+        # its weights are differences of teacher probabilities (p - the label's mean), which turn the
+        # float32 teacher logits' 1e-5 relative error into 1e-4 of a small weight: end to end within 1e-4,
+        # and within 1e-5 given the cell's own teacher logits
+        assert abs(got["rwl"] - ref["rwl"]) <= 1e-4 * abs(ref["rwl"]), (got["rwl"], ref["rwl"])
+        gl = sample_logits(world["gen64"], world["gen_cfg"], world["batch"])
+        same_w = reward_weighted_nll(gl, world["batch"]["gen_ids"],
+                                     reward_weights(out[5].asnumpy().astype(np.float64)))
+        assert abs(got["rwl"] - same_w) <= 1e-5 * abs(same_w), (got["rwl"], same_w)
+    else:
+        assert got["rwl"] == 0.0
     # 1e-5 relative, and an absolute floor for the KL terms: kd_loss's composite is good to ~1e-6 per row
     # before its tau^2 (MindSpore's CPU LogSoftmax; test_kernels_composite bounds it at 2e-6), which for L_adv
     # at tau_kd = 2 is measured at 3e-6 of its 5e-6 error here (1.7e-5 relative)
-    floor = {"adv": 2e-6 * KD_T ** 2, "total": 1e-6 + weights.adv * 2e-6 * KD_T ** 2}
+    floor = {"adv": 2e-6 * KD_T ** 2,
+             "total": 1e-6 + weights.adv * 2e-6 * KD_T ** 2 + weights.rwl * 1e-4 * abs(ref["rwl"])}
     for k in TERMS:
         assert abs(got[k] - ref[k]) <= 1e-5 * abs(ref[k]) + floor.get(k, 1e-6), (k, got[k], ref[k])
         if k != "adv" or weights.adv:
@@ -402,13 +438,17 @@ def test_tokens_after_the_stop_do_not_count(world):
 
 
 def test_generator_gradient_matches_finite_differences(world):
-    cell, gen = build_cell(world, WEIGHTS)
+    """Every term, the optional reward-weighted likelihood included."""
+    cell, gen = build_cell(world, WITH_RWL)
     params = gen.trainable_params()
     names = {id(p): n for n, p in gen.parameters_and_names()}
     grads = ms.value_and_grad(cell, None, params, has_aux=True)(*cell_inputs(world))[1]
     base = world["gen64"]
-    f0 = surrogate(world, WEIGHTS, base)
-    assert abs(f0 - reference_loss(world, WEIGHTS)[0]["total"]) < 1e-10  # F(theta_0) is the loss
+    ref, zt = reference_loss(world, WITH_RWL)
+    w0 = reward_weights(zt)
+    assert (w0 > 0).sum() >= 2
+    f0 = surrogate(world, WITH_RWL, base, w0)
+    assert abs(f0 - ref["total"]) < 1e-10  # F(theta_0) is the loss
     rng = np.random.default_rng(1)
     eps, checked = 1e-5, 0
     for p, g in zip(params, grads):
@@ -421,7 +461,7 @@ def test_generator_gradient_matches_finite_differences(world):
                 w = dict(base)
                 w[name] = base[name].copy()
                 w[name][idx] += sign * eps
-                fd.append(surrogate(world, WEIGHTS, w))
+                fd.append(surrogate(world, WITH_RWL, w, w0))
             fd = (fd[0] - fd[1]) / (2 * eps)
             assert abs(fd - g[idx]) <= 1e-4 * np.abs(g).max() + 1e-4 * abs(fd), (name, idx, g[idx], fd)
             checked += 1
