@@ -244,4 +244,12 @@ def diagnose(args, cfg, out):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Ctrl-C must reach the driver (finish the step, save), not MindSpore's handler, which would end
+    # the process with SIGTERM: block it here, before mindspore is imported (ms_dfkd/interrupts.py)
+    from ms_dfkd import interrupts
+    interrupts.install()
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before the run started (the prompted reference): nothing to save
+        print("[diagnostic] interrupted", file=sys.stderr)
+        sys.exit(130)
