@@ -69,6 +69,7 @@ class StudentConfig:
 @dataclass
 class GeneratorConfig:
     arch: str = "smollm2"          # smollm2 | qwen2.5-coder-0.5b | qwen2.5-coder-1.5b (opt-in assets) | tiny
+    #                                | mindformers_llama | mindformers_tiny (optional extra; build.py)
     trainable: str = "top_k"       # all | top_k | head_norms
     top_k_layers: int = 2
     lr: float = 1.0e-5
