@@ -31,12 +31,17 @@ Sampling: mindformers' KV cache (``use_past``: ApplyRotaryPosEmb, ReshapeAndCach
 attention) has no CPU kernels, so ``prefill`` / ``decode_step`` re-run the whole sequence:
 the "cache" is the token buffer [B, S]; each step writes its token into the buffer and runs one
 full forward over S slots, reading the hidden state of the written slot. Causal masking makes
-this the same computation as a KV cache, at S times the cost per step.
+this the same computation as a KV cache, at S times the cost per step (a batch of the offline
+default samples 5.7x slower than llama.py's; the generator step itself is no slower). CPU memory is
+about twice llama.py's: mindformers' RMSNorm and rotary embedding multiply with broadcasting, which
+keeps index tables per compiled graph on MindSpore's CPU backend (docs/BENCHMARKS.md).
 
 Parameter names are mindformers' (``model.tok_embeddings.embedding_weight``,
 ``model.layers.N.attention.wq.weight``, ``model.layers.N.feed_forward.w1.weight``, ...), except
 the final norm, ``model.norm.weight`` (mindformers: ``model.norm_out.weight``), so that
-``llama.set_trainable``'s ``top_k`` and ``all`` pick the same parameters here as on llama.py.
+``llama.set_trainable``'s ``top_k`` and ``all`` pick the same parameters here as on llama.py. The
+driver calls llama.set_trainable, so build refuses ``generator.trainable head_norms`` for this
+backend (its ``*layernorm.weight`` names do not exist here); ``set_trainable`` below maps every mode.
 ``hf_to_mindformers_name`` maps llama.py's (Hugging Face) names; weights come from the GGUF file
 through ``llama_weights.read_gguf_state``.
 
@@ -61,12 +66,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .llama import LlamaConfig, TRAIN_MODES
+from .llama import TRAIN_MODES
 
 log = logging.getLogger("ms_dfkd")
 
 SETUP_HINT = "MS_DFKD_MINDFORMERS=1 bash scripts/setup.sh"
-MINDFORMERS_VERSION = "2.1.0"   # requirements-mindformers.lock
 _MASK_VALUE = -10000.0          # additive mask: finite in float16, exp() of it is 0 in float32
 
 
