@@ -161,8 +161,7 @@ def build_generator(cfg, seed=None):
     """(model, config). For 'tiny' the init is seeded from run.seed, so that every rank agrees."""
     arch = cfg.generator.arch
     if arch in MINDFORMERS_ARCHS:
-        from .models.mindformers_llama import build_mindformers_generator
-        return build_mindformers_generator(cfg, seed)
+        return _build_mindformers_generator(cfg, seed)
     if arch in GENERATOR_GGUF:
         from .models.llama_weights import load_gguf_llama
         lcfg, model = load_gguf_llama(asset_path(GENERATOR_GGUF[arch]))
@@ -176,6 +175,36 @@ def build_generator(cfg, seed=None):
                            max_position_embeddings=1024)
         return set_compute_dtype(LlamaForCausalLM(lcfg, seed=cfg.run.seed if seed is None else seed), cfg), lcfg
     raise ValueError(f"generator.arch: unknown architecture {arch!r} ({' | '.join(GENERATOR_ARCHS)})")
+
+
+def _build_mindformers_generator(cfg, seed=None):
+    """(model, LlamaConfig) for ``generator.arch`` mindformers_llama (SmolLM2's GGUF weights) or
+    mindformers_tiny (the weights of build's ``tiny`` generator, same seed), in run.precision.
+
+    ``generator.trainable head_norms`` is refused: the driver chooses trainable parameters with
+    llama.set_trainable, whose head_norms names (``*layernorm.weight``) this model does not have
+    (``set_trainable`` here maps them; ``top_k`` and ``all`` agree under both)."""
+    import mindspore as ms
+    from dataclasses import replace
+    from .config import ConfigError
+    from .models.mindformers_llama import from_llama, import_mindformers, load_gguf_mindformers
+    arch, precision = cfg.generator.arch, cfg.run.precision
+    if cfg.generator.trainable == "head_norms":
+        raise ConfigError(f"generator.trainable: head_norms is not supported with generator.arch {arch}; "
+                          f"use top_k or all")
+    if precision == "bfloat16" and ms.get_context("device_target") == "CPU":
+        raise ConfigError("run.precision: bfloat16 needs a GPU or Ascend (MindSpore's CPU MatMul has no "
+                          "bfloat16 kernel); use float32 or float16 on CPU")
+    import_mindformers()  # the one-line error without the extra, before any weights are read
+    if arch == "mindformers_llama":
+        lcfg, model = load_gguf_mindformers(asset_path("smollm2_gguf"), precision)
+        return model, lcfg
+    if arch == "mindformers_tiny":
+        tiny_cfg = replace(cfg, generator=replace(cfg.generator, arch="tiny"), run=replace(cfg.run, precision="float32"))
+        native, _ = build_generator(tiny_cfg, seed)
+        model = from_llama(native, compute_dtype=precision)
+        return model, model.config
+    raise ConfigError(f"generator.arch: {arch!r} is not a mindformers architecture (mindformers_llama | mindformers_tiny)")
 
 
 def set_compute_dtype(model, cfg):

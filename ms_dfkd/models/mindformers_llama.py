@@ -391,34 +391,6 @@ def from_llama(llama_model, compute_dtype=None, device_target=None):
     return MindformersLlamaForCausalLM(cfg, state=state_of(llama_model), device_target=device_target)
 
 
-def build_mindformers_generator(cfg, seed=None):
-    """(model, LlamaConfig) for ``generator.arch`` mindformers_llama (SmolLM2's GGUF weights) or
-    mindformers_tiny (the weights of build's ``tiny`` generator, same seed), in run.precision.
-
-    ``generator.trainable head_norms`` is refused: the driver chooses trainable parameters with
-    llama.set_trainable, whose head_norms names (``*layernorm.weight``) this model does not have
-    (``set_trainable`` here maps them; ``top_k`` and ``all`` agree under both)."""
-    from .. import build
-    from ..config import ConfigError
-    arch, precision = cfg.generator.arch, cfg.run.precision
-    if cfg.generator.trainable == "head_norms":
-        raise ConfigError(f"generator.trainable: head_norms is not supported with generator.arch {arch}; "
-                          f"use top_k or all")
-    if precision == "bfloat16" and ms.get_context("device_target") == "CPU":
-        raise ConfigError("run.precision: bfloat16 needs a GPU or Ascend (MindSpore's CPU MatMul has no "
-                          "bfloat16 kernel); use float32 or float16 on CPU")
-    import_mindformers()  # the one-line error without the extra, before any weights are read
-    if arch == "mindformers_llama":
-        lcfg, model = load_gguf_mindformers(build.asset_path("smollm2_gguf"), precision)
-        return model, lcfg
-    if arch == "mindformers_tiny":
-        tiny_cfg = replace(cfg, generator=replace(cfg.generator, arch="tiny"), run=replace(cfg.run, precision="float32"))
-        native, _ = build.build_generator(tiny_cfg, seed)
-        model = from_llama(native, compute_dtype=precision)
-        return model, model.config
-    raise ConfigError(f"generator.arch: {arch!r} is not a mindformers architecture (mindformers_llama | mindformers_tiny)")
-
-
 def state_of_hf(model):
     """{llama.py name: array} of a MindformersLlamaForCausalLM (the inverse of load_hf_state)."""
     return {mindformers_to_hf_name(n): p.asnumpy() for n, p in model.parameters_and_names()}
