@@ -28,7 +28,6 @@ new_mask is 1 for the tokens before the stop and 0 from the stop token on; new_i
 the stop token itself (so callers can see why a row ended) and holds ``pad_id`` after it.
 """
 import contextlib
-import weakref
 
 import numpy as np
 import mindspore as ms
@@ -93,11 +92,10 @@ class KVCacheDecoder:
         return self.model.logits_from_hidden(hidden)[:, 0], caches
 
 
-_DECODERS = weakref.WeakKeyDictionary()
-
-
 def _decoder(model, graph):
-    per_model = _DECODERS.setdefault(model, {})
+    """The model's decoder (compiled once per model and mode), kept on the model itself: a module-level
+    WeakKeyDictionary would never free a model, since its decoder (the value) holds the model."""
+    per_model = model.__dict__.setdefault("_kv_decoders", {})
     if graph not in per_model:
         per_model[graph] = KVCacheDecoder(model, graph)
     return per_model[graph]
