@@ -100,7 +100,7 @@ def profile(method, args, overrides):
         ov = parse_overrides(overrides) + [("run.method", method), ("run.out_dir", f"{tmp}/run"),
                                            ("run.rounds", str(args.rounds + 1)), ("run.eval_every", "0")]
         cfg = load_config(args.config, ov)
-        if cfg.teacher.checkpoint == load_config(args.config).teacher.checkpoint and not args.trained_teacher:
+        if not args.trained_teacher and "teacher.checkpoint" not in dict(ov):
             cfg.teacher.checkpoint = f"{tmp}/teacher.safetensors"  # an untrained head: same compute
             build.save_teacher(build.build_teacher_arch(cfg), cfg)
         cfg.run.rounds = 1  # the compiling round, untimed

@@ -210,6 +210,9 @@ def diagnose(args, cfg, out):
     if steps_out.path.exists():  # steps recorded after the checkpoint go to a side file, as the run's own
         steps_out.rewind(offset_of_step(steps_out.path, done), f"after-step{done}")
 
+    # the current block's step records, for its summary line (on resume, those kept from before)
+    start = done - done % args.every
+    block = [r for r in read_jsonl(steps_out.path) if r["step"] >= start] if steps_out.path.exists() else []
     current = {}
     real_generate, real_stats = d.generate_batch, d._label_stats
 
@@ -221,9 +224,10 @@ def diagnose(args, cfg, out):
     def label_stats(probs, labels, info):
         rec = step_record(current["step"], current["s"], probs, info, K)
         steps_out.write([rec])
+        block.append(rec)
         real_stats(probs, labels, info)
         if (rec["step"] + 1) % args.every == 0:
-            blk = read_jsonl(steps_out.path)[-args.every:]
+            blk, block[:] = block[-args.every:], []
             spec = np.nanmean([r["specificity"] for r in blk], axis=0)
             print(f"[diagnostic] steps {blk[0]['step']}-{rec['step']}: specificity "
                   + ", ".join(f"{n} {v:.2f} (prompted {p:.2f})" for n, v, p in zip(names, spec, ref["specificity"]))

@@ -59,10 +59,10 @@ def pick_tokens(logits, seed, rows, inv_temp, top_p, greedy, prefilter=256):
     if greedy:
         return logits.argmax(-1).astype(np.int32)
     scaled = (logits * np.float32(inv_temp)).astype(np.float32)
-    out = np.empty(len(scaled), np.int32)
     if top_p >= 1.0:
         g = gumbel_np(seed, rows, np.arange(scaled.shape[1], dtype=np.int64))
         return (scaled + g).argmax(-1).astype(np.int32)
+    out = np.empty(len(scaled), np.int32)
     e = np.exp(scaled - scaled.max(-1, keepdims=True))
     probs = (e / e.sum(-1, keepdims=True)).astype(np.float32)
     for b in range(len(scaled)):

@@ -131,23 +131,24 @@ def _hf_shape(t):
     return tuple(int(n) for n in reversed(list(t.shape)))  # GGUF lists dims innermost first
 
 
-def _dequantize(t, path):
-    """float32 array of a GGUFTensor in the [out, in] order of llama.py."""
+def _gguf_dequantize(t, data, path):
+    """gguf's dequantiser on (part of) a tensor's data; a type it cannot read is a GGUFError naming it.
+    (gguf raises NotImplementedError, KeyError or ValueError for those, depending on the type.)"""
     from gguf.quants import dequantize
     try:
-        arr = dequantize(t.data, t.tensor_type)
+        return dequantize(data, t.tensor_type)
     except (NotImplementedError, KeyError, ValueError) as e:
         raise _gguf_error(t, path, e) from None
-    return np.asarray(arr, dtype=np.float32).reshape(_hf_shape(t))
+
+
+def _dequantize(t, path):
+    """float32 array of a GGUFTensor in the [out, in] order of llama.py."""
+    return np.asarray(_gguf_dequantize(t, t.data, path), dtype=np.float32).reshape(_hf_shape(t))
 
 
 def _check_dequantisable(t, path):
     """Dequantise the tensor's first row only: an unsupported type fails here, before any work."""
-    from gguf.quants import dequantize
-    try:
-        dequantize(t.data[:1], t.tensor_type)
-    except (NotImplementedError, KeyError, ValueError) as e:
-        raise _gguf_error(t, path, e) from None
+    _gguf_dequantize(t, t.data[:1], path)
 
 
 def _fix_rows(name, arr, cfg, arch):
