@@ -3,7 +3,8 @@
 Task metrics (METHOD.md, "Metrics per task"): accuracy for sentiment and topic,
 Matthews correlation for acceptability (CoLA), micro-F1 for information extraction
 posed as token or relation classification, where the "nothing here" label ("O",
-"no_relation") is excluded from the counts. Generation metrics describe the generated
+"no_relation") is excluded from the counts, and entity-level F1 over BIO tag sequences
+(NER, seqeval's conventions). Generation metrics describe the generated
 texts: specificity rate, label balance, distinct-n and self-BLEU.
 """
 import math
@@ -96,10 +97,83 @@ def binary_f1(preds, labels, positive=1):
     return float(_f1(tp, int(np.sum(p == positive)), int(np.sum(y == positive))))
 
 
+# ------------------------------------------------------------------ entity-level F1 (BIO)
+
+def _split_tag(tag):
+    """("O", None) or ("B"|"I", type); anything else is a ValueError."""
+    if tag == "O":
+        return "O", None
+    if isinstance(tag, str) and len(tag) > 2 and tag[0] in "BI" and tag[1] == "-":
+        return tag[0], tag[2:]
+    raise ValueError(f"not a BIO tag: {tag!r} (expected O, B-<type> or I-<type>)")
+
+
+def bio_entities(tags):
+    """The entities of one BIO tag sequence as a set of (type, start, end), end exclusive (tokens[start:end]).
+
+    seqeval's default (non-strict, conlleval) reading: B-x starts an entity; I-x continues the entity
+    before it only if that entity has type x, and otherwise (after O, at the start, or after an entity of
+    another type) starts a new entity of type x; O ends the entity before it.
+    """
+    out = set()
+    cur_type, start = None, 0
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, typ = _split_tag(tag)
+        if cur_type is not None and (prefix != "I" or typ != cur_type):
+            out.add((cur_type, start, i))
+            cur_type = None
+        if prefix == "B" or (prefix == "I" and cur_type is None):
+            cur_type, start = typ, i
+    return out
+
+
+def entity_f1(true_seqs, pred_seqs):
+    """Entity-level scores over sentences of BIO tags, as seqeval's defaults (``bio_entities``).
+
+    A predicted entity is correct when its type, start and end all match a true entity of the same
+    sentence. Returns {micro_f1, precision, recall, support (true entities), predicted,
+    per_type: {type: {precision, recall, f1, support}}}, per_type over the types that are true or
+    predicted somewhere. A ratio with a zero denominator is 0.0 (seqeval's zero_division default, without
+    its warning): no predicted entities give precision 0, no true entities recall 0.
+    """
+    true_seqs, pred_seqs = list(true_seqs), list(pred_seqs)
+    if len(true_seqs) != len(pred_seqs):
+        raise ValueError(f"true and predicted sequences differ in number: {len(true_seqs)} vs {len(pred_seqs)}")
+    n_true, n_pred, n_tp = Counter(), Counter(), Counter()
+    for i, (t, p) in enumerate(zip(true_seqs, pred_seqs)):
+        t, p = list(t), list(p)
+        if len(t) != len(p):
+            raise ValueError(f"sentence {i}: {len(t)} true tags but {len(p)} predicted")
+        te, pe = bio_entities(t), bio_entities(p)
+        n_true.update(e[0] for e in te)
+        n_pred.update(e[0] for e in pe)
+        n_tp.update(e[0] for e in te & pe)
+
+    def prf(tp, np_, nt):
+        prec = tp / np_ if np_ else 0.0
+        rec = tp / nt if nt else 0.0
+        return prec, rec, _f1(tp, np_, nt)
+
+    per_type = {}
+    for typ in sorted(set(n_true) | set(n_pred)):
+        prec, rec, f1 = prf(n_tp[typ], n_pred[typ], n_true[typ])
+        per_type[typ] = {"precision": prec, "recall": rec, "f1": f1, "support": n_true[typ]}
+    tp, np_, nt = sum(n_tp.values()), sum(n_pred.values()), sum(n_true.values())
+    prec, rec, f1 = prf(tp, np_, nt)
+    return {"micro_f1": f1, "precision": prec, "recall": rec, "support": nt, "predicted": np_,
+            "per_type": per_type}
+
+
+def entity_micro_f1(preds, labels):
+    """``entity_f1(labels, preds)["micro_f1"]`` in the (preds, labels) order of METRICS."""
+    return entity_f1(labels, preds)["micro_f1"]
+
+
 METRICS = {
     "accuracy": accuracy, "acc": accuracy,
     "mcc": matthews_corrcoef, "matthews_corrcoef": matthews_corrcoef,
     "micro_f1": micro_f1, "macro_f1": macro_f1, "f1": binary_f1,
+    "entity_f1": entity_micro_f1,
 }
 
 
