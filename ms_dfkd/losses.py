@@ -1,5 +1,5 @@
 """The generator losses of DFKD-T3 (the four of the method and an optional reward-weighted likelihood)
-and the student KD loss (docs/METHOD.md).
+and the student KD loss (docs/METHOD.md), and their per-token forms for token classification (NER).
 
 The KL terms go through ``kernels.kd_loss`` (tau^2 * KL(p_teacher || p_student)),
 so a fused kernel can replace the composite without touching this file.
@@ -71,3 +71,40 @@ def reward_weighted_nll(gen_logits, gen_ids, mask, teacher_logits, target_labels
 def student_kd_loss(student_logits, teacher_logits, kd_temperature):
     """tau^2 KL(softmax(z_T/tau) || softmax(z_S/tau)); teacher logits carry no gradient."""
     return kd_loss(student_logits, ops.stop_gradient(teacher_logits), kd_temperature)
+
+
+# ------------------------------------------------------------------ token classification (NER)
+
+def token_kd_loss(student_logits, teacher_logits, mask, kd_temperature):
+    """tau^2 KL(softmax(t/tau) || softmax(s/tau)) per token, averaged over the real tokens (mask 1).
+
+    student_logits / teacher_logits: [B, L, C]; mask: [B, L] (1 real, 0 padding or not scored). Masked
+    positions are zeroed in both logits before the KL, so whatever they hold (inf or NaN included) adds
+    nothing to the loss or the gradients; an all-zero mask gives 0. Gradients reach both sides (as
+    kd_loss): wrap the teacher in stop_gradient for the student step, negate for the adversarial term.
+    """
+    B, L, C = student_logits.shape
+    keep = (mask > 0).reshape(B, L, 1)
+    s, t = student_logits.astype(ms.float32), teacher_logits.astype(ms.float32)
+    s = ops.where(keep, s, ops.zeros_like(s)).reshape(B * L, C)
+    t = ops.where(keep, t, ops.zeros_like(t)).reshape(B * L, C)
+    return kd_loss(s, t, kd_temperature, row_weights=keep.reshape(B * L).astype(ms.float32))
+
+
+def token_specificity_loss(teacher_logits, mask, target_tag_ids):
+    """-log max_l p_T(B-target_b | position l) averaged over the rows: the sample should hold, somewhere,
+    a token the teacher tags as the beginning of the entity type it was asked for.
+
+    teacher_logits: [B, L, C]; mask: [B, L] (1 real); target_tag_ids: [B], the id of each row's B- tag.
+    The max runs over real positions only, in log space; the gradient goes to the best position. A row
+    with no real position is left out of the mean (an all-padding batch gives 0).
+    """
+    B, L, C = teacher_logits.shape
+    logp = ops.log_softmax(teacher_logits.astype(ms.float32), -1)
+    onehot = ops.one_hot(target_tag_ids, C, 1.0, 0.0).astype(ms.float32).reshape(B, 1, C)
+    keep = mask > 0
+    lp = (logp * onehot).sum(-1)                                  # [B, L] log p(B-target)
+    lp = ops.where(keep, lp, ops.full_like(lp, -1e9))
+    has = ops.any(keep, -1).astype(ms.float32)                    # [B] rows with a real position
+    best = ops.amax(lp, -1) * has
+    return -best.sum() / ops.maximum(has.sum(), 1.0)
