@@ -76,6 +76,42 @@ class Tokenizer:
                 mask[i, :len(r)] = 1
         return ids, mask
 
+    def encode_words_batch(self, words_batch, max_length=None, padding="longest", add_special_tokens=True):
+        """Pre-split words (one list of words per row) -> (ids, attention_mask, word_ids), int32 [B, L].
+
+        word_ids[b, j] is the index in row b's word list of the word that token j comes from, or -1 for
+        special tokens and padding. A word may give several sub-tokens (the tokenizer's pre-tokenizer and
+        WordPiece still split it: "don't" -> don ' t) or none (a word the normalizer deletes, e.g. a lone
+        zero-width space). Truncation and right padding follow encode_batch (WordPiece keeps its [SEP]),
+        so the words past the cut have no token.
+        """
+        if isinstance(words_batch, str) or any(isinstance(w, str) for w in words_batch):
+            raise TypeError("encode_words_batch takes a list of word lists, not strings")
+        rows, wids = [], []
+        for words in words_batch:
+            enc = self.backend.encode(list(words), is_pretokenized=True, add_special_tokens=add_special_tokens)
+            r, w = list(enc.ids), [-1 if i is None else i for i in enc.word_ids]
+            if max_length is not None and len(r) > max_length:   # the truncation rule of encode_batch
+                keep_last = add_special_tokens and self.kind == "wordpiece" and r[-1] == self.eos_id
+                r, w = ((r[:max_length - 1] + [r[-1]], w[:max_length - 1] + [w[-1]]) if keep_last
+                        else (r[:max_length], w[:max_length]))
+            rows.append(r)
+            wids.append(w)
+        if padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length")
+            L = max_length
+        elif padding == "longest":
+            L = max([len(r) for r in rows] + [1])
+        else:
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        ids = np.full((len(rows), L), self.pad_id, dtype=np.int32)
+        mask = np.zeros((len(rows), L), dtype=np.int32)
+        word_ids = np.full((len(rows), L), -1, dtype=np.int32)
+        for i, (r, w) in enumerate(zip(rows, wids)):
+            ids[i, :len(r)], mask[i, :len(r)], word_ids[i, :len(r)] = r, 1, w
+        return ids, mask, word_ids
+
     def decode(self, ids, skip_special_tokens=True):
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
