@@ -81,6 +81,10 @@ class GeneratorConfig:
     gumbel_tau: float = 1.0
     chat_template: bool = True
     stop_at_newline: bool = True
+    # dfkd-t3: a trainable vector per label added to the states entering the first trainable layer
+    # (steps.GeneratorLoss); it trains at its own learning rate
+    label_vectors: bool = False
+    label_vector_lr: float = 1.0e-2
     # tiny arch only
     hidden_size: int = 64
     num_layers: int = 2
@@ -161,7 +165,8 @@ class Config:
         for sec, key in (("generator", "batch_size"), ("generator", "max_new_tokens"), ("student", "batch_size"),
                          ("run", "rounds"), ("teacher", "max_length"), ("student", "max_length"),
                          ("generator", "prompt_max_length"), ("teacher", "batch_size"), ("teacher", "epochs"),
-                         ("run", "replay_size"), ("teacher", "lr"), ("student", "lr"), ("generator", "lr")):
+                         ("run", "replay_size"), ("teacher", "lr"), ("student", "lr"), ("generator", "lr"),
+                         ("generator", "label_vector_lr")):
             v = getattr(getattr(self, sec), key)
             if v <= 0:
                 raise ConfigError(f"{sec}.{key}: must be > 0, got {v}")
@@ -180,6 +185,9 @@ class Config:
         for key in ("gumbel_tau", "sample_temperature"):
             if getattr(self.generator, key) <= 0:
                 raise ConfigError(f"generator.{key}: must be > 0, got {getattr(self.generator, key)}")
+        if self.generator.label_vectors and self.generator.arch.startswith("mindformers"):
+            raise ConfigError(f"generator.label_vectors: not supported with generator.arch {self.generator.arch} "
+                              f"(its sampler has no way in for them); use a native arch")
         if not 0 < self.generator.top_p <= 1:
             raise ConfigError(f"generator.top_p: must be in (0, 1], got {self.generator.top_p}")
         if self.loss.kd_temperature <= 0:

@@ -51,6 +51,9 @@ def trainable_arrays(d):
             if p.requires_grad:
                 arrays["generator/" + name] = p.asnumpy()
         all_gen = {id(p) for p in d.generator.get_parameters()}
+        if d.label_vectors is not None:
+            arrays["label_vectors/weight"] = d.label_vectors.asnumpy()
+            all_gen.add(id(d.label_vectors))
         for name, p in d.opt_g.parameters_and_names():
             if id(p) not in all_gen:
                 arrays["opt_g/" + name] = p.asnumpy()
@@ -162,6 +165,8 @@ def load(d):
     if d.method == "dfkd-t3":
         cells.update(generator=d.generator, opt_g=d.opt_g)
     params = {pre: dict(c.parameters_and_names()) for pre, c in cells.items()}
+    if d.method == "dfkd-t3" and d.label_vectors is not None:
+        params["label_vectors"] = {"weight": d.label_vectors}
     for key, arr in arrays.items():
         pre, name = key.split("/", 1)
         p = params[pre][name]

@@ -46,12 +46,21 @@ class GeneratorLoss(nn.Cell):
 
     ``trunk_layers`` = k > 0 (``generator.trainable top_k``): the first argument is not the token ids but
     the states entering the top k layers (``trunk_states``, computed once outside the step, without
-    gradient: nothing below layer L-k trains), and the step runs only the top k layers."""
+    gradient: nothing below layer L-k trains), and the step runs only the top k layers.
+
+    ``label_vectors`` (``generator.label_vectors``): a trainable [K, H] table; the row of each sample's
+    target label is added to the states entering the first trainable layer (layer L-k, or the embeddings
+    without trunk layers) at every position, as the sampler does (``llama_sampling.sample(steer=...)``).
+    It gives the label a direct path into the generator, which the prompt's one label word lacks."""
 
     def __init__(self, generator, teacher, student, prompt_len, max_new_tokens, num_labels,
-                 weights, kd_temperature, gumbel_tau, trunk_layers=0):
+                 weights, kd_temperature, gumbel_tau, trunk_layers=0, label_vectors=False):
         super().__init__()
         self.trunk_layers = int(trunk_layers)
+        # zeros: the step starts from G_θ0 exactly
+        self.label_vectors = (ms.Parameter(ms.Tensor(np.zeros((num_labels, generator.config.hidden_size),
+                                                                np.float32)), name="label_vectors")
+                              if label_vectors else None)
         self.generator, self.teacher, self.student = generator, teacher, student
         self.P, self.T, self.K = prompt_len, max_new_tokens, num_labels
         self.w_spec, self.w_div, self.w_adv, self.w_flu = (float(weights.spec), float(weights.div),
@@ -63,8 +72,15 @@ class GeneratorLoss(nn.Cell):
     def construct(self, full_ids, full_mask, gen_ids, gen_mask, frozen_logits, targets, seed,
                   table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask):
         B, T = gen_ids.shape
+        steer = 0.0
+        if self.label_vectors is not None:
+            steer = ops.gather(self.label_vectors, targets, 0).expand_dims(1)  # [B, 1, H]
         if self.trunk_layers:  # full_ids holds the trunk states [B, P+T, H]
-            hidden = self.generator.top_hidden_states(full_ids, full_mask, self.trunk_layers)
+            x = full_ids if self.label_vectors is None else full_ids + steer.astype(full_ids.dtype)
+            hidden = self.generator.top_hidden_states(x, full_mask, self.trunk_layers)
+        elif self.label_vectors is not None:
+            x = self.generator.model.embed(full_ids)
+            hidden = self.generator.hidden_states(inputs_embeds=x + steer.astype(x.dtype), attention_mask=full_mask)
         else:
             hidden = self.generator.hidden_states(input_ids=full_ids, attention_mask=full_mask)
         # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2. The LM head

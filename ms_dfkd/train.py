@@ -68,6 +68,7 @@ class Distiller:
         # interrupted round writes the same metrics.jsonl line as a straight one
         self.acc = _empty_acc()
         self._phase_t0 = time.time()
+        self.label_vectors = None  # dfkd-t3 with generator.label_vectors: a Parameter [K, H]
         self._setup()
 
     # ------------------------------------------------------------------ setup
@@ -128,8 +129,15 @@ class Distiller:
         self.trunk_layers = (g.top_k_layers if g.trainable == "top_k" and hasattr(self.generator, "trunk_states")
                              else 0)
         self.gen_loss = GeneratorLoss(self.generator, self.teacher, self.student, self.P, self.T, self.K,
-                                      cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau, self.trunk_layers)
-        self.opt_g = nn.AdamWeightDecay(self.generator.trainable_params(), learning_rate=g.lr, weight_decay=0.0)
+                                      cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau, self.trunk_layers,
+                                      label_vectors=g.label_vectors)
+        self.label_vectors = self.gen_loss.label_vectors
+        # the label vectors enter the first layer that trains: the sampler adds them there too
+        self.steer_layer = self.g_cfg.num_hidden_layers - self.trunk_layers if self.trunk_layers else 0
+        groups = [{"params": self.generator.trainable_params()}]
+        if self.label_vectors is not None:
+            groups.append({"params": [self.label_vectors], "lr": g.label_vector_lr})
+        self.opt_g = nn.AdamWeightDecay(groups, learning_rate=g.lr, weight_decay=0.0)
         red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
         self.scaler_g = loss_scaler_for(self.teacher, self.student, self.generator)
         self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red,
@@ -205,10 +213,11 @@ class Distiller:
             mask[i, P - len(r):] = 1
         return ids, mask
 
-    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False):
+    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False, frozen=False):
         """One batch of generator.batch_size samples, labels balanced, from the next corpus passages.
 
-        The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
+        frozen=True samples from G_θ0 (the pretrained generator, no label vectors) instead of the
+        trained one. The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
         labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts, and with
         return_logits the generator's logits [B, T, V] each token was drawn from."""
         g = self.cfg.generator
@@ -216,10 +225,14 @@ class Distiller:
         labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
         p_ids, p_mask = self._prompt_ids(passages, labels)
         seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, stream)
-        new_ids, new_mask, *logits = self._sample(self.generator, p_ids, p_mask, self.T, seed,
+        model = self.frozen if frozen else self.generator
+        steer = {}
+        if self.label_vectors is not None and not frozen:
+            steer = dict(steer=self.label_vectors.asnumpy()[labels], steer_layer=self.steer_layer)
+        new_ids, new_mask, *logits = self._sample(model, p_ids, p_mask, self.T, seed,
                                                   temperature=g.sample_temperature, top_p=g.top_p,
                                                   eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
-                                                  graph=self.jit, return_logits=return_logits)
+                                                  graph=self.jit, return_logits=return_logits, **steer)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
         out = dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,

@@ -49,10 +49,9 @@ def reference(d, batches, K):
     from ms_dfkd.train import _perplexity
     state = d.corpus_sampler.state_dict()
     hits, tps, labs, texts, ppl = [], [], [], [], []
-    generator, d.generator = d.generator, d.frozen
     try:
         for b in range(batches):
-            s = d.generate_batch(b, stream=NOISE_STREAM_REFERENCE, return_logits=True)
+            s = d.generate_batch(b, stream=NOISE_STREAM_REFERENCE, return_logits=True, frozen=True)
             probs = d.teacher_run.probs(s["texts"])
             labels = np.asarray(s["labels"])
             hits.append(probs.argmax(-1) == labels)
@@ -61,7 +60,6 @@ def reference(d, batches, K):
             texts += s["texts"]
             ppl.append(_perplexity(s["logits"], s["ids"], s["mask"]))
     finally:
-        d.generator = generator
         d.corpus_sampler.load_state_dict(state)
     labels = np.concatenate(labs)
     return {"batches": batches, "samples": len(texts),

@@ -26,8 +26,9 @@ def tiny():
 
 # --- independent numpy reference (float64), one unpadded sequence ---------------------------------
 
-def np_forward(w, cfg, ids=None, embeds=None):
-    """Hugging Face Llama math written out per head: returns logits [L, V]."""
+def np_forward(w, cfg, ids=None, embeds=None, steer=None, steer_layer=0):
+    """Hugging Face Llama math written out per head: returns logits [L, V]. ``steer`` [H] is added to the
+    states entering layer ``steer_layer`` (the generator's label vectors)."""
     x = w["model.embed_tokens.weight"][ids] if embeds is None else np.asarray(embeds, np.float64)
     L, D = x.shape[0], cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -42,6 +43,8 @@ def np_forward(w, cfg, ids=None, embeds=None):
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.rms_norm_eps) * g
 
     for i in range(cfg.num_hidden_layers):
+        if steer is not None and i == steer_layer:
+            x = x + np.asarray(steer, np.float64)[None, :]
         p = f"model.layers.{i}."
         h = rms(x, w[p + "input_layernorm.weight"])
         q, k, v = (h @ w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
@@ -470,3 +473,23 @@ def test_top_p_prefilter_gives_the_nucleus_of_a_full_sort(tiny, prefilter):
             assert new[b, t] == token
     if prefilter == 2:
         assert fallbacks > 0  # the whole-row fallback ran
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("steer_layer", [0, 1])
+def test_kv_cache_sampling_with_label_vectors_matches_numpy(tiny, graph, steer_layer):
+    """sample(steer=v, steer_layer=s): the logits each token was drawn from equal the float64 numpy forward
+    of [prompt; tokens so far] with v added to the states entering layer s, per row, with left padding."""
+    cfg, model, w = tiny
+    rng = np.random.default_rng(5)
+    steer = (rng.normal(size=(len(ROWS), cfg.hidden_size)) * 0.5).astype(np.float32)
+    ids, mask = left_pad(ROWS)
+    T = 6
+    new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, return_logits=True,
+                            steer=steer, steer_layer=steer_layer)
+    plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph)
+    assert (new != plain).any()  # the vectors change what is written
+    for b, row in enumerate(ROWS):
+        for t in range(T):
+            ref = np_forward(w, cfg, np.array(row + list(new[b, :t])), steer=steer[b], steer_layer=steer_layer)[-1]
+            np.testing.assert_allclose(logits[b, t], ref, rtol=1e-4, atol=1e-4, err_msg=f"row {b} step {t}")

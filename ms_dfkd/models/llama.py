@@ -293,31 +293,37 @@ class LlamaModel(nn.Cell):
                 x, _, _ = layer(x, rope, bias)
         return self.norm(x) if final_norm else x
 
-    def prefill(self, input_ids, attention_mask, cache_len):
+    def prefill(self, input_ids, attention_mask, cache_len, steer=None, steer_layer=0):
         """Full forward over a left-padded prompt [B, P]; returns (normed hidden [B, P, H], caches).
 
         caches is a tuple (k_0, v_0, k_1, v_1, ...) of [B, n_kv, cache_len, D] with the
-        prompt's keys/values in slots [0, P) and zeros after.
+        prompt's keys/values in slots [0, P) and zeros after. ``steer`` [B, 1, H], if given, is added
+        to the states entering layer ``steer_layer`` at every position (the generator's label vectors).
         """
         rope, bias = self.rope_and_bias(attention_mask)
         p = input_ids.shape[1]
         x = self.embed(input_ids)
         caches = ()
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if steer is not None and i == steer_layer:
+                x = x + cast(steer, x.dtype)
             x, k, v = layer(x, rope, bias)
             pad = ops.zeros((k.shape[0], k.shape[1], cache_len - p, k.shape[3]), k.dtype)
             caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
         return self.norm(x), caches
 
-    def decode_step(self, input_ids, positions, key_mask, write_slot, caches):
+    def decode_step(self, input_ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0):
         """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
-        including the slot being written); write_slot [S] bool. Returns (hidden [B, 1, H], caches)."""
+        including the slot being written); write_slot [S] bool; ``steer`` as in ``prefill``.
+        Returns (hidden [B, 1, H], caches)."""
         rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         bias = attention_bias(key_mask.expand_dims(1) > 0, self.n_kv, self.n_heads // self.n_kv)
         slot = write_slot.reshape(1, 1, -1, 1)
         x = self.embed(input_ids)
         new = ()
         for i, layer in enumerate(self.layers):
+            if steer is not None and i == steer_layer:
+                x = x + cast(steer, x.dtype)
             x, k, v = layer(x, rope, bias, caches[2 * i], caches[2 * i + 1], slot)
             new = new + (k, v)
         return self.norm(x), new

@@ -81,14 +81,15 @@ class KVCacheDecoder:
         self.prefill = ms.jit(self._prefill) if graph else self._prefill
         self.step = ms.jit(self._step) if graph else self._step
 
-    def _prefill(self, ids, mask, cache_len):
-        hidden, caches = self.model.model.prefill(ids, mask, cache_len)
+    def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0):
+        hidden, caches = self.model.model.prefill(ids, mask, cache_len, steer, steer_layer)
         return self.model.logits_from_hidden(hidden[:, -1:])[:, 0], caches  # left padding: last slot is real
 
-    def _step(self, ids, positions, key_mask, write_slot, caches):
+    def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0):
         # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time
         # constant for ms.jit and every new cache would recompile the step
-        hidden, caches = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches)
+        hidden, caches = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches,
+                                                      steer, steer_layer)
         return self.model.logits_from_hidden(hidden)[:, 0], caches
 
 
@@ -103,8 +104,11 @@ def _decoder(model, graph):
 
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
-           prompt_bucket=16, prefilter=256):
+           prompt_bucket=16, prefilter=256, steer=None, steer_layer=0):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
+
+    steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
+    position, prompt and new tokens alike (the trained generator's per-label vectors, train.py).
 
     prompt_ids, prompt_mask: int [B, P] numpy or Tensor, left-padded (mask 1 = real token).
     Returns numpy (new_ids int32 [B, T], new_mask int32 [B, T]) and, with return_logits,
@@ -147,7 +151,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
 
     # no gradient bookkeeping in PyNative (MindSpore 2.10 keeps this context private)
     with getattr(ms, "_no_grad", contextlib.nullcontext)():
-        logits, caches = dec.prefill(Tensor(ids), Tensor(mask), cache_len)
+        steer_t = None if steer is None else Tensor(np.asarray(steer, np.float32)[:, None, :])
+        logits, caches = dec.prefill(Tensor(ids), Tensor(mask), cache_len, steer_t, int(steer_layer))
         for t in range(T):
             if t > 0:
                 slot = p2 + t - 1                      # where z_{t-1}'s key/value goes
@@ -156,7 +161,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
                 write[slot] = True
                 logits, caches = dec.step(
                     Tensor(new_ids[:, t - 1:t]), Tensor((lengths + t - 1)[:, None]), Tensor(key_mask),
-                    Tensor(write), ms.mutable(caches))
+                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer))
             step_logits = logits.asnumpy()
             z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, prefilter)
             if return_logits:
