@@ -19,16 +19,31 @@ class ConfigError(ValueError):
     pass
 
 
+TASK_KINDS = ("sequence", "token")
+SEQUENCE_DEFAULT_LABELS = ["negative", "positive"]
+
+
 @dataclass
 class TaskConfig:
-    name: str = "sentiment"                       # sentiment | sst2 | cola | custom
-    label_names: typing.List[str] = field(default_factory=lambda: ["negative", "positive"])
+    name: str = "sentiment"                       # sentiment | sst2 | cola | wnut16 | custom
+    kind: str = "sequence"                        # sequence (a label per text) | token (a BIO tag per word, NER)
+    # token tasks: the entity types the model tags, in tag-set order (ner_data.bio_tag_names: O, B-t1, I-t1,
+    # ...); the data's other types are read as O. Empty = all types of the data: WNUT-16's ten for a
+    # wnut16:* task.train, else the types found in the task.train file (sorted). validate() fills it in.
+    entity_types: typing.List[str] = field(default_factory=list)
+    # Sequence tasks: the class names. Token tasks: the entity types, filled in by validate() from
+    # task.entity_types (leave it unset): the generator prompts per label, and for NER a label is a type
+    # ("a tweet that mentions a {label}"); the model's outputs are the tags, not these labels.
+    label_names: typing.List[str] = field(default_factory=lambda: list(SEQUENCE_DEFAULT_LABELS))
     # One instruction per label; {label} and {text} are filled in.
     prompt_template: str = "Rewrite the text below as a {label} movie review.\n{text}\nReview:"
+    # Data specs. Sequence tasks: "rotten_tomatoes:<split>" or a labelled .tsv/.csv/.jsonl file (data.load_split).
+    # Token tasks: "wnut16:<split>" (train | dev | test | all) or a BIO file, token<TAB>tag lines or CoNLL
+    # columns with the tag last, a blank line between sentences (ner_data.load_token_split).
     train: str = "rotten_tomatoes:train"          # teacher's private data (train-teacher, method "real")
     dev: str = "rotten_tomatoes:dev"
     test: str = "rotten_tomatoes:test"
-    metric: str = "accuracy"                      # accuracy | mcc | micro_f1
+    metric: str = "accuracy"                      # accuracy | mcc | micro_f1; token tasks: entity_f1 (the default)
 
 
 @dataclass
@@ -160,7 +175,8 @@ class Config:
             raise ConfigError(f"run.precision: {self.run.precision!r} is not one of {PRECISIONS}")
         if self.generator.trainable not in ("all", "top_k", "head_norms"):
             raise ConfigError(f"generator.trainable: {self.generator.trainable!r} is not all | top_k | head_norms")
-        if len(self.task.label_names) < 2:
+        _validate_task(self.task)
+        if self.task.kind == "sequence" and len(self.task.label_names) < 2:
             raise ConfigError(f"task.label_names: need at least 2 labels, got {self.task.label_names!r}")
         for sec, key in (("generator", "batch_size"), ("generator", "max_new_tokens"), ("student", "batch_size"),
                          ("run", "rounds"), ("teacher", "max_length"), ("student", "max_length"),
@@ -212,6 +228,65 @@ class Config:
 
 
 TEMPLATE_FIELDS = ("task", "method", "seed", "arch")
+DATA_SPEC_PREFIXES = {"sequence": "rotten_tomatoes:", "token": "wnut16:"}
+
+
+def _validate_task(task):
+    """task.kind and its data specs; for a token task, resolve task.entity_types (empty = all types of the
+    data) and set task.label_names to them and task.metric to entity_f1. Idempotent, so that a saved
+    config loads back equal."""
+    if task.kind not in TASK_KINDS:
+        raise ConfigError(f"task.kind: {task.kind!r} is not one of {TASK_KINDS}")
+    other = "token" if task.kind == "sequence" else "sequence"
+    for which in ("train", "dev", "test"):
+        spec = getattr(task, which)
+        if spec.startswith(DATA_SPEC_PREFIXES[other]):
+            raise ConfigError(f"task.{which}: {spec!r} is {other}-classification data, but task.kind is "
+                              f"{task.kind!r}")
+    if task.kind == "sequence":
+        if task.entity_types:
+            raise ConfigError(f"task.entity_types: {task.entity_types!r} is for task.kind token only "
+                              f"(task.kind is 'sequence')")
+        return
+    from . import ner_data
+    wnut = [which for which in ("train", "dev", "test") if getattr(task, which).startswith("wnut16:")]
+    for which in wnut:
+        split = getattr(task, which).split(":", 1)[1]
+        if split not in ner_data.WNUT16_SPLITS:
+            raise ConfigError(f"task.{which}: {getattr(task, which)!r} has no split {split!r}; use wnut16:"
+                              + " | wnut16:".join(ner_data.WNUT16_SPLITS))
+    if not task.entity_types:
+        if task.train.startswith("wnut16:"):
+            task.entity_types = list(ner_data.WNUT16_TYPES)
+        else:
+            try:
+                task.entity_types = ner_data.spec_entity_types(task.train)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"task.entity_types: empty, so the types come from task.train="
+                                  f"{task.train!r}, which could not be read ({e}); or list them") from None
+            if not task.entity_types:
+                raise ConfigError(f"task.entity_types: empty, and task.train={task.train!r} has no entities")
+    types = list(task.entity_types)
+    if len(set(types)) != len(types):
+        raise ConfigError(f"task.entity_types: {types} lists a type twice")
+    for t in types:
+        try:
+            ner_data.check_tag(f"B-{t}")
+        except ValueError:
+            raise ConfigError(f"task.entity_types: {t!r} is not an entity type name (non-empty, no spaces)") from None
+    if wnut:
+        bad = [t for t in types if t not in ner_data.WNUT16_TYPES]
+        if bad:
+            raise ConfigError(f"task.entity_types: {bad[0]!r} is not a WNUT-16 type (task.{wnut[0]} is "
+                              f"{getattr(task, wnut[0])!r}); its types are {list(ner_data.WNUT16_TYPES)}")
+    if list(task.label_names) not in (SEQUENCE_DEFAULT_LABELS, types):
+        raise ConfigError(f"task.label_names: {task.label_names} differs from task.entity_types {types}; a "
+                          f"token task's labels are its entity types: leave task.label_names unset")
+    task.label_names = list(types)
+    if task.metric == "accuracy":  # the sequence default
+        task.metric = "entity_f1"
+    if task.metric != "entity_f1":
+        raise ConfigError(f"task.metric: {task.metric!r}; a token task is scored by entity_f1")
 
 
 def _check_template(key, template):

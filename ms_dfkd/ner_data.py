@@ -136,3 +136,38 @@ def entity_counts(sentences):
     """Counter {type: number of entities} over [(tokens, tags)] (B- tags, and I- tags that start an
     entity after O or after another type, as metrics.bio_entities reads them)."""
     return Counter(e[0] for _, tags in sentences for e in bio_entities(tags))
+
+
+# ------------------------------------------------------------------ a token task's data specs
+
+WNUT16_SPLITS = RT_SPLITS + ("all",)
+
+
+def read_token_spec(spec):
+    """[(tokens, tags)] of a token task's data spec: ``wnut16:<split>`` (train | dev | test | all) or the
+    path of a BIO file (read_bio_file's formats), all its sentences."""
+    if spec.startswith("wnut16:"):
+        split = spec.split(":", 1)[1]
+        if split not in WNUT16_SPLITS:
+            raise ValueError(f"{spec!r}: no WNUT-16 split {split!r}; use one of {WNUT16_SPLITS}")
+        return load_wnut16(split)
+    return load_bio_split(spec)
+
+
+def spec_entity_types(spec):
+    """The entity types of a data spec, sorted (WNUT16_TYPES' order for wnut16:*)."""
+    if spec.startswith("wnut16:"):
+        return list(WNUT16_TYPES)
+    return sorted(entity_counts(read_token_spec(spec)))
+
+
+def load_token_split(cfg, which):
+    """[(words, tag ids)] of task.train / task.dev / task.test of a token task, over
+    ``bio_tag_names(task.entity_types)`` (the data's other types read as O)."""
+    spec = getattr(cfg.task, which)
+    if not spec:
+        raise ValueError(f"task.{which} is empty: give 'wnut16:{which}' or a BIO file path")
+    sentences = read_token_spec(spec)
+    if not sentences:
+        raise ValueError(f"task.{which}={spec!r}: no sentences")
+    return prepare(sentences, cfg.task.entity_types)
