@@ -9,6 +9,8 @@ Architectures (config ``arch`` strings):
              | mindformers_llama | mindformers_tiny (smollm2's / tiny's weights in mindformers' Llama,
              optional extra: MS_DFKD_MINDFORMERS=1 bash scripts/setup.sh)
 The tiny ones keep the real tokenizers, so the smoke run exercises the real vocab bridge.
+A token task (task.kind token, NER) gets the same teacher and student architectures with a token head
+(BertForTokenClassification) over the tag set ``ner_data.bio_tag_names(task.entity_types)``.
 """
 import json
 import logging
@@ -17,7 +19,7 @@ from pathlib import Path
 
 
 from .assets import asset_path
-from .models.bert import BertConfig, BertForSequenceClassification
+from .models.bert import BertConfig, BertForSequenceClassification, BertForTokenClassification
 from .models.checkpoint_io import CheckpointError, load_safetensors, load_state, safetensors_metadata, \
     save_safetensors, state_of
 from .tokenization import bpe_tokenizer_from_gguf, wordpiece_tokenizer
@@ -63,25 +65,42 @@ def generator_tokenizer(cfg=None):
     return _TOKENIZERS[("bpe", name)]
 
 
-def _tiny_bert(vocab, hidden, layers, heads, num_labels, pooling="cls_pooler"):
+# task.kind -> the model class; its name is also load_hf_bert's / load_onnx_bert's ``head``
+HEADS = {"sequence": BertForSequenceClassification, "token": BertForTokenClassification}
+
+
+def tag_names(cfg):
+    """A token task's tag set: ["O", "B-t1", "I-t1", ...] over task.entity_types (ner_data.bio_tag_names)."""
+    from .ner_data import bio_tag_names
+    return bio_tag_names(cfg.task.entity_types)
+
+
+def num_outputs(cfg):
+    """The width of the model's head: the labels of a sequence task, the tags of a token task."""
+    return len(tag_names(cfg)) if cfg.task.kind == "token" else len(cfg.task.label_names)
+
+
+def _tiny_bert(vocab, hidden, layers, heads, num_labels, pooling="cls_pooler", head="sequence"):
+    if head == "token":
+        pooling = "mean"  # a token head has no pooler
     cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                      num_attention_heads=heads, intermediate_size=4 * hidden, max_position_embeddings=512,
                      num_labels=num_labels, pooling=pooling, add_pooler=pooling == "cls_pooler")
-    return BertForSequenceClassification(cfg)
+    return HEADS[head](cfg)
 
 
 def build_teacher_arch(cfg, pretrained=True):
     """The teacher network: pretrained backbone + fresh head (train-teacher) or an empty shell to load into."""
-    K = len(cfg.task.label_names)
+    K, head = num_outputs(cfg), cfg.task.kind
     arch = cfg.teacher.arch
     if arch == "minilm_l6":
         from .models.bert_weights import load_hf_bert
-        return set_compute_dtype(load_hf_bert(asset_path("minilm_l6_dir"), num_labels=K), cfg)
+        return set_compute_dtype(load_hf_bert(asset_path("minilm_l6_dir"), head=head, num_labels=K), cfg)
     if arch == "tiny":
         import mindspore as ms
         ms.set_seed(cfg.run.seed)
         return set_compute_dtype(_tiny_bert(teacher_tokenizer().vocab_size, cfg.teacher.hidden_size,
-                                            cfg.teacher.num_layers, cfg.teacher.num_heads, K), cfg)
+                                            cfg.teacher.num_layers, cfg.teacher.num_heads, K, head=head), cfg)
     raise ValueError(f"teacher.arch: unknown architecture {arch!r} (minilm_l6 | tiny)")
 
 
@@ -92,7 +111,10 @@ def teacher_checkpoint_path(cfg):
 def save_teacher(model, cfg, path=None, extra=None):
     path = Path(path or teacher_checkpoint_path(cfg))
     meta = {"format": "ms-dfkd-teacher", "arch": cfg.teacher.arch, "task": cfg.task.name,
-            "label_names": json.dumps(cfg.task.label_names), "bert_config": json.dumps(asdict(model.config))}
+            "label_names": json.dumps(cfg.task.label_names), "bert_config": json.dumps(asdict(model.config)),
+            "kind": cfg.task.kind}
+    if cfg.task.kind == "token":
+        meta["tag_names"] = json.dumps(tag_names(cfg))
     meta.update(extra or {})
     save_safetensors(state_of(model), path, metadata=meta)
     return path
@@ -108,38 +130,46 @@ def load_teacher(cfg, path=None):
     meta = safetensors_metadata(path)
     if meta.get("format") != "ms-dfkd-teacher":
         raise CheckpointError(f"{path} is not an ms-dfkd teacher checkpoint (metadata format={meta.get('format')!r})")
+    kind = meta.get("kind", "sequence")  # checkpoints from before token tasks have no kind
+    if kind != cfg.task.kind:
+        raise CheckpointError(f"{path} is a {kind}-classification teacher, but task.kind is {cfg.task.kind!r}")
     labels = json.loads(meta["label_names"])
     if labels != list(cfg.task.label_names):
-        raise CheckpointError(f"{path} was trained for labels {labels}, but task.label_names is {cfg.task.label_names}")
+        what = "entity types" if kind == "token" else "labels"
+        key = "task.entity_types" if kind == "token" else "task.label_names"
+        raise CheckpointError(f"{path} was trained for {what} {labels}, but {key} is {cfg.task.label_names}")
+    if kind == "token" and json.loads(meta["tag_names"]) != tag_names(cfg):
+        raise CheckpointError(f"{path} was trained for the tags {json.loads(meta['tag_names'])}, not {tag_names(cfg)}")
     bcfg = BertConfig(**json.loads(meta["bert_config"]))
-    model = BertForSequenceClassification(bcfg)
+    model = HEADS[kind](bcfg)
     load_state(model, state, source=str(path))
     freeze(model)
     return set_compute_dtype(model, cfg)
 
 
 def build_student(cfg):
-    K = len(cfg.task.label_names)
+    """The student of task.kind's head (num_outputs wide), its backbone pretrained or random per student.arch."""
+    K, head = num_outputs(cfg), cfg.task.kind
     arch = cfg.student.arch
     import mindspore as ms
     ms.set_seed(cfg.run.seed)  # model init is shared across ranks and methods
     if arch == "minilm_l3_onnx":
         from .models.bert_weights import load_onnx_bert
-        model = load_onnx_bert(asset_path("minilm_l3_onnx"), num_labels=K)
+        model = load_onnx_bert(asset_path("minilm_l3_onnx"), head=head, num_labels=K)
     elif arch.startswith("minilm_l6_layers:"):
         from .models.bert_weights import load_hf_bert
         n = _arch_int(arch, "student.arch")
-        full = load_hf_bert(asset_path("minilm_l6_dir"), num_labels=K)
+        full = load_hf_bert(asset_path("minilm_l6_dir"), head=head, num_labels=K)
         state = {k: v for k, v in state_of(full).items()
                  if not k.startswith("bert.encoder.layer.") or int(k.split(".")[3]) < n}
-        model = BertForSequenceClassification(BertConfig(**{**asdict(full.config), "num_hidden_layers": n}))
+        model = HEADS[head](BertConfig(**{**asdict(full.config), "num_hidden_layers": n}))
         load_state(model, state, source=f"MiniLM-L6 first {n} layers", allow_missing=("classifier.",))
     elif arch.startswith("bert_random:"):
         n = _arch_int(arch, "student.arch")
-        model = _tiny_bert(student_tokenizer().vocab_size, 384, n, 12, K)
+        model = _tiny_bert(student_tokenizer().vocab_size, 384, n, 12, K, head=head)
     elif arch == "tiny":
         model = _tiny_bert(student_tokenizer().vocab_size, cfg.student.hidden_size, cfg.student.num_layers,
-                           cfg.student.num_heads, K)
+                           cfg.student.num_heads, K, head=head)
     else:
         raise ValueError(f"student.arch: unknown architecture {arch!r} "
                          f"(minilm_l3_onnx | minilm_l6_layers:N | bert_random:N | tiny)")
