@@ -65,13 +65,14 @@ class _TokenCELoss(nn.Cell):
 
 
 def train_token_classifier(model, tokenizer, examples, *, max_length, batch_size, lr, epochs, seed,
-                           jit=True, desc="train-teacher", should_stop=lambda: False):
+                           jit=True, desc="train-teacher", should_stop=lambda: False, on_epoch_end=None):
     """Token-level cross-entropy fine-tuning of a token classifier (e.g. BertForTokenClassification).
 
     examples: [(words, tag_ids)], one tag id per word. Only each word's first sub-token is scored (the
     module's convention: other sub-tokens, special tokens and padding are IGNORE); the loss of a batch is
     the mean over its scored positions. AdamW with linear decay to 1% and dropout off, as
-    classify.train_classifier. Returns the list of per-step losses.
+    classify.train_classifier. ``on_epoch_end(epoch)`` (1-based), if given, is called after each epoch with
+    the model in eval mode (e.g. to score dev). Returns the list of per-step losses.
     """
     from .steps import make_train_step
     if not examples:
@@ -90,7 +91,7 @@ def train_token_classifier(model, tokenizer, examples, *, max_length, batch_size
     step = make_train_step(_TokenCELoss(model), opt, jit=jit)
     losses, t0, seen = [], time.time(), 0
     bar = tqdm(total=total, desc=desc, unit="step")
-    for _ in range(epochs):
+    for epoch in range(epochs):
         order = rng.permutation(len(examples))
         for s in range(steps_per_epoch):
             if should_stop():
@@ -105,6 +106,8 @@ def train_token_classifier(model, tokenizer, examples, *, max_length, batch_size
             seen += len(idx)
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
     bar.close()
     return losses
 
