@@ -60,11 +60,11 @@ def train_teacher(cfg, args):
     model = build.build_teacher_arch(cfg)
     jit = cfg.run.mode == "graph"
     runner = TokenEncoderRunner(model, tok, cfg.teacher.max_length, jit=jit)
-    curve = []
+    curve, last = [], {}
 
     def on_epoch_end(epoch):
         if dev is not None:
-            r = evaluate_tokens(runner, dev, tags, progress="eval dev")
+            r = last[epoch] = evaluate_tokens(runner, dev, tags, progress="eval dev")
             curve.append({"epoch": epoch, "micro_f1": r["micro_f1"],
                           "per_type_f1": {t: v["f1"] for t, v in r["per_type"].items()}})
             log.info(f"epoch {epoch}: dev entity micro F1 {r['micro_f1']:.4f}")
@@ -78,7 +78,8 @@ def train_teacher(cfg, args):
     model.set_train(False)
     res = {"train_s": round(time.time() - t0, 1), "train_examples": len(train)}
     if dev is not None:
-        res["dev"] = evaluate_tokens(runner, dev, tags, progress="eval dev")
+        # the last epoch's scores are the trained model's (set_train(False) throughout: no dropout)
+        res["dev"] = last.get(cfg.teacher.epochs) or evaluate_tokens(runner, dev, tags, progress="eval dev")
         res["dev_by_epoch"] = curve
         log.info(format_entity_scores(res["dev"], f"teacher dev ({cfg.task.dev})"))
     build.save_teacher(model, cfg, extra={"dev": json.dumps(res.get("dev")),
