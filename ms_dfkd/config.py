@@ -118,6 +118,7 @@ class LossConfig:
 
 
 PRECISIONS = ("float32", "float16", "bfloat16")
+SCHEDULES = ("interleaved", "two_phase")
 KERNEL_PATHS = ("auto", "composite", "aot", "triton_interpret", "triton")  # kernels/dispatch.py
 
 
@@ -131,6 +132,13 @@ class RunConfig:
     gen_warmup_steps: int = 0      # dfkd-t3: generator steps before round 1 whose samples train only the
     #                                generator (the student's data budget stays that of every method)
     student_steps_per_round: int = 4  # k_S
+    # interleaved: dfkd-t3 updates its generator on every batch it draws (k_G a round).
+    # two_phase: the generator trains in the warm-up only (the generator phase, on passages of its own);
+    # the rounds then draw every method's samples without gradient from the same passages and noise
+    # (the data phase) and train the student on them (the student phase).
+    schedule: str = "interleaved"
+    min_confidence: float = 0.0    # prompted / dfkd-t3: keep a sample only if the teacher's probability of
+    #                                its target label is at least this; draw batches until a batch is kept
     replay_size: int = 512
     eval_every: int = 1            # rounds; 0 = only at the end
     eval_examples: int = 0         # dev examples for the per-round eval; 0 = all (test is always whole)
@@ -201,6 +209,13 @@ class Config:
         for key in ("gumbel_tau", "sample_temperature"):
             if getattr(self.generator, key) <= 0:
                 raise ConfigError(f"generator.{key}: must be > 0, got {getattr(self.generator, key)}")
+        if self.run.schedule not in SCHEDULES:
+            raise ConfigError(f"run.schedule: {self.run.schedule!r} is not one of {SCHEDULES}")
+        if not 0 <= self.run.min_confidence < 1:
+            raise ConfigError(f"run.min_confidence: must be in [0, 1), got {self.run.min_confidence}")
+        if self.run.min_confidence and self.run.method not in ("prompted", "dfkd-t3"):
+            raise ConfigError(f"run.min_confidence: {self.run.min_confidence} needs a method whose samples have a "
+                              f"target label (prompted, dfkd-t3), not {self.run.method!r}")
         if self.generator.label_vectors and self.generator.arch.startswith("mindformers"):
             raise ConfigError(f"generator.label_vectors: not supported with generator.arch {self.generator.arch} "
                               f"(its sampler has no way in for them); use a native arch")

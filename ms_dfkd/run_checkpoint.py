@@ -78,6 +78,7 @@ def save(d):
         return
     state = {"counters": d.counters, "replay": d.replay.state_dict(),
              "corpus": d.corpus_sampler.state_dict() if d.corpus_sampler else None,
+             "warmup_corpus": d.warmup_sampler.state_dict() if d.warmup_sampler else None,
              "data_rng": d.data_rng.bit_generator.state,
              "texts_offset": d.texts_out.offset, "metrics_offset": d.metrics_out.offset,
              "history": d.history, "method": d.method, "world_size": d.world, "acc": d.acc}
@@ -187,6 +188,8 @@ def load(d):
         raise CheckpointError(f"{path}: {e}") from None
     if d.corpus_sampler is not None and state["corpus"] is not None:
         d.corpus_sampler.load_state_dict(state["corpus"])
+    if d.warmup_sampler is not None and state.get("warmup_corpus") is not None:
+        d.warmup_sampler.load_state_dict(state["warmup_corpus"])
     d.data_rng.bit_generator.state = state["data_rng"]
     if d.rank > 0:
         # the samplers saved are rank 0's: reseed this rank's own streams so that ranks keep

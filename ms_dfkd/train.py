@@ -41,6 +41,7 @@ log = logging.getLogger("ms_dfkd")
 
 NOISE_STREAM_SAMPLE = 1
 NOISE_STREAM_WARMUP = 2  # warm-up samples draw their own noise: the rounds' samples stay as without warm-up
+MAX_DRAWS_PER_BATCH = 50  # run.min_confidence: batches drawn for one kept batch before giving up
 
 
 def peak_rss_mb():
@@ -96,6 +97,11 @@ class Distiller:
         if self.method in ("corpus", "prompted", "dfkd-t3"):
             corpus = Corpus(cfg.corpus.sources, cfg.corpus.min_words, cfg.corpus.max_words)
             self.corpus_sampler = CorpusSampler(corpus, cfg.run.seed, self.rank, self.world)
+        # two_phase: the generator phase reads passages of its own, so that the data phase of dfkd-t3 rewrites
+        # the same passages as prompted's (interleaved runs keep one stream, as before)
+        self.warmup_sampler = None
+        if self.method == "dfkd-t3" and cfg.run.schedule == "two_phase":
+            self.warmup_sampler = CorpusSampler(corpus, derive_seed(cfg.run.seed, 0, 13), self.rank, self.world)
         self.real_examples = load_split(cfg, "train") if self.method == "real" else None
         self.data_rng = np.random.default_rng(derive_seed(cfg.run.seed, self.rank, 11))
         self.generator = None
@@ -134,9 +140,9 @@ class Distiller:
         self.label_vectors = self.gen_loss.label_vectors
         # the label vectors enter the first layer that trains: the sampler adds them there too
         self.steer_layer = self.g_cfg.num_hidden_layers - self.trunk_layers if self.trunk_layers else 0
-        groups = [{"params": self.generator.trainable_params()}]
-        if self.label_vectors is not None:
-            groups.append({"params": [self.label_vectors], "lr": g.label_vector_lr})
+        groups = self.generator.trainable_params()
+        if self.label_vectors is not None:  # a group of their own, at their own learning rate
+            groups = [{"params": groups}, {"params": [self.label_vectors], "lr": g.label_vector_lr}]
         self.opt_g = nn.AdamWeightDecay(groups, learning_rate=g.lr, weight_decay=0.0)
         red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
         self.scaler_g = loss_scaler_for(self.teacher, self.student, self.generator)
@@ -213,15 +219,16 @@ class Distiller:
             mask[i, P - len(r):] = 1
         return ids, mask
 
-    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False, frozen=False):
+    def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False, frozen=False,
+                       sampler=None):
         """One batch of generator.batch_size samples, labels balanced, from the next corpus passages.
 
         frozen=True samples from G_θ0 (the pretrained generator, no label vectors) instead of the
-        trained one. The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
+        trained one; sampler: the passage stream (default: the run's). The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
         labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts, and with
         return_logits the generator's logits [B, T, V] each token was drawn from."""
         g = self.cfg.generator
-        passages = self.corpus_sampler.next_batch(g.batch_size)
+        passages = (sampler or self.corpus_sampler).next_batch(g.batch_size)
         labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
         p_ids, p_mask = self._prompt_ids(passages, labels)
         seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, stream)
@@ -243,22 +250,37 @@ class Distiller:
 
     # ------------------------------------------------------------------ one unit of data per method
     def _produce(self):
-        """One batch of samples for the replay buffer; returns (records, step metrics, the teacher's
-        logits and features on the records)."""
-        step_id = self.counters["gen_steps"]
+        """One batch of samples for the replay buffer; returns (records, the step metrics of every batch
+        drawn, the teacher's logits and features on the records). With run.min_confidence, batches are
+        drawn until generator.batch_size samples pass (each draw is a step: a generator update for
+        interleaved dfkd-t3), and each draw's metrics carry its acceptance rate."""
         producer = {"random": self._random_texts, "corpus": self._corpus_texts, "real": self._real_texts,
                     "prompted": self._prompted_texts, "dfkd-t3": self._dfkd_t3_texts}[self.method]
-        texts, labels, info = producer(self.cfg.generator.batch_size, step_id)
-        logits, feats = self.teacher_run.logits(texts, with_features=True)
-        probs = softmax_np(logits)
-        if self.method in ("prompted", "dfkd-t3"):
-            self._label_stats(probs, labels, info)
-        recs = [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
-                 "round": self.counters["round"], "step": step_id, "rank": self.rank}
-                for t, y, p in zip(texts, labels, probs)]
-        self.counters["gen_steps"] += 1
-        self.counters["samples"] += len(recs)
-        return recs, info, (logits, feats)
+        B, threshold = self.cfg.generator.batch_size, self.cfg.run.min_confidence
+        recs, infos, keep_logits, keep_feats = [], [], [], []
+        while len(recs) < B:
+            step_id = self.counters["gen_steps"]
+            texts, labels, info = producer(B, step_id)
+            logits, feats = self.teacher_run.logits(texts, with_features=True)
+            probs = softmax_np(logits)
+            if self.method in ("prompted", "dfkd-t3"):
+                self._label_stats(probs, labels, info)
+            keep = np.ones(len(texts), bool)
+            if threshold:
+                keep = probs[np.arange(len(texts)), labels] >= threshold
+                info["acceptance"] = float(keep.mean())
+            recs += [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
+                      "round": self.counters["round"], "step": step_id, "rank": self.rank}
+                     for t, y, p, k in zip(texts, labels, probs, keep) if k]
+            keep_logits.append(logits[keep])
+            keep_feats.append(feats[keep])
+            infos.append(info)
+            self.counters["gen_steps"] += 1
+            if threshold and len(infos) >= MAX_DRAWS_PER_BATCH and len(recs) < B:
+                raise RuntimeError(f"run.min_confidence {threshold}: {len(recs)} of {len(infos) * B} samples "
+                                   f"passed in {len(infos)} batches; lower it")
+        self.counters["samples"] += B
+        return recs[:B], infos, (np.concatenate(keep_logits)[:B], np.concatenate(keep_feats)[:B])
 
     # Each producer: (n, step id) -> (texts, target labels (-1: none), step metrics).
     def _random_texts(self, n, step_id):
@@ -285,6 +307,10 @@ class Distiller:
 
     def _dfkd_t3_texts(self, n, step_id):
         s = self.generate_batch(step_id)
+        if self.cfg.run.schedule == "two_phase":  # the data phase: the trained generator, no update
+            _, frozen = self.frozen_fwd(*self._full_sequence(s))
+            return s["texts"], s["labels"], {"perplexity_g0": _perplexity(frozen.asnumpy(), s["ids"], s["mask"]),
+                                             "gen_tokens": int(s["mask"].sum())}
         return s["texts"], s["labels"], self._generator_update(s)
 
     def _label_stats(self, probs, labels, info):
@@ -294,15 +320,20 @@ class Distiller:
         if "soft_argmax" in info:
             info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
 
+    @staticmethod
+    def _full_sequence(s):
+        """[prompt; sample] ids and mask of a batch, as tensors."""
+        return (ms.Tensor(np.concatenate([s["p_ids"], s["ids"]], 1)),
+                ms.Tensor(np.concatenate([s["p_mask"], s["mask"]], 1)))
+
     def _generator_update(self, s, what=None):
         B_, T = s["ids"].shape
-        full_ids = np.concatenate([s["p_ids"], s["ids"]], 1)
-        full_mask = np.concatenate([s["p_mask"], s["mask"]], 1)
-        gen_input, frozen = self.frozen_fwd(ms.Tensor(full_ids), ms.Tensor(full_mask))
+        full_ids, full_mask = self._full_sequence(s)
+        gen_input, frozen = self.frozen_fwd(full_ids, full_mask)
         frozen_np = frozen.asnumpy()
         cls_sel, tok_sel, sep_sel, enc_mask = soft_sequence_layout(s["mask"])
         t0 = time.time()
-        out = self.gen_step(gen_input, ms.Tensor(full_mask), ms.Tensor(s["ids"]), ms.Tensor(s["mask"]),
+        out = self.gen_step(gen_input, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]),
                             frozen.reshape(B_ * T, -1), ms.Tensor(s["labels"]),
                             ms.Tensor(np.int64(s["seed"])), self.table_t, self.table_s, self.cls_t, self.sep_t,
                             self.cls_s, self.sep_s, ms.Tensor(cls_sel), ms.Tensor(tok_sel), ms.Tensor(sep_sel),
@@ -380,7 +411,7 @@ class Distiller:
         while c["warmup_steps"] < kW:
             self._check_stop()
             w = c["warmup_steps"]
-            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP)
+            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP, sampler=self.warmup_sampler)
             info = self._generator_update(s, what=f"warm-up step {w}")
             self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
             self.acc["tokens"] += info.pop("gen_tokens", 0)
@@ -406,11 +437,12 @@ class Distiller:
             acc = self.acc
             while self.counters["gen_in_round"] < kG:
                 self._check_stop()
-                recs, info, (t_logits, t_feats) = self._produce()
-                acc["tokens"] += info.pop("gen_tokens", 0)
+                recs, infos, (t_logits, t_feats) = self._produce()
+                for info in infos:
+                    acc["tokens"] += info.pop("gen_tokens", 0)
+                    _accumulate(acc["info"], info)
                 self.replay.add(recs, t_logits, t_feats)
                 self.texts_out.write(recs)
-                _accumulate(acc["info"], info)
                 self.counters["gen_in_round"] += 1
                 bar.update(1)
                 bar.set_postfix(_postfix(info))
@@ -421,8 +453,8 @@ class Distiller:
                 self.counters["stu_in_round"] += 1
                 bar.update(1)
                 bar.set_postfix(loss_s=f"{loss:.3f}")
-            if self.method == "dfkd-t3" and kS:
-                self.refresh_tables()
+            if self.method == "dfkd-t3" and kS and cfg.run.schedule == "interleaved":
+                self.refresh_tables()  # the next generator steps' adversarial term reads the student's table
             self._end_round(*self._close_phase())
 
     def _on_sigint(self, signum, frame):

@@ -214,8 +214,8 @@ def diagnose(args, cfg, out):
     current = {}
     real_generate, real_stats = d.generate_batch, d._label_stats
 
-    def generate(step_id, stream=NOISE_STREAM_WARMUP, return_logits=False):
-        current["s"] = real_generate(step_id, stream, return_logits)
+    def generate(step_id, stream=NOISE_STREAM_WARMUP, **kw):
+        current["s"] = real_generate(step_id, stream, **kw)
         current["step"] = step_id
         return current["s"]
 

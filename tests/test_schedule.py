@@ -1,0 +1,112 @@
+"""run.schedule two_phase (generator phase, then data and student phases) and run.min_confidence (the
+teacher-confidence filter), on the smoke config."""
+import json
+
+import numpy as np
+import pytest
+
+from test_e2e_smoke import _cfg, _distiller
+
+
+def _draws(d):
+    """Record (passages, noise seed) of every batch the run's rounds draw (not the warm-up's)."""
+    seen, real = [], d.generate_batch
+
+    def spy(step_id, stream=1, **kw):
+        s = real(step_id, stream, **kw)
+        if kw.get("sampler") is None and stream == 1:
+            seen.append((list(s["passages"]), int(s["seed"])))
+        return s
+    d.generate_batch = spy
+    return seen
+
+
+def test_two_phase_trains_the_generator_only_in_its_phase_and_shares_prompted_passages(smoke_teacher, tmp_path):
+    common = ("--run.schedule", "two_phase", "--run.rounds", "1", "--run.gen_steps_per_round", "3",
+              "--run.student_steps_per_round", "2", "--run.mode", "pynative")
+    d = _distiller(_cfg(smoke_teacher, tmp_path / "dfkd", "--run.gen_warmup_steps", "2", *common))
+    seen_dfkd = _draws(d)
+    after_phase = {}
+    real_rounds = d._rounds
+
+    def rounds(bar, kG, kS):  # the generator as the generator phase left it
+        after_phase.update({n: p.asnumpy().copy() for n, p in d.generator.parameters_and_names()})
+        return real_rounds(bar, kG, kS)
+    d._rounds = rounds
+    before = {n: p.asnumpy().copy() for n, p in d.generator.parameters_and_names()}
+    assert d.run() is not None
+    assert any(not np.array_equal(before[n], after_phase[n]) for n in before)  # the generator phase trained
+    for n, p in d.generator.parameters_and_names():  # the data phase did not
+        np.testing.assert_array_equal(p.asnumpy(), after_phase[n], err_msg=n)
+    assert d.counters["warmup_steps"] == 2 and d.counters["stu_steps"] == 2
+
+    p = _distiller(_cfg(smoke_teacher, tmp_path / "prompted", "--run.method", "prompted", *common))
+    seen_prompted = _draws(p)
+    assert p.run() is not None
+    # the data phase rewrites the same passages with the same noise as prompted
+    assert len(seen_dfkd) == 3 and seen_dfkd == seen_prompted
+    metrics = [json.loads(l) for l in (tmp_path / "dfkd" / "metrics.jsonl").read_text().splitlines()]
+    rnd = [m for m in metrics if m.get("phase") != "warmup"][0]
+    assert np.isfinite(rnd["perplexity_g0"]) and "loss_g" not in rnd
+
+
+def test_min_confidence_keeps_only_samples_the_teacher_finds_confident(smoke_teacher, tmp_path):
+    """The smoke teacher answers 'positive' for every text with p ~ 0.56 (configs/smoke.yaml): at a threshold
+    of 0.5 only the positive targets pass, half of each balanced batch, and every kept record has
+    p(target) >= 0.5 in its stored teacher probabilities."""
+    out = tmp_path / "filtered"
+    d = _distiller(_cfg(smoke_teacher, out, "--run.method", "prompted", "--run.min_confidence", "0.5",
+                        "--run.rounds", "1", "--run.gen_steps_per_round", "2", "--run.mode", "pynative"))
+    assert d.run() is not None
+    recs = [json.loads(l) for l in (out / "generated.jsonl").read_text().splitlines()]
+    B = d.cfg.generator.batch_size
+    assert len(recs) == 2 * B
+    assert all(r["teacher_probs"][r["target"]] >= 0.5 for r in recs)
+    assert {r["target"] for r in recs} == {1}
+    assert d.counters["gen_steps"] == 4  # two draws of which half passed, for each kept batch
+    rnd = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()][0]
+    assert rnd["acceptance"] == pytest.approx(0.5)
+
+
+def test_min_confidence_that_nothing_passes_is_a_clear_error(smoke_teacher, tmp_path, monkeypatch):
+    import ms_dfkd.train as train
+    monkeypatch.setattr(train, "MAX_DRAWS_PER_BATCH", 3)
+    d = _distiller(_cfg(smoke_teacher, tmp_path / "none", "--run.method", "prompted", "--run.min_confidence",
+                        "0.9", "--run.rounds", "1", "--run.mode", "pynative"))
+    with pytest.raises(RuntimeError, match=r"run.min_confidence 0.9: 0 of 12 samples passed in 3 batches"):
+        d.run()
+
+
+@pytest.mark.parametrize("over, match", [
+    (("--run.schedule", "alternating"), "run.schedule: 'alternating' is not one of"),
+    (("--run.min_confidence", "1.5"), r"run.min_confidence: must be in \[0, 1\)"),
+    (("--run.method", "corpus", "--run.min_confidence", "0.5"), "needs a method whose samples have a target"),
+])
+def test_bad_schedule_settings_name_the_key(smoke_teacher, tmp_path, over, match):
+    from ms_dfkd.config import ConfigError
+    with pytest.raises(ConfigError, match=match):
+        _cfg(smoke_teacher, tmp_path / "x", *over)
+
+
+def test_two_phase_with_label_vectors_and_filter_resumes_bit_for_bit(smoke_teacher, tmp_path):
+    """Ctrl-C in the generator phase and again in the data phase, each resumed: the checkpoint (label vectors
+    and their optimizer state, both passage streams) and generated.jsonl equal those of a straight run."""
+    from test_e2e_smoke import _ckpt, _interrupt_after
+    over = ("--run.schedule", "two_phase", "--run.gen_warmup_steps", "3", "--run.rounds", "1",
+            "--run.gen_steps_per_round", "2", "--generator.label_vectors", "true", "--run.min_confidence", "0.5")
+    a, b = tmp_path / "a", tmp_path / "b"
+    da = _distiller(_cfg(smoke_teacher, a, *over))
+    assert da.run() is not None
+    assert "label_vectors/weight" in _ckpt(a) and np.abs(_ckpt(a)["label_vectors/weight"]).sum() > 0
+    d = _distiller(_cfg(smoke_teacher, b, *over))
+    _interrupt_after(d, "_generator_update", 2)
+    assert d.run() is None and d.counters["warmup_steps"] == 2
+    d = _distiller(_cfg(smoke_teacher, b, *over))
+    _interrupt_after(d, "_produce", 1)
+    assert d.run() is None and d.counters["gen_in_round"] == 1
+    assert _distiller(_cfg(smoke_teacher, b, *over)).run() is not None
+    ca, cb = _ckpt(a), _ckpt(b)
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+    assert (a / "generated.jsonl").read_text() == (b / "generated.jsonl").read_text()
