@@ -159,6 +159,7 @@ class ResultsConfig:
     seeds: typing.List[int] = field(default_factory=lambda: [0, 1, 2])
     transfer_steps: int = 96       # distill-from-texts steps of the second student
     transfer_student: str = "minilm_l6_layers:2"
+    min_confidence: float = 0.0    # > 0: also prompted + filter and dfkd-t3 + filter, at this run.min_confidence
 
 
 @dataclass
@@ -213,6 +214,8 @@ class Config:
             raise ConfigError(f"run.schedule: {self.run.schedule!r} is not one of {SCHEDULES}")
         if not 0 <= self.run.min_confidence < 1:
             raise ConfigError(f"run.min_confidence: must be in [0, 1), got {self.run.min_confidence}")
+        if not 0 <= self.results.min_confidence < 1:
+            raise ConfigError(f"results.min_confidence: must be in [0, 1), got {self.results.min_confidence}")
         if self.run.min_confidence and self.run.method not in ("prompted", "dfkd-t3"):
             raise ConfigError(f"run.min_confidence: {self.run.min_confidence} needs a method whose samples have a "
                               f"target label (prompted, dfkd-t3), not {self.run.method!r}")

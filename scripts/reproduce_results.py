@@ -24,6 +24,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["random", "corpus", "prompted", "dfkd-t3", "real"]
 
+
+
+def table_rows(prof):
+    """(folder prefix, row name, run.method, extra distill overrides) of every row of the table, in order:
+    the five methods, and with results.min_confidence the two generative ones with the teacher-confidence
+    filter (run.min_confidence) after each."""
+    rows = []
+    for m in METHODS:
+        rows.append((m, m, m, []))
+        if m in ("prompted", "dfkd-t3") and prof.results.min_confidence:
+            rows.append((f"{m}_filter", f"{m} + filter", m,
+                         ["--run.min_confidence", repr(prof.results.min_confidence)]))
+    return rows
+
+
 PROFILES = {"quick": ROOT / "configs" / "results_quick.yaml", "full": ROOT / "configs" / "results_full.yaml"}
 
 
@@ -103,13 +118,13 @@ def main():
         walls.run("teacher_test", exe + ["eval", *common, "--split", "test", "--json-out", str(teacher_test)], log)
     seeds = prof.results.seeds
     for seed in seeds:
-        for method in METHODS:
-            run = out / f"{method}_seed{seed}"
+        for key, _, method, extra in table_rows(prof):
+            run = out / f"{key}_seed{seed}"
             if (run / "final.json").exists():
                 print(f"[results] {run.name}: done, skipped")
                 continue
             print(f"[results] {run.name} ...", flush=True)
-            cmd = exe + ["distill", *common, "--run.method", method, "--run.seed", str(seed),
+            cmd = exe + ["distill", *common, "--run.method", method, *extra, "--run.seed", str(seed),
                          "--run.out_dir", str(run)]
             print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
@@ -184,13 +199,17 @@ def ordering(rows):
     return out
 
 
+GEN_METRICS = ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0", "bridge_agreement",
+               "acceptance", "gen_tokens_per_s", "round_s")
+
+
 def render(out, prof, name, wall, steps=None, root=ROOT):
     """RESULTS.md (and the PNG) under root, from the run folders (nothing typed by hand)."""
     rows, gen, n_test = {}, {}, set()
-    for method in METHODS:
+    for key, method, _, _ in table_rows(prof):
         accs = {}
         for seed in prof.results.seeds:
-            f = out / f"{method}_seed{seed}" / "final.json"
+            f = out / f"{key}_seed{seed}" / "final.json"
             if not f.exists():
                 continue
             fin = json.loads(f.read_text())
@@ -200,8 +219,7 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             for m in metrics:
                 if m.get("phase") == "warmup":  # generator-only steps before round 1: not the kept samples
                     continue
-                for k in ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0",
-                          "bridge_agreement", "gen_tokens_per_s", "round_s"):
+                for k in GEN_METRICS:
                     if k in m:
                         gen.setdefault((method, k), []).append(m[k])
         rows[method] = accs
@@ -244,12 +262,12 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
                       f"binomial standard error of one accuracy near {p_acc:.2f} is "
                       f"{math.sqrt(p_acc * (1 - p_acc) / n):.4f}."]
     lines += ["", "## Generation metrics (mean over rounds and seeds)", "",
-              "| method | specificity | distinct-1 | distinct-2 | self-BLEU | ppl under G0 | bridge agreement | gen tok/s | round s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for method in METHODS:
+              "| method | specificity | distinct-1 | distinct-2 | self-BLEU | ppl under G0 | bridge agreement | "
+              "acceptance | gen tok/s | round s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, method, _, _ in table_rows(prof):
         cells = []
-        for k in ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexity_g0", "bridge_agreement",
-                  "gen_tokens_per_s", "round_s"):
+        for k in GEN_METRICS:
             v = gen.get((method, k))
             cells.append(f"{statistics.mean(v):.3f}" if v else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -285,8 +303,8 @@ def plot(out, prof, root=ROOT):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     any_line = False
-    for method in METHODS:
-        f = out / f"{method}_seed0" / "metrics.jsonl"
+    for key, method, _, _ in table_rows(prof):
+        f = out / f"{key}_seed0" / "metrics.jsonl"
         if not f.exists():
             continue
         pts = [(m["samples"], m["student_dev_accuracy"]) for m in map(json.loads, f.read_text().splitlines())

@@ -83,3 +83,28 @@ def test_render_only_refuses_a_folder_without_finished_runs(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_results.py"), "--render-only",
                         "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and f"no finished runs (*_seed*/final.json) in {tmp_path}" in r.stderr
+
+
+def test_filter_rows_come_from_their_own_folders(tmp_path):
+    """results.min_confidence > 0: 'prompted + filter' and 'dfkd-t3 + filter' rows, each read from its own
+    run folders (prompted_filter_seedN, ...), with the acceptance rate in the generation table."""
+    from ms_dfkd.config import load_config, parse_overrides
+    out, root = tmp_path / "runs", tmp_path / "root"
+    root.mkdir()
+    _runs(out)
+    for seed, acc in enumerate([0.73, 0.71, 0.75]):
+        run = out / f"prompted_filter_seed{seed}"
+        run.mkdir()
+        (run / "final.json").write_text(json.dumps({"student_test": {"accuracy": acc, "n": 1000}, "samples": {}}))
+        (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "acceptance": 0.4 + 0.1 * seed}) + "\n")
+    prof = load_config(R.PROFILES["full"], parse_overrides(["--results.min_confidence", "0.8"]))
+    assert [r[1] for r in R.table_rows(prof)] == ["random", "corpus", "prompted", "prompted + filter", "dfkd-t3",
+                                                 "dfkd-t3 + filter", "real"]
+    assert R.table_rows(prof)[3][3] == ["--run.min_confidence", "0.8"]
+    R.render(out, prof, "full", None, None, root=root)
+    text = (root / "RESULTS.md").read_text()
+    assert "| prompted + filter | 0.7300 ± 0.0200 | 0.7300, 0.7100, 0.7500 | 91.2% |" in text  # 0.73 / 0.80
+    assert "| dfkd-t3 + filter | - | - | - |" in text  # not run yet
+    # acceptance: mean of 0.4, 0.5, 0.6 over the three seeds' rounds
+    row = [l for l in text.splitlines() if l.startswith("| prompted + filter | -")][0]
+    assert row.split(" | ")[7] == "0.500", row
