@@ -81,15 +81,23 @@ class KVCacheDecoder:
         self.prefill = ms.jit(self._prefill) if graph else self._prefill
         self.step = ms.jit(self._step) if graph else self._step
 
+    # steer (label vectors) is passed on only when given: models without it (the mindformers backend,
+    # whose config refuses label vectors) keep their own prefill/decode_step signatures
     def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0):
-        hidden, caches = self.model.model.prefill(ids, mask, cache_len, steer, steer_layer)
+        if steer is None:
+            hidden, caches = self.model.model.prefill(ids, mask, cache_len)
+        else:
+            hidden, caches = self.model.model.prefill(ids, mask, cache_len, steer, steer_layer)
         return self.model.logits_from_hidden(hidden[:, -1:])[:, 0], caches  # left padding: last slot is real
 
     def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0):
         # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time
         # constant for ms.jit and every new cache would recompile the step
-        hidden, caches = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches,
-                                                      steer, steer_layer)
+        if steer is None:
+            hidden, caches = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches)
+        else:
+            hidden, caches = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches,
+                                                          steer, steer_layer)
         return self.model.logits_from_hidden(hidden)[:, 0], caches
 
 
