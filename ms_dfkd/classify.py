@@ -87,34 +87,48 @@ class _CELoss(nn.Cell):
 def train_classifier(model, tokenizer, examples, *, max_length, batch_size, lr, epochs, seed,
                      jit=True, desc="train-teacher", should_stop=lambda: False):
     """Plain cross-entropy fine-tuning (AdamW, linear decay). Returns a list of per-step losses."""
-    from .steps import make_train_step
     if not examples:
         raise ValueError("no training examples")
+
+    def batch(idx):
+        ids, mask = tokenizer.encode_batch([examples[i][0] for i in idx], max_length=max_length,
+                                           padding="max_length")
+        return ids, mask, np.array([examples[i][1] for i in idx], np.int32)
+    return fit(model, _CELoss(model), len(examples), batch, batch_size=batch_size, lr=lr, epochs=epochs,
+               seed=seed, jit=jit, desc=desc, should_stop=should_stop)
+
+
+def fit(model, loss_cell, n_examples, batch, *, batch_size, lr, epochs, seed, jit=True, desc="train",
+        should_stop=lambda: False, on_epoch_end=None):
+    """The fine-tuning loop of every classifier: AdamW with linear decay to 1%, dropout off, shuffled
+    batches of ``batch(indices) -> (ids, mask, labels)`` scored by ``loss_cell(ids, mask, labels) -> (loss,
+    logits)``. ``on_epoch_end(epoch)`` (1-based) runs after each epoch. Returns the per-step losses."""
+    from .steps import make_train_step
     rng = np.random.default_rng(seed)
-    steps_per_epoch = max(1, len(examples) // batch_size)
+    steps_per_epoch = max(1, n_examples // batch_size)
     total = steps_per_epoch * epochs
     lr_sched = [float(lr * (1.0 - 0.99 * i / total)) for i in range(total)]  # linear decay to 1%
     for p in model.get_parameters():
         p.requires_grad = True
     model.set_train(False)  # dropout off: MiniLM fine-tunes fine without it, and steps stay reproducible
     opt = nn.AdamWeightDecay(model.trainable_params(), learning_rate=lr_sched, weight_decay=0.01)
-    step = make_train_step(_CELoss(model), opt, jit=jit)
+    step = make_train_step(loss_cell, opt, jit=jit)
     losses, t0, seen = [], time.time(), 0
     bar = tqdm(total=total, desc=desc, unit="step")
     for ep in range(epochs):
-        order = rng.permutation(len(examples))
+        order = rng.permutation(n_examples)
         for s in range(steps_per_epoch):
             if should_stop():
                 bar.close()
                 return losses
             idx = order[s * batch_size:(s + 1) * batch_size]
-            ids, mask = tokenizer.encode_batch([examples[i][0] for i in idx], max_length=max_length,
-                                               padding="max_length")
-            labels = np.array([examples[i][1] for i in idx], np.int32)
+            ids, mask, labels = batch(idx)
             loss, _ = step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(labels))
             losses.append(float(loss.asnumpy()))
             seen += len(idx)
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
+        if on_epoch_end is not None:
+            on_epoch_end(ep + 1)
     bar.close()
     return losses

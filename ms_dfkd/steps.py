@@ -72,17 +72,15 @@ class GeneratorLoss(nn.Cell):
     def construct(self, full_ids, full_mask, gen_ids, gen_mask, frozen_logits, targets, seed,
                   table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask):
         B, T = gen_ids.shape
-        steer = 0.0
+        # the states entering the first trainable layer: the trunk's (full_ids holds them [B, P+T, H]) or the
+        # embeddings; the label vectors, if any, are added there
+        x = full_ids if self.trunk_layers else self.generator.model.embed(full_ids)
         if self.label_vectors is not None:
-            steer = ops.gather(self.label_vectors, targets, 0).expand_dims(1)  # [B, 1, H]
-        if self.trunk_layers:  # full_ids holds the trunk states [B, P+T, H]
-            x = full_ids if self.label_vectors is None else full_ids + steer.astype(full_ids.dtype)
+            x = x + ops.gather(self.label_vectors, targets, 0).expand_dims(1).astype(x.dtype)  # [B, 1, H]
+        if self.trunk_layers:
             hidden = self.generator.top_hidden_states(x, full_mask, self.trunk_layers)
-        elif self.label_vectors is not None:
-            x = self.generator.model.embed(full_ids)
-            hidden = self.generator.hidden_states(inputs_embeds=x + steer.astype(x.dtype), attention_mask=full_mask)
         else:
-            hidden = self.generator.hidden_states(input_ids=full_ids, attention_mask=full_mask)
+            hidden = self.generator.hidden_states(inputs_embeds=x, attention_mask=full_mask)
         # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2. The LM head
         # runs on those T positions only (the prompt's [B, P, V] logits would be dead weight).
         gl = self.generator.logits_from_hidden(hidden[:, self.P - 1:self.P - 1 + T, :])

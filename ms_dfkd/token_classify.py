@@ -8,7 +8,6 @@ the logits at its first sub-token. A word with no sub-token (cut off by truncati
 normalizer deletes) gets no loss and is predicted as ``fill`` (tag id 0, O in ner_data.bio_tag_names).
 """
 import logging
-import time
 
 import mindspore as ms
 import numpy as np
@@ -16,7 +15,7 @@ from mindspore import nn, ops
 from tqdm import tqdm
 
 from . import metrics as M
-from .classify import softmax_np
+from .classify import fit, softmax_np
 
 log = logging.getLogger("ms_dfkd")
 
@@ -74,42 +73,18 @@ def train_token_classifier(model, tokenizer, examples, *, max_length, batch_size
     classify.train_classifier. ``on_epoch_end(epoch)`` (1-based), if given, is called after each epoch with
     the model in eval mode (e.g. to score dev). Returns the list of per-step losses.
     """
-    from .steps import make_train_step
     if not examples:
         raise ValueError("no training examples")
     for i, (words, tags) in enumerate(examples):
         if len(words) != len(tags):
             raise ValueError(f"example {i}: {len(words)} words but {len(tags)} tags")
-    rng = np.random.default_rng(seed)
-    steps_per_epoch = max(1, len(examples) // batch_size)
-    total = steps_per_epoch * epochs
-    lr_sched = [float(lr * (1.0 - 0.99 * i / total)) for i in range(total)]
-    for p in model.get_parameters():
-        p.requires_grad = True
-    model.set_train(False)
-    opt = nn.AdamWeightDecay(model.trainable_params(), learning_rate=lr_sched, weight_decay=0.01)
-    step = make_train_step(_TokenCELoss(model), opt, jit=jit)
-    losses, t0, seen = [], time.time(), 0
-    bar = tqdm(total=total, desc=desc, unit="step")
-    for epoch in range(epochs):
-        order = rng.permutation(len(examples))
-        for s in range(steps_per_epoch):
-            if should_stop():
-                bar.close()
-                return losses
-            idx = order[s * batch_size:(s + 1) * batch_size]
-            ids, mask, word_ids = tokenizer.encode_words_batch([examples[i][0] for i in idx],
-                                                               max_length=max_length, padding="max_length")
-            labels = first_subtoken_labels(word_ids, [examples[i][1] for i in idx])
-            loss, _ = step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(labels))
-            losses.append(float(loss.asnumpy()))
-            seen += len(idx)
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", ex_s=f"{seen / (time.time() - t0):.0f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
-    bar.close()
-    return losses
+
+    def batch(idx):
+        ids, mask, word_ids = tokenizer.encode_words_batch([examples[i][0] for i in idx], max_length=max_length,
+                                                           padding="max_length")
+        return ids, mask, first_subtoken_labels(word_ids, [examples[i][1] for i in idx])
+    return fit(model, _TokenCELoss(model), len(examples), batch, batch_size=batch_size, lr=lr, epochs=epochs,
+               seed=seed, jit=jit, desc=desc, should_stop=should_stop, on_epoch_end=on_epoch_end)
 
 
 class TokenEncoderRunner:

@@ -11,6 +11,17 @@ from pathlib import Path
 import numpy as np
 
 
+def _padded_length(rows, padding, max_length):
+    """The batch length: the longest row ("longest") or max_length ("max_length")."""
+    if padding == "max_length":
+        if max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        return max_length
+    if padding == "longest":
+        return max([len(r) for r in rows] + [1])
+    raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+
+
 @dataclass
 class Tokenizer:
     backend: object                    # tokenizers.Tokenizer
@@ -46,23 +57,9 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings, not a string")
-        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
-        if max_length is not None:
-            cut = []
-            for r in rows:
-                if len(r) > max_length:
-                    keep_last = add_special_tokens and self.kind == "wordpiece" and r[-1] == self.eos_id
-                    r = r[: max_length - 1] + [r[-1]] if keep_last else r[:max_length]
-                cut.append(r)
-            rows = cut
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            L = max_length
-        elif padding == "longest":
-            L = max([len(r) for r in rows] + [1])
-        else:
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        rows = [self._truncate(self.encode(t, add_special_tokens=add_special_tokens), max_length,
+                               add_special_tokens)[0] for t in texts]
+        L = _padded_length(rows, padding, max_length)
         if pad_to_multiple_of:
             L = -(-L // pad_to_multiple_of) * pad_to_multiple_of
         ids = np.full((len(rows), L), self.pad_id, dtype=np.int32)
@@ -75,6 +72,16 @@ class Tokenizer:
                 ids[i, :len(r)] = r
                 mask[i, :len(r)] = 1
         return ids, mask
+
+    def _truncate(self, row, max_length, add_special_tokens, *aligned):
+        """The first max_length tokens of a row (WordPiece keeps its closing [SEP]), and the same positions of
+        each list in ``aligned`` (e.g. the tokens' word ids). Returns (row, *aligned)."""
+        rows = (row, *aligned)
+        if max_length is None or len(row) <= max_length:
+            return rows
+        if add_special_tokens and self.kind == "wordpiece" and row[-1] == self.eos_id:
+            return tuple(r[:max_length - 1] + [r[-1]] for r in rows)
+        return tuple(r[:max_length] for r in rows)
 
     def encode_words_batch(self, words_batch, max_length=None, padding="longest", add_special_tokens=True):
         """Pre-split words (one list of words per row) -> (ids, attention_mask, word_ids), int32 [B, L].
@@ -90,21 +97,11 @@ class Tokenizer:
         rows, wids = [], []
         for words in words_batch:
             enc = self.backend.encode(list(words), is_pretokenized=True, add_special_tokens=add_special_tokens)
-            r, w = list(enc.ids), [-1 if i is None else i for i in enc.word_ids]
-            if max_length is not None and len(r) > max_length:   # the truncation rule of encode_batch
-                keep_last = add_special_tokens and self.kind == "wordpiece" and r[-1] == self.eos_id
-                r, w = ((r[:max_length - 1] + [r[-1]], w[:max_length - 1] + [w[-1]]) if keep_last
-                        else (r[:max_length], w[:max_length]))
+            r, w = self._truncate(list(enc.ids), max_length, add_special_tokens,
+                                  [-1 if i is None else i for i in enc.word_ids])
             rows.append(r)
             wids.append(w)
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            L = max_length
-        elif padding == "longest":
-            L = max([len(r) for r in rows] + [1])
-        else:
-            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        L = _padded_length(rows, padding, max_length)
         ids = np.full((len(rows), L), self.pad_id, dtype=np.int32)
         mask = np.zeros((len(rows), L), dtype=np.int32)
         word_ids = np.full((len(rows), L), -1, dtype=np.int32)
