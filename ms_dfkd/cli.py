@@ -93,10 +93,19 @@ def cmd_train_teacher(cfg, args):
     return res
 
 
+def _distiller_class(cfg):
+    """train.Distiller, or for a token task (NER) token_distill.TokenDistiller."""
+    if cfg.task.kind == "token":
+        from .token_distill import TokenDistiller
+        return TokenDistiller
+    from .train import Distiller
+    return Distiller
+
+
 def cmd_distill(cfg, args):
     from . import distributed
     from .run_checkpoint import dump_parameters
-    from .train import Distiller
+    Distiller = _distiller_class(cfg)
     rank, world, reducer = 0, 1, None
     if distributed.launched_by_msrun():  # scripts/run_distributed.sh: one process per device
         rank, world = distributed.init_data_parallel()
@@ -134,7 +143,7 @@ def _print_report(cfg, report):
 
 def cmd_generate(cfg, args):
     """Texts only: the (pretrained or a run's trained) generator rewrites corpus passages per label."""
-    from .train import Distiller
+    Distiller = _distiller_class(cfg)
     cfg.run.method = "prompted" if not args.from_run else "dfkd-t3"
     if args.from_run:
         cfg.run.out_dir = args.from_run
@@ -149,7 +158,7 @@ def cmd_generate(cfg, args):
     for i in tqdm(range(n_batches), desc="generate", unit="batch"):
         s = d.generate_batch(10_000_000 + i)  # a noise stream of its own, apart from training steps
         probs = d.teacher_run.probs(s["texts"])
-        w.write([{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p]}
+        w.write([{"text": t, "target": int(y), **d._teacher_fields(t, p)}
                  for t, y, p in zip(s["texts"], s["labels"], probs)][:args.num - i * cfg.generator.batch_size])
     log.info(f"wrote {args.num} texts to {out}")
     return {"out": str(out)}
@@ -160,7 +169,6 @@ def cmd_distill_from_texts(cfg, args):
     from . import build
     from .classify import EncoderRunner, evaluate
     from .data import load_split
-    from .models.checkpoint_io import save_safetensors, state_of
     from .run_files import read_jsonl
     from .train import distill_from_texts
     if cfg.student.hidden_mse:
@@ -170,6 +178,10 @@ def cmd_distill_from_texts(cfg, args):
     recs = read_jsonl(args.texts)
     if not recs:
         raise ValueError(f"no records in {args.texts}")
+    if cfg.task.kind == "token":
+        from . import token_cli
+        student, res = token_cli.distill_from_texts(cfg, args, recs)
+        return _save_student(cfg, student, args.out, res)
     K = len(cfg.task.label_names)
     for i, r in enumerate(recs):
         if not isinstance(r, dict) or not isinstance(r.get("text"), str):
@@ -179,16 +191,23 @@ def cmd_distill_from_texts(cfg, args):
             raise ValueError(f"{args.texts}: record {i} has no {K}-class teacher_probs")
     steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
     student = distill_from_texts(cfg, recs, steps)
-    out = Path(args.out)
-    save_safetensors({"student/" + k: v for k, v in state_of(student).items()}, out,
-                     metadata={"format": "ms-dfkd-student", "arch": cfg.student.arch})
-    res = {"checkpoint": str(out), "steps": steps, "texts": len(recs)}
+    res = {"steps": steps, "texts": len(recs)}
     try:
         test = load_split(cfg, "test")
         res["student_test"] = evaluate(EncoderRunner(student, build.student_tokenizer(cfg), cfg.student.max_length),
                                        test, cfg.task.metric)
     except (FileNotFoundError, ValueError) as e:
         log.warning(f"no test evaluation: {e}")
+    return _save_student(cfg, student, args.out, res)
+
+
+def _save_student(cfg, student, out, res):
+    """Write a distill-from-texts student to ``out`` (.safetensors), print and return res with its path."""
+    from .models.checkpoint_io import save_safetensors, state_of
+    out = Path(out)
+    save_safetensors({"student/" + k: v for k, v in state_of(student).items()}, out,
+                     metadata={"format": "ms-dfkd-student", "arch": cfg.student.arch})
+    res = {"checkpoint": str(out), **res}
     print(json.dumps(res, indent=2))
     return res
 
@@ -268,6 +287,10 @@ def cmd_inspect(args):
         print(f"-- target {y} ({len(rs)} texts):")
         for r in rs[-args.n:]:
             p = r.get("teacher_probs")
+            if "teacher_tags" in r:  # a token task's record: the word-pieces the teacher tagged as entities
+                ents = [f"{pc}/{tg}" for pc, tg in zip(r.get("pieces", []), r["teacher_tags"]) if tg != "O"]
+                print(f"   [{' '.join(ents) or 'no entity'}] {r['text']!r}")
+                continue
             print(f"   [{'/'.join(f'{x:.2f}' for x in p) if p else '-'}] {r['text']!r}")
     return {"records": len(recs)}
 
@@ -333,9 +356,6 @@ def main(argv=None):
             cmd_inspect(args)
             return 0
         cfg = _load_cfg(args, extra)
-        if cfg.task.kind == "token" and args.cmd not in ("train-teacher", "eval"):
-            raise ConfigError(f"task.kind: token tasks have train-teacher and eval only; `{args.cmd}` is for "
-                              f"sequence tasks (the token-task DFKD loop is not built yet)")
         _mode(cfg, args.device_target)
         if args.cmd == "distill" and args.fresh:
             from .train import CKPT_NAME

@@ -231,6 +231,13 @@ class Config:
         if self.run.gen_warmup_steps and self.run.method != "dfkd-t3":
             raise ConfigError(f"run.gen_warmup_steps: {self.run.gen_warmup_steps} needs run.method dfkd-t3 (only it "
                               f"trains a generator), not {self.run.method!r}")
+        if self.task.kind == "token":  # docs/METHOD.md, "Token tasks (NER)": what the token loop does not have
+            for key, v, why in (("run.min_confidence", self.run.min_confidence, "the teacher-confidence filter"),
+                                ("loss.rwl", self.loss.rwl, "the reward-weighted likelihood"),
+                                ("student.hidden_mse", self.student.hidden_mse, "the pooled-feature MSE")):
+                if v:
+                    raise ConfigError(f"{key}: {v}; {why} is not built for token tasks (task.kind token): set it "
+                                      f"to 0")
         if self.generator.batch_size % len(self.task.label_names):
             raise ConfigError(f"generator.batch_size: {self.generator.batch_size} must be a multiple of the "
                               f"number of labels ({len(self.task.label_names)}) so that labels are balanced")

@@ -92,12 +92,12 @@ class GeneratorLoss(nn.Cell):
         e_s = emb[:, H_t:].reshape(B, T, -1)
         t_in = place_soft_tokens(e_t, cls_t, sep_t, cls_sel, tok_sel, sep_sel)
         t_logits, t_feat = self.teacher(inputs_embeds=t_in, attention_mask=enc_mask, return_features=True)
-        spec = losses.specificity_loss(t_logits, targets)
+        spec = self.specificity(t_logits, targets, tok_sel)
         div = losses.diversity_loss(t_feat, targets, self.K)
         if self.use_student:
             s_in = place_soft_tokens(e_s, cls_s, sep_s, cls_sel, tok_sel, sep_sel)
             s_logits = self.student(inputs_embeds=s_in, attention_mask=enc_mask)
-            adv = losses.adversarial_loss(s_logits, t_logits, self.kd_t)
+            adv = self.adversarial(s_logits, t_logits, tok_sel)
         else:
             adv = ops.zeros((), ms.float32)
         flu = losses.fluency_loss(gl, frozen_logits, gen_mask.reshape(-1).astype(ms.float32))
@@ -107,7 +107,19 @@ class GeneratorLoss(nn.Cell):
             total = total + self.w_rwl * rwl
         else:
             rwl = ops.zeros((), ms.float32)
-        return total, spec, div, adv, flu, t_logits, rwl
+        return total, spec, div, adv, flu, self.reported_logits(t_logits, tok_sel), rwl
+
+    # The task's terms; token_steps.TokenGeneratorLoss reads the teacher per position (tok_sel [B, T+2, 1]
+    # marks the generator tokens among the encoder positions).
+    def specificity(self, t_logits, targets, tok_sel):
+        return losses.specificity_loss(t_logits, targets)
+
+    def adversarial(self, s_logits, t_logits, tok_sel):
+        return losses.adversarial_loss(s_logits, t_logits, self.kd_t)
+
+    def reported_logits(self, t_logits, tok_sel):
+        """The teacher's soft-path logits the step returns (the driver's bridge agreement reads them)."""
+        return t_logits
 
 
 class StudentLoss(nn.Cell):

@@ -119,3 +119,20 @@ def evaluate(cfg, args, load_student_weights):
         res["student"] = evaluate_tokens(runner, rows, tags)
         log.info(format_entity_scores(res["student"], f"student on {where}"))
     return res
+
+
+def distill_from_texts(cfg, args, records):
+    """The token task's body of ``ms-dfkd distill-from-texts``: a new student from saved token records (their
+    per-word-piece teacher probabilities are the targets); returns (student, {steps, texts, student_test})."""
+    from . import build
+    from .ner_data import load_token_split
+    from .token_distill import check_token_records, distill_from_texts as distill, score_student
+    check_token_records(records, args.texts, build.student_tokenizer(cfg), len(build.tag_names(cfg)))
+    steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
+    student = distill(cfg, records, steps)
+    res = {"steps": steps, "texts": len(records)}
+    try:
+        res["student_test"] = score_student(cfg, student, load_token_split(cfg, "test"))
+    except (FileNotFoundError, ValueError) as e:
+        log.warning(f"no test evaluation: {e}")
+    return student, res

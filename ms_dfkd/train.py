@@ -53,6 +53,9 @@ class StopRequested(Exception):
 
 
 class Distiller:
+    """The loop for a sequence task; token_distill.TokenDistiller overrides the hooks marked "task:"."""
+    generator_loss_cls = GeneratorLoss
+
     def __init__(self, cfg, rank=0, world_size=1, grad_reducer_factory=None):
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.is_main = rank == 0
@@ -83,11 +86,8 @@ class Distiller:
         self.teacher = build.load_teacher(cfg)
         self.student = build.build_student(cfg)
         self.teacher_run = EncoderRunner(self.teacher, self.t_tok, cfg.teacher.max_length, jit=self.jit)
-        self.student_eval = EncoderRunner(self.student, self.s_tok, cfg.student.max_length, jit=self.jit)
-        self.student_step = StudentStep(self.student, self.s_tok, cfg.student.max_length, cfg.student.batch_size,
-                                        cfg.student.lr, cfg.loss.kd_temperature, cfg.student.hidden_mse,
-                                        teacher=self.teacher, jit=self.jit,
-                                        grad_reducer_factory=self.reducer_factory)
+        self.student_eval = self._student_runner()
+        self.student_step = self._make_student_step()
         # what the checkpoint saves and the metrics report
         self.student_loss, self.opt_s = self.student_step.loss_cell, self.student_step.optimizer
         self.scaler_s = self.student_step.loss_scaler
@@ -102,7 +102,7 @@ class Distiller:
         self.warmup_sampler = None
         if self.method == "dfkd-t3" and cfg.run.schedule == "two_phase":
             self.warmup_sampler = CorpusSampler(corpus, derive_seed(cfg.run.seed, 0, 13), self.rank, self.world)
-        self.real_examples = load_split(cfg, "train") if self.method == "real" else None
+        self.real_examples = self._load_rows("train") if self.method == "real" else None
         self.data_rng = np.random.default_rng(derive_seed(cfg.run.seed, self.rank, 11))
         self.generator = None
         if self.method in ("prompted", "dfkd-t3"):
@@ -134,7 +134,7 @@ class Distiller:
         # with the top k layers training, the layers below are the frozen model's: run them once a step
         self.trunk_layers = (g.top_k_layers if g.trainable == "top_k" and hasattr(self.generator, "trunk_states")
                              else 0)
-        self.gen_loss = GeneratorLoss(self.generator, self.teacher, self.student, self.P, self.T, self.K,
+        self.gen_loss = self.generator_loss_cls(self.generator, self.teacher, self.student, self.P, self.T, self.K,
                                       cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau, self.trunk_layers,
                                       label_vectors=g.label_vectors)
         self.label_vectors = self.gen_loss.label_vectors
@@ -269,7 +269,7 @@ class Distiller:
             if threshold:
                 keep = probs[np.arange(len(texts)), labels] >= threshold
                 info["acceptance"] = float(keep.mean())
-            recs += [{"text": t, "target": int(y), "teacher_probs": [round(float(x), 6) for x in p],
+            recs += [{"text": t, "target": int(y), **self._teacher_fields(t, p),
                       "round": self.counters["round"], "step": step_id, "rank": self.rank}
                      for t, y, p, k in zip(texts, labels, probs, keep) if k]
             keep_logits.append(logits[keep])
@@ -485,14 +485,14 @@ class Distiller:
             rec["distinct_1"] = M.distinct_n(texts, 1)
             rec["distinct_2"] = M.distinct_n(texts, 2)
             rec["self_bleu"] = M.self_bleu(texts, max_samples=64)
-            t_arg = np.array([int(np.argmax(r["teacher_probs"])) for r in recent])
+            t_arg = np.array([self._predicted_label(r) for r in recent])
             bal = M.label_balance(t_arg, self.K)
             rec["label_balance"] = bal if not isinstance(bal, dict) else bal.get("entropy_ratio", bal)
         last = c["round"] + 1 == cfg.run.rounds
         if self.is_main and ((cfg.run.eval_every and (c["round"] + 1) % cfg.run.eval_every == 0) or last):
             dev = self._eval_set("dev")
             if dev:
-                rec["student_dev_" + cfg.task.metric] = evaluate(self.student_eval, dev, cfg.task.metric)[cfg.task.metric]
+                rec["student_dev_" + cfg.task.metric] = self._score("student", dev)[cfg.task.metric]
         c["round"] += 1
         c["gen_in_round"] = c["stu_in_round"] = 0
         self.history.append(rec)
@@ -501,9 +501,35 @@ class Distiller:
         if (cfg.run.checkpoint_every and c["round"] % cfg.run.checkpoint_every == 0) or last:
             self.save_checkpoint()
 
+    # ------------------------------------------------------------------ task: the sequence task's hooks
+    def _student_runner(self):
+        return EncoderRunner(self.student, self.s_tok, self.cfg.student.max_length, jit=self.jit)
+
+    def _make_student_step(self):
+        cfg = self.cfg
+        return StudentStep(self.student, self.s_tok, cfg.student.max_length, cfg.student.batch_size, cfg.student.lr,
+                           cfg.loss.kd_temperature, cfg.student.hidden_mse, teacher=self.teacher, jit=self.jit,
+                           grad_reducer_factory=self.reducer_factory)
+
+    def _load_rows(self, which):
+        return load_split(self.cfg, which)
+
+    def _teacher_fields(self, text, probs):
+        """What a generated.jsonl record holds of the teacher's output on its text."""
+        return {"teacher_probs": [round(float(x), 6) for x in probs]}
+
+    def _predicted_label(self, rec):
+        """The label a record's teacher output says (the label balance counts them)."""
+        return int(np.argmax(rec["teacher_probs"]))
+
+    def _score(self, who, rows, progress=None):
+        """{task.metric: value, 'n': count} of the teacher or the student on rows."""
+        runner = self.teacher_run if who == "teacher" else self.student_eval
+        return evaluate(runner, rows, self.cfg.task.metric, progress=progress)
+
     def _eval_set(self, which):
         try:
-            rows = load_split(self.cfg, which)
+            rows = self._load_rows(which)
         except (FileNotFoundError, ValueError) as e:
             log.warning(f"no {which} evaluation: {e}")
             return None
@@ -546,8 +572,8 @@ class Distiller:
         test = self._eval_set("test")
         if test:
             if cfg.run.teacher_test:
-                out["teacher_test"] = evaluate(self.teacher_run, test, cfg.task.metric, progress="eval teacher")
-            out["student_test"] = evaluate(self.student_eval, test, cfg.task.metric, progress="eval student")
+                out["teacher_test"] = self._score("teacher", test, progress="eval teacher")
+            out["student_test"] = self._score("student", test, progress="eval student")
         samples = {}
         for y, name in enumerate(cfg.task.label_names):
             recs = [r for r in self.replay.records if r["target"] == y][-cfg.run.show_samples:]

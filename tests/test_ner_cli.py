@@ -185,7 +185,8 @@ def test_config_resolves_a_token_task(tmp_path, bio_files):
     ("a type absent from the train file", ["train-teacher", "--task.train", "{tmp}/few.txt", "--task.dev",
                                            "{tmp}/few.txt", "--task.test", "{tmp}/few.txt"],
      "task.entity_types: 'geo-loc' has no entity in task.train="),
-    ("distill of a token task", ["distill"], "task.kind: token tasks have train-teacher and eval only"),
+    ("a filter on a token task", ["distill", "--run.method", "prompted", "--run.min_confidence", "0.5"],
+     "run.min_confidence: 0.5; the teacher-confidence filter is not built for token tasks"),
 ])
 def test_bad_input_is_one_error_line(name, cmd, named, tmp_path, capsys):
     (tmp_path / "sentiment.tsv").write_text("text\tlabel\ngreat film\tpositive\n")

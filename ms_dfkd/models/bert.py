@@ -340,7 +340,8 @@ class BertForSequenceClassification(nn.Cell):
 
 
 class BertForTokenClassification(nn.Cell):
-    """Logits [B, L, num_labels]; no pooler (as HF)."""
+    """Logits [B, L, num_labels]; no pooler (as HF). ``return_features=True`` also returns the masked mean
+    of the last hidden states."""
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -355,6 +356,10 @@ class BertForTokenClassification(nn.Cell):
     def get_input_embeddings(self):
         return self.bert.get_input_embeddings()
 
-    def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+    def construct(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
+                  return_features=False):
         h, _ = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds)
-        return self.classifier(_dropout(h, self.p, self.training)).astype(ms.float32)
+        logits = self.classifier(_dropout(h, self.p, self.training)).astype(ms.float32)
+        if return_features:  # (logits, the masked mean of the last hidden states [B, H]): DFKD's diversity term
+            return logits, (h.mean(1) if attention_mask is None else mean_pool(h, attention_mask))
+        return logits
