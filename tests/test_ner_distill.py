@@ -149,6 +149,19 @@ def test_inspect_and_distill_from_texts(over, dfkd_run, tmp_path, capsys):
     assert json.loads(ev.read_text())["student"]["micro_f1"] == pytest.approx(res["student_test"]["entity_f1"])
 
 
+def test_generate_and_generate_from_a_run(over, dfkd_run, tmp_path):
+    """generate: per-type prompts to the pretrained generator or a run's trained one, labelled per word-piece."""
+    cfg = _cfg(over)
+    for name, extra in (("g0", []), ("trained", ["--from-run", str(dfkd_run)])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["generate", "--config", SMOKE_NER, *over, "--num", "6", "--out", str(out), *extra]) == 0
+        recs = _jsonl(out)
+        assert [r["target"] for r in recs] == [0, 1, 0, 1, 0, 1]
+        for r in recs:
+            assert len(r["teacher_probs"]) == len(r["pieces"]) == len(r["teacher_tags"])
+            assert all(len(p) == len(cfg.task.entity_types) * 2 + 1 for p in r["teacher_probs"])
+
+
 def test_token_student_step_loss_is_the_per_position_kl(over):
     """TokenStudentStep's loss (before its update) on two texts of different lengths, with the teacher's
     array shorter than the student's input: numpy tau^2 KL over positions 1 .. min(pieces, Lt - 2)."""
