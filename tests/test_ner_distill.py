@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ms_dfkd.cli import main
-from ms_dfkd.config import load_config, parse_overrides
+from ms_dfkd.config import ConfigError, load_config, parse_overrides
+from test_e2e_smoke import _interrupt_after
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_NER = str(ROOT / "configs" / "smoke_ner.yaml")
@@ -213,7 +214,6 @@ def test_prompted_and_the_data_methods(over, tmp_path):
 
 
 def test_interrupted_and_resumed_equals_the_straight_run(over, dfkd_run, tmp_path):
-    import signal
     import mindspore as ms
     from ms_dfkd.models.checkpoint_io import load_safetensors
     from ms_dfkd.token_distill import TokenDistiller
@@ -224,18 +224,8 @@ def test_interrupted_and_resumed_equals_the_straight_run(over, dfkd_run, tmp_pat
         ms.set_seed(0)
         return TokenDistiller(_cfg(over, "--run.method", "dfkd-t3", "--run.out_dir", str(out)))
 
-    def interrupt_after(d, method, n):  # as tests/test_e2e_smoke.py: Ctrl-C's handler once the n-th call returns
-        real, calls = getattr(d, method), []
-
-        def wrapped(*a, **k):
-            calls.append(1)
-            r = real(*a, **k)
-            if len(calls) == n:
-                d._on_sigint(signal.SIGINT, None)
-            return r
-        setattr(d, method, wrapped)
     d = distiller()
-    interrupt_after(d, "_produce", 3)  # Ctrl-C after round 1's first generator step
+    _interrupt_after(d, "_produce", 3)  # Ctrl-C after round 1's first generator step
     assert d.run() is None and d.counters["round"] == 1 and d.counters["gen_steps"] == 3
     assert distiller().run() is not None
     a, b = load_safetensors(dfkd_run / "checkpoint.safetensors"), load_safetensors(out / "checkpoint.safetensors")
@@ -265,3 +255,16 @@ def test_mistakes_are_one_error_line(cmd, named, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"ms-dfkd {cmd[0]}: error: ") and named in err[0], err
     assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_teacher_and_student_must_share_the_tokenizer():
+    """The token loop aligns teacher and student positions one to one: another vocabulary is a config error."""
+    from ms_dfkd import build
+    from ms_dfkd.token_distill import check_shared_tokenizer, teacher_type
+    wp = build.teacher_tokenizer()
+    check_shared_tokenizer(wp, wp)
+    with pytest.raises(ConfigError, match="the student's tokenizer differs from the teacher's"):
+        check_shared_tokenizer(wp, build.generator_tokenizer())
+    # the type of the most probable B- tag over the pieces (tags O, B-a, I-a, B-b, I-b), 0 for no piece
+    assert teacher_type(np.array([[0.5, 0.1, 0.3, 0.05, 0.05], [0.4, 0.2, 0.0, 0.3, 0.1]])) == 1
+    assert teacher_type(np.zeros((0, 5))) == 0
