@@ -310,7 +310,7 @@ def build_parser():
         return s
     s = with_cfg("train-teacher", "fine-tune the teacher classifier on task.train")
     s.add_argument("--force", action="store_true", help="retrain even if the checkpoint exists")
-    s = with_cfg("distill", "run a method (run.method) and report test accuracy")
+    s = with_cfg("distill", "run a method (run.method) and report the student's test metric")
     s.add_argument("--fresh", action="store_true", help="start a new run; refuses when run.out_dir already "
                                                         "holds a checkpoint (nothing is overwritten)")
     s.add_argument("--dump-params", action="store_true", help="also write this rank's final trainable "
