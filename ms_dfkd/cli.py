@@ -181,35 +181,40 @@ def cmd_distill_from_texts(cfg, args):
     if cfg.task.kind == "token":
         from . import token_cli
         student, res = token_cli.distill_from_texts(cfg, args, recs)
-        return _save_student(cfg, student, args.out, res)
-    K = len(cfg.task.label_names)
-    for i, r in enumerate(recs):
-        if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-            raise ValueError(f"{args.texts}: record {i} is not an object with a \"text\" string: {str(r)[:80]!r}")
-        probs = r.get("teacher_probs")
-        if not isinstance(probs, list) or len(probs) != K:
-            raise ValueError(f"{args.texts}: record {i} has no {K}-class teacher_probs")
-    steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
-    student = distill_from_texts(cfg, recs, steps)
-    res = {"steps": steps, "texts": len(recs)}
+        test_scores = lambda: token_cli.score_on_test(cfg, student)  # noqa: E731
+    else:
+        K = len(cfg.task.label_names)
+        for i, r in enumerate(recs):
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                raise ValueError(f"{args.texts}: record {i} is not an object with a \"text\" string: "
+                                 f"{str(r)[:80]!r}")
+            probs = r.get("teacher_probs")
+            if (not isinstance(probs, list) or len(probs) != K
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in probs)):
+                raise ValueError(f"{args.texts}: record {i} has no {K}-class teacher_probs (K numbers)")
+        steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
+        student = distill_from_texts(cfg, recs, steps)
+        res = {"steps": steps, "texts": len(recs)}
+        test_scores = lambda: evaluate(  # noqa: E731
+            EncoderRunner(student, build.student_tokenizer(cfg), cfg.student.max_length),
+            load_split(cfg, "test"), cfg.task.metric)
+    # saved before the test evaluation, so that a Ctrl-C or an error there does not lose the trained student
+    res = {"checkpoint": str(_save_student(cfg, student, args.out)), **res}
     try:
-        test = load_split(cfg, "test")
-        res["student_test"] = evaluate(EncoderRunner(student, build.student_tokenizer(cfg), cfg.student.max_length),
-                                       test, cfg.task.metric)
+        res["student_test"] = test_scores()
     except (FileNotFoundError, ValueError) as e:
         log.warning(f"no test evaluation: {e}")
-    return _save_student(cfg, student, args.out, res)
+    print(json.dumps(res, indent=2))
+    return res
 
 
-def _save_student(cfg, student, out, res):
-    """Write a distill-from-texts student to ``out`` (.safetensors), print and return res with its path."""
+def _save_student(cfg, student, out):
+    """Write a distill-from-texts student to ``out`` (.safetensors); returns its path."""
     from .models.checkpoint_io import save_safetensors, state_of
     out = Path(out)
     save_safetensors({"student/" + k: v for k, v in state_of(student).items()}, out,
                      metadata={"format": "ms-dfkd-student", "arch": cfg.student.arch})
-    res = {"checkpoint": str(out), **res}
-    print(json.dumps(res, indent=2))
-    return res
+    return out
 
 
 def load_student_weights(cfg, path):

@@ -57,8 +57,9 @@ class TokenDistiller(Distiller):
     generator_loss_cls = TokenGeneratorLoss
 
     def _setup(self):
+        # before the models load and the run folder is made: a config error should cost and touch nothing
+        check_shared_tokenizer(build.teacher_tokenizer(self.cfg), build.student_tokenizer(self.cfg))
         super()._setup()
-        check_shared_tokenizer(self.t_tok, self.s_tok)
         self.tags = build.tag_names(self.cfg)
         self.teacher_run = TokenTeacherRunner(self.teacher, self.t_tok, self.cfg.teacher.max_length, jit=self.jit)
         self._teacher_words = None  # a TokenEncoderRunner of the teacher, built when the teacher is scored
@@ -90,6 +91,11 @@ class TokenDistiller(Distiller):
                 "teacher_probs": [[round(float(x), 6) for x in row] for row in p],
                 "teacher_tags": [self.tags[a] for a in p.argmax(-1)] if len(p) else [],
                 "teacher_type": teacher_type(p)}
+
+    def _replay_fields(self, rec):
+        """The buffer (and so every checkpoint's header) keeps what the round report reads: a record's
+        pieces and per-piece probabilities (kilobytes each) stay in generated.jsonl only."""
+        return {k: v for k, v in rec.items() if k not in ("pieces", "teacher_probs", "teacher_tags")}
 
     def _predicted_label(self, rec):
         return int(rec["teacher_type"])

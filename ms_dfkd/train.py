@@ -441,7 +441,7 @@ class Distiller:
                 for info in infos:
                     acc["tokens"] += info.pop("gen_tokens", 0)
                     _accumulate(acc["info"], info)
-                self.replay.add(recs, t_logits, t_feats)
+                self.replay.add([self._replay_fields(r) for r in recs], t_logits, t_feats)
                 self.texts_out.write(recs)
                 self.counters["gen_in_round"] += 1
                 bar.update(1)
@@ -517,6 +517,10 @@ class Distiller:
     def _teacher_fields(self, text, probs):
         """What a generated.jsonl record holds of the teacher's output on its text."""
         return {"teacher_probs": [round(float(x), 6) for x in probs]}
+
+    def _replay_fields(self, rec):
+        """What of a record the replay buffer keeps (it is saved in every checkpoint's header)."""
+        return rec
 
     def _predicted_label(self, rec):
         """The label a record's teacher output says (the label balance counts them)."""

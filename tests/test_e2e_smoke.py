@@ -465,6 +465,20 @@ def test_distill_from_texts_and_inspect(teacher, one_round_run, tmp_path, capsys
     assert "8 generated texts" in capsys.readouterr().out
 
 
+def test_distill_from_texts_saves_the_student_before_its_test_evaluation(one_round_run, tmp_path, monkeypatch):
+    """A Ctrl-C during the (long, on real data) test evaluation must not lose the trained student."""
+    import ms_dfkd.classify
+    from ms_dfkd.models.checkpoint_io import load_safetensors
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ms_dfkd.classify, "evaluate", interrupted)
+    st = tmp_path / "student.safetensors"
+    assert main(["distill-from-texts", "--config", SMOKE, "--texts", str(one_round_run), "--out", str(st),
+                 "--steps", "1"]) == 130
+    assert any(k.startswith("student/") for k in load_safetensors(st))
+
+
 def test_prompt_specificity_tool(teacher, capsys, monkeypatch):
     """scripts/prompt_specificity.py: every setting reads the same passages and noise, so one template
     given twice samples the same texts and scores the same, and another template makes its own prompts from

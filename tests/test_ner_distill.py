@@ -129,6 +129,13 @@ def test_dfkd_t3_records_metrics_and_report(over, dfkd_run):
     assert final["student_test"]["support"] == ref["support"] > 0
     assert metrics[-1]["student_dev_entity_f1"] == pytest.approx(ref["micro_f1"])  # dev is the test file here
     assert final["teacher_test"]["entity_f1"] > 0.5  # the synthetic task is learnable
+    # the checkpoint's replay records (in its JSON header) leave the per-piece fields to generated.jsonl:
+    # kilobytes a record would put a long run's header past safetensors' 100 MB limit
+    from ms_dfkd.models.checkpoint_io import safetensors_metadata
+    state = json.loads(safetensors_metadata(dfkd_run / "checkpoint.safetensors")["state"])
+    kept = state["replay"]["records"]
+    assert [r["text"] for r in kept] == [r["text"] for r in recs]
+    assert all(set(r) == set(recs[0]) - {"pieces", "teacher_probs", "teacher_tags"} for r in kept)
 
 
 def test_inspect_and_distill_from_texts(over, dfkd_run, tmp_path, capsys):
