@@ -100,6 +100,8 @@ def profile(method, args, overrides):
         ov = parse_overrides(overrides) + [("run.method", method), ("run.out_dir", f"{tmp}/run"),
                                            ("run.rounds", str(args.rounds + 1)), ("run.eval_every", "0")]
         cfg = load_config(args.config, ov)
+        if cfg.task.kind != "sequence":
+            raise SystemExit(f"profile_round: task.kind {cfg.task.kind}: profiles sequence tasks only")
         if not args.trained_teacher and "teacher.checkpoint" not in dict(ov):
             cfg.teacher.checkpoint = f"{tmp}/teacher.safetensors"  # an untrained head: same compute
             build.save_teacher(build.build_teacher_arch(cfg), cfg)

@@ -184,6 +184,8 @@ def main(argv=None):
             ("run.gen_steps_per_round", str(args.every)), ("run.rounds", "1")])
     except ConfigError as e:
         raise SystemExit(f"generator_diagnostic: {e}") from None
+    if cfg.task.kind != "sequence":
+        raise SystemExit(f"generator_diagnostic: task.kind {cfg.task.kind}: follows sequence tasks only")
     ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
     out.mkdir(parents=True, exist_ok=True)
     try:
