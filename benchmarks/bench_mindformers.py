@@ -49,7 +49,9 @@ def phase(arch, config, overrides, tmp, repeats, sample, out_file):
     from ms_dfkd.steps import soft_sequence_layout
     from ms_dfkd.train import Distiller
     ms.set_context(mode=ms.GRAPH_MODE)
+    # no label vectors: the mindformers models have no steering input, and both backends must compute the same
     cfg = load_config(config, parse_overrides(overrides) + [("generator.arch", arch), ("run.method", "dfkd-t3"),
+                                                            ("generator.label_vectors", "false"),
                                                             ("run.out_dir", f"{tmp}/run_{arch}")])
     cfg.teacher.checkpoint = f"{tmp}/teacher.safetensors"
     if not Path(cfg.teacher.checkpoint).exists():
