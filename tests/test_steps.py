@@ -92,6 +92,14 @@ _erf = np.vectorize(math.erf)
 
 def np_bert(w, cfg, embeds):
     """(logits [K], pooled features [H]) of one unpadded row of input embeddings [L, H] (post-LN BERT)."""
+    x = np_bert_hidden(w, cfg, embeds)
+    pooled = (np.tanh(x[0] @ w["bert.pooler.dense.weight"].T + w["bert.pooler.dense.bias"])
+              if cfg.pooling == "cls_pooler" else x.mean(0))
+    return pooled @ w["classifier.weight"].T + w["classifier.bias"], pooled
+
+
+def np_bert_hidden(w, cfg, embeds):
+    """The last hidden states [L, H] of one unpadded row of input embeddings [L, H] (post-LN BERT)."""
     def ln(x, n):
         mu = x.mean(-1, keepdims=True)
         var = ((x - mu) ** 2).mean(-1, keepdims=True)
@@ -117,8 +125,7 @@ def np_bert(w, cfg, embeds):
         f = lin(x, p + "intermediate.dense")
         f = 0.5 * f * (1.0 + _erf(f / np.sqrt(2.0)))
         x = ln(lin(f, p + "output.dense") + x, p + "output.LayerNorm")
-    pooled = np.tanh(lin(x[0], "bert.pooler.dense")) if cfg.pooling == "cls_pooler" else x.mean(0)
-    return lin(pooled, "classifier"), pooled
+    return x
 
 
 def log_softmax(z):

@@ -5,8 +5,6 @@ the encoder reads [CLS] E_hat[z_1] .. E_hat[z_L] [SEP]; specificity is -log of t
 probability of B-<target type>, over the rows with a token; diversity on the mean of the last hidden states;
 the adversarial term -tau^2 KL per generator position; fluency as for sequence tasks. Also the alignment of
 the teacher's logits with the student's input (aligned_targets) by hand."""
-import math
-
 import mindspore as ms
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from ms_dfkd.models.checkpoint_io import load_state
 from ms_dfkd.models.llama import LlamaConfig, LlamaForCausalLM, set_trainable
 from ms_dfkd.token_steps import TokenGeneratorLoss, aligned_targets
 from test_steps import (B, CLS_ID, GEN_CFG, GEN_LENS, K, KD_T, LABELS, P, SEP_ID, STUDENT_CFG, T, TAU, TEACHER_CFG,
-                        _randomize_bert, cell_inputs, fluency, kl, log_softmax, sample_logits)
+                        _randomize_bert, cell_inputs, fluency, kl, log_softmax, np_bert_hidden, sample_logits)
 from test_steps import world as base_world  # noqa: F401  (the module fixture, by its name below)
 
 C = 1 + 2 * K  # O, then B-/I- of each of the K types
@@ -29,35 +27,10 @@ def _pynative():
     ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
-_erf = np.vectorize(math.erf)
-
-
 def np_bert_tokens(w, cfg, embeds):
     """(tag logits [L, C], mean of the last hidden states [H]) of one unpadded row of input embeddings."""
-    def ln(x, n):
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + cfg.layer_norm_eps) * w[n + ".weight"] + w[n + ".bias"]
-
-    def lin(x, n):
-        return x @ w[n + ".weight"].T + w[n + ".bias"]
-
-    L, H, nh = embeds.shape[0], cfg.hidden_size, cfg.num_attention_heads
-    dh = H // nh
-    x = ln(embeds + w["bert.embeddings.position_embeddings.weight"][:L]
-           + w["bert.embeddings.token_type_embeddings.weight"][0], "bert.embeddings.LayerNorm")
-    for i in range(cfg.num_hidden_layers):
-        p = f"bert.encoder.layer.{i}."
-        q, k, v = (lin(x, p + "attention.self." + n).reshape(L, nh, dh).transpose(1, 0, 2)
-                   for n in ("query", "key", "value"))
-        s = q @ k.transpose(0, 2, 1) / np.sqrt(dh)
-        a = np.exp(s - s.max(-1, keepdims=True))
-        a /= a.sum(-1, keepdims=True)
-        x = ln(lin((a @ v).transpose(1, 0, 2).reshape(L, H), p + "attention.output.dense") + x,
-               p + "attention.output.LayerNorm")
-        f = lin(x, p + "intermediate.dense")
-        x = ln(lin(0.5 * f * (1.0 + _erf(f / np.sqrt(2.0))), p + "output.dense") + x, p + "output.LayerNorm")
-    return lin(x, "classifier"), x.mean(0)
+    x = np_bert_hidden(w, cfg, embeds)
+    return x @ w["classifier.weight"].T + w["classifier.bias"], x.mean(0)
 
 
 @pytest.fixture(scope="module")
