@@ -1,10 +1,13 @@
 """The results table of ms-dfkd: every method of docs/METHOD.md on real weights, fully offline.
 
-    python scripts/reproduce_results.py [--quick] [--config PROFILE.yaml] [--out runs/results] [--render-only]
+    python scripts/reproduce_results.py [--task sentiment|ner] [--quick] [--config PROFILE.yaml]
+                                        [--out runs/results] [--render-only]
 
-The profile (configs/results_full.yaml, or configs/results_quick.yaml with --quick) is an ms-dfkd config:
-every run of the table is `ms-dfkd distill --config PROFILE --run.method M --run.seed S`, and its
-`results` section gives the seeds and the transfer student.
+The profile (configs/results_full.yaml, or configs/results_quick.yaml with --quick; with --task ner,
+configs/results_ner.yaml or configs/results_ner_quick.yaml) is an ms-dfkd config: every run of the table is
+`ms-dfkd distill --config PROFILE --run.method M --run.seed S`, and its `results` section gives the seeds
+and the transfer student. The sentiment table is RESULTS.md (RESULTS_quick.md with --quick); the NER table
+is its own section at the end of the same file, each rewritten without touching the other.
 
 Resumable: each (method, seed) is its own run folder with its own checkpoint; a finished run
 (final.json present) is not run again, an unfinished one resumes. Writes RESULTS.md (or
@@ -40,6 +43,9 @@ def table_rows(prof):
 
 
 PROFILES = {"quick": ROOT / "configs" / "results_quick.yaml", "full": ROOT / "configs" / "results_full.yaml"}
+NER_PROFILES = {"quick": ROOT / "configs" / "results_ner_quick.yaml", "full": ROOT / "configs" / "results_ner.yaml"}
+# the NER table's section of the results file begins at this line (the sentiment table is what precedes it)
+NER_MARK = "<!-- NER section: written by scripts/reproduce_results.py --task ner -->"
 
 
 def load_profile(path):
@@ -85,20 +91,27 @@ class WallTimes:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--task", choices=["sentiment", "ner"], default="sentiment",
+                    help="the table: sentiment (Rotten Tomatoes, default) or ner (WNUT-16 Twitter NER)")
     ap.add_argument("--quick", action="store_true", help="one seed, short runs (about 20 minutes)")
-    ap.add_argument("--out", default=None, help="results folder (default runs/results[_quick])")
+    ap.add_argument("--out", default=None, help="results folder (default runs/results_full, runs/results_quick, "
+                    "runs/results_ner or runs/results_ner_quick)")
     ap.add_argument("--config", default=None, help="results profile (default configs/results_full.yaml, or "
-                    "configs/results_quick.yaml with --quick)")
+                    "configs/results_quick.yaml with --quick; configs/results_ner[_quick].yaml with --task ner)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite RESULTS.md and the PNG from the run folders as they are; run nothing")
     args = ap.parse_args()
     name = "quick" if args.quick else "full"
-    profile = Path(args.config or PROFILES[name])
+    profile = Path(args.config or (NER_PROFILES if args.task == "ner" else PROFILES)[name])
     try:
         prof = load_profile(profile)
     except ValueError as e:  # ConfigError: names the file or the key
         raise SystemExit(f"reproduce_results: {e}") from None
-    out = Path(args.out or ROOT / "runs" / f"results_{name}")
+    if (prof.task.kind == "token") != (args.task == "ner"):
+        raise SystemExit(f"reproduce_results: {profile} is a {prof.task.kind} task's profile; --task {args.task} "
+                         f"needs a {'token' if args.task == 'ner' else 'sequence'} one")
+    folder = f"results_{name}" if args.task == "sentiment" else ("results_ner_quick" if args.quick else "results_ner")
+    out = Path(args.out or ROOT / "runs" / folder)
     if args.render_only:  # reads the folder, creates nothing
         if not any(out.glob("*_seed*/final.json")):  # would overwrite the table with an empty one
             raise SystemExit(f"--render-only: no finished runs (*_seed*/final.json) in {out}")
@@ -203,9 +216,27 @@ GEN_METRICS = ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexi
                "acceptance", "gen_tokens_per_s", "round_s")
 
 
+# what the table's header says of each task (the profiles' task.name)
+TASK_LINES = {
+    "sequence": ["Task: Rotten Tomatoes critic snippets (fresh = positive, rotten = negative), hash split 80/10/10.",
+                 "Teacher: MiniLM-L6 fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), fresh head."],
+    "token": ["Task: named entities in tweets (WNUT-16's train set, hash split 80/10/10 by tweet), entity types "
+              "{types}; the other types are read as O. Score: entity-level micro F1 (exact span and type, BIO).",
+              "Teacher: MiniLM-L6 with a token head, fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), "
+              "fresh token head, learning at every word-piece from the teacher's tag distribution."],
+}
+# the share of the teacher's score that dfkd-t3's student should recover, per task kind
+SHARE_TARGET = {"sequence": "target at least 90%, aim 95%", "token": "target at least 60%"}
+SHARE_MIN = {"sequence": 0.9, "token": 0.6}
+
+
 def render(out, prof, name, wall, steps=None, root=ROOT):
-    """RESULTS.md (and the PNG) under root, from the run folders (nothing typed by hand)."""
-    rows, gen, n_test = {}, {}, set()
+    """The results file under root (RESULTS.md, or RESULTS_quick.md for the quick profile; a token task's table
+    is that file's NER section) and the PNG, from the run folders (nothing typed by hand)."""
+    kind = prof.task.kind
+    metric = "micro_f1" if kind == "token" else prof.task.metric  # eval's JSON names entity F1 micro_f1
+    label = "entity F1" if kind == "token" else metric
+    rows, per_type, gen, n_test = {}, {}, {}, set()
     for key, method, _, _ in table_rows(prof):
         accs = {}
         for seed in prof.results.seeds:
@@ -213,8 +244,10 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             if not f.exists():
                 continue
             fin = json.loads(f.read_text())
-            accs[seed] = fin["student_test"]["accuracy"]
+            accs[seed] = fin["student_test"][metric]
             n_test.add(fin["student_test"].get("n"))
+            for typ, v in fin["student_test"].get("per_type", {}).items():
+                per_type.setdefault((method, typ), []).append(v["f1"])
             metrics = [json.loads(l) for l in (f.parent / "metrics.jsonl").read_text().splitlines()]
             for m in metrics:
                 if m.get("phase") == "warmup":  # generator-only steps before round 1: not the kept samples
@@ -224,24 +257,41 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
                         gen.setdefault((method, k), []).append(m[k])
         rows[method] = accs
     tt = out / "teacher_test.json"
-    t = json.loads(tt.read_text())["teacher"]["accuracy"] if tt.exists() else float("nan")
-    lines = [f"# Results ({name} profile)", "",
-             "Written by `scripts/reproduce_results.py" + (" --quick" if name == "quick" else "") + "`; do not edit.",
-             "Task: Rotten Tomatoes critic snippets (fresh = positive, rotten = negative), hash split 80/10/10.",
-             "Teacher: MiniLM-L6 fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), fresh head.",
+    teacher = json.loads(tt.read_text())["teacher"] if tt.exists() else {}
+    t = teacher.get(metric, float("nan"))
+    title = f"# NER results ({name} profile)" if kind == "token" else f"# Results ({name} profile)"
+    flag = " --task ner" if kind == "token" else ""
+    lines = [title, "",
+             f"Written by `scripts/reproduce_results.py{flag}" + (" --quick" if name == "quick" else "") +
+             "`; do not edit.",
+             *(l.format(types=", ".join(prof.task.entity_types or [])) for l in TASK_LINES[kind]),
              "Generator: SmolLM2-135M-Instruct. Corpus: BBC news + 2012 convention speeches.",
              _budget_line(prof),
              "Budgets and learning rates were chosen on dev (docs/EXPERIMENTS.md).",
              _wall_line(wall, steps), "",
-             f"Teacher test accuracy: **{t:.4f}**", "",
-             "| method | student test accuracy | per seed | share of teacher |", "|---|---|---|---|"]
+             f"Teacher test {label}: **{t:.4f}**", ""]
+    if kind == "token" and teacher.get("per_type"):
+        types = list(prof.task.entity_types)
+        lines += ["| teacher, per type | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|",
+                  "| F1 (test entities) | " + " | ".join(
+                      f"{teacher['per_type'][y]['f1']:.3f} ({teacher['per_type'][y]['support']})"
+                      if y in teacher["per_type"] else "-" for y in types) + " |", ""]
+    lines += [f"| method | student test {label} | per seed | share of teacher |", "|---|---|---|---|"]
     for method, accs in rows.items():
-        share = f"{statistics.mean(accs.values()) / t:.1%}" if accs else "-"
+        share = f"{statistics.mean(accs.values()) / t:.1%}" if accs and t else "-"
         per_seed = ", ".join(f"{v:.4f}" for v in accs.values()) or "-"
         lines.append(f"| {method} | {_mean_std(list(accs.values()))} | {per_seed} | {share} |")
+    if kind == "token" and per_type:
+        types = list(prof.task.entity_types)
+        lines += ["", "Student test F1 per entity type (mean over seeds):", "",
+                  "| method | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+        for method in rows:
+            cells = [f"{statistics.mean(per_type[(method, y)]):.3f}" if (method, y) in per_type else "-"
+                     for y in types]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
     pairs = ordering(rows) if len(prof.results.seeds) > 1 else []  # the targets are for the 3-seed table
     if pairs:
-        lines += ["", "## Against the targets", "",
+        lines += ["", "## Against the targets" + (" (NER)" if kind == "token" else ""), "",
                   "Ordering: each method above the next by more than the seed std (here the larger of the "
                   "two methods' stds). The differences are paired by seed: for a seed, every method starts "
                   "from the same student init.", "",
@@ -250,17 +300,21 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             std = f"{d['std']:.4f}" if d["std"] is not None else "- (one seed)"
             lines.append(f"| {d['pair'][0]} − {d['pair'][1]} | {', '.join(f'{x:+.4f}' for x in d['diffs'])} | "
                          f"{d['mean']:+.4f} | {std} | {'yes' if d['met'] else 'no'} |")
-    if pairs and rows.get("dfkd-t3") and not math.isnan(t):  # t is NaN without a teacher test
+    if pairs and rows.get("dfkd-t3") and t and not math.isnan(t):  # t is NaN without a teacher test
         share = statistics.mean(rows["dfkd-t3"].values()) / t
-        lines += ["", f"Share of the teacher's test accuracy recovered by dfkd-t3: {share:.1%} "
-                      f"(target at least 90%, aim 95%): {'met' if share >= 0.9 else 'not met'}."]
+        lines += ["", f"Share of the teacher's test {label} recovered by dfkd-t3: {share:.1%} "
+                      f"({SHARE_TARGET[kind]}): {'met' if share >= SHARE_MIN[kind] else 'not met'}."]
     n_test.discard(None)
-    if len(n_test) == 1:
+    if len(n_test) == 1 and metric == "accuracy":
         n = n_test.pop()
         p_acc = statistics.mean(v for accs in rows.values() for v in accs.values())
         lines += ["", f"The test split has {n} snippets: one snippet is {1 / n:.4f} of accuracy, and the "
                       f"binomial standard error of one accuracy near {p_acc:.2f} is "
                       f"{math.sqrt(p_acc * (1 - p_acc) / n):.4f}."]
+    elif len(n_test) == 1 and kind == "token":
+        lines += ["", f"The test split has {n_test.pop()} tweets and {teacher.get('support', '?')} entities of "
+                      "these types: one entity found or missed moves F1 by about "
+                      f"{1 / max(teacher.get('support', 1), 1):.3f}."]
     lines += ["", "## Generation metrics (mean over rounds and seeds)", "",
               "| method | specificity | distinct-1 | distinct-2 | self-BLEU | ppl under G0 | bridge agreement | "
               "acceptance | gen tok/s | round s |",
@@ -272,53 +326,92 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             cells.append(f"{statistics.mean(v):.3f}" if v else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "## Transfer: a second student (first 2 layers of MiniLM-L6) from saved texts", "",
-              "| texts from | student-2 test accuracy |", "|---|---|"]
+              f"| texts from | student-2 test {label} |", "|---|---|"]
     for method in ("dfkd-t3", "prompted"):
         accs = []
         for seed in prof.results.seeds:
             f = out / f"transfer_{method}_seed{seed}.json"
             if f.exists():
-                accs.append(json.loads(f.read_text())["student"]["accuracy"])
+                accs.append(json.loads(f.read_text())["student"][metric])
         lines.append(f"| {method} | {_mean_std(accs)} |")
-    lines += ["", "## Generated texts, seed 0 (last five per label)", ""]
-    for method in ("prompted", "dfkd-t3"):
-        f = out / f"{method}_seed0" / "final.json"
-        if f.exists():
-            lines.append(f"### {method}")
-            for label, texts in json.loads(f.read_text())["samples"].items():
-                lines.append(f"- **{label}**")
-                lines += [f"  - {t!r}" for t in texts]
-            lines.append("")
-    png = plot(out, prof, root)
+    lines += _sample_lines(out, prof)
+    png = plot(out, prof, name, root)
     if png:
-        lines += ["", f"![student dev accuracy]({os.path.relpath(png, root)})"]
+        lines += ["", f"![student dev {label}]({os.path.relpath(png, root)})"]
     dst = root / ("RESULTS.md" if name == "full" else "RESULTS_quick.md")
-    dst.write_text("\n".join(lines) + "\n")
-    print(f"[results] wrote {dst}")
+    write_section(dst, "\n".join(lines) + "\n", ner=kind == "token")
+    print(f"[results] wrote {dst}" + (" (its NER section)" if kind == "token" else ""))
 
 
-def plot(out, prof, root=ROOT):
+def _sample_lines(out, prof):
+    """Seed 0's last five texts per label; for a token task, per requested entity type from generated.jsonl,
+    each with the word-pieces the teacher tagged as an entity."""
+    if prof.task.kind != "token":
+        lines = ["", "## Generated texts, seed 0 (last five per label)", ""]
+        for method in ("prompted", "dfkd-t3"):
+            f = out / f"{method}_seed0" / "final.json"
+            if f.exists():
+                lines.append(f"### {method}")
+                for label, texts in json.loads(f.read_text())["samples"].items():
+                    lines.append(f"- **{label}**")
+                    lines += [f"  - {t!r}" for t in texts]
+                lines.append("")
+        return lines
+    lines = ["", "## Generated texts, seed 0 (last five per requested entity type, with the teacher's tags)", ""]
+    for method in ("prompted", "dfkd-t3"):
+        f = out / f"{method}_seed0" / "generated.jsonl"
+        if not f.exists():
+            continue
+        recs = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+        lines.append(f"### {method}")
+        for y, typ in enumerate(prof.task.label_names):
+            lines.append(f"- **{typ}**")
+            for r in [r for r in recs if r.get("target") == y][-5:]:
+                tagged = ", ".join(f"{p} {t}" for p, t in zip(r.get("pieces", []), r.get("teacher_tags", []))
+                                   if t != "O")
+                lines.append(f"  - {r['text']!r}; teacher: {tagged or 'no entity'}")
+        lines.append("")
+    return lines
+
+
+def write_section(dst, text, ner):
+    """Write the sentiment table (ner False: all of dst before NER_MARK) or the NER table (after it), keeping
+    the other as it is."""
+    old = dst.read_text() if dst.exists() else ""
+    head, _, tail = old.partition(NER_MARK)
+    if ner:
+        tail = text
+    else:
+        head = text
+    parts = [head.rstrip("\n") + "\n"] if head.strip() else []
+    if tail.strip():
+        parts.append(NER_MARK + "\n\n" + tail.strip("\n") + "\n")
+    dst.write_text("\n".join(parts))
+
+
+def plot(out, prof, name, root=ROOT):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    key_dev = "student_dev_" + prof.task.metric
     fig, ax = plt.subplots(figsize=(6, 4))
     any_line = False
     for key, method, _, _ in table_rows(prof):
         f = out / f"{key}_seed0" / "metrics.jsonl"
         if not f.exists():
             continue
-        pts = [(m["samples"], m["student_dev_accuracy"]) for m in map(json.loads, f.read_text().splitlines())
-               if "student_dev_accuracy" in m]
+        pts = [(m["samples"], m[key_dev]) for m in map(json.loads, f.read_text().splitlines()) if key_dev in m]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=method)
             any_line = True
     if not any_line:
         return None
     ax.set_xlabel("generated or drawn samples")
-    ax.set_ylabel("student dev accuracy")
+    ax.set_ylabel("student dev " + ("entity F1" if prof.task.kind == "token" else prof.task.metric))
     ax.legend()
     ax.grid(alpha=0.3)
-    png = root / f"results_{'full' if len(prof.results.seeds) > 1 else 'quick'}_dev_accuracy.png"
+    task = "ner_" if prof.task.kind == "token" else ""
+    png = root / f"results_{task}{name}_dev_{prof.task.metric}.png"
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     return png

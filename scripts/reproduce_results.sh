@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The results table (issue 4): bash scripts/reproduce_results.sh [--quick]. Resumable: rerun to continue.
+# The results tables: bash scripts/reproduce_results.sh [--task sentiment|ner] [--quick]. Resumable: rerun to continue.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -108,3 +108,63 @@ def test_filter_rows_come_from_their_own_folders(tmp_path):
     # acceptance: mean of 0.4, 0.5, 0.6 over the three seeds' rounds
     row = [l for l in text.splitlines() if l.startswith("| prompted + filter | -")][0]
     assert row.split(" | ")[7] == "0.500", row
+
+
+def test_the_ner_table_is_its_own_section_with_per_type_scores(tmp_path):
+    """--task ner: entity F1 from the token runs' final.json, the teacher's per-type F1, the students' per-type
+    means, the 60% share target, texts with the teacher's tags from generated.jsonl; written after the
+    sentiment table of the same file, each table rewritten without touching the other."""
+    out, ner_out, root = tmp_path / "runs", tmp_path / "ner", tmp_path / "root"
+    root.mkdir()
+    _runs(out)
+    f1 = {"random": [0.05, 0.07, 0.06], "corpus": [0.10, 0.12, 0.14], "prompted": [0.20, 0.22, 0.24],
+          "dfkd-t3": [0.30, 0.34, 0.32], "real": [0.40, 0.41, 0.42]}
+    for method, scores in f1.items():
+        for seed, v in enumerate(scores):
+            run = ner_out / f"{method}_seed{seed}"
+            run.mkdir(parents=True)
+            per_type = {"person": {"f1": v + 0.1}, "geo-loc": {"f1": v - 0.02}}
+            (run / "final.json").write_text(json.dumps(
+                {"student_test": {"micro_f1": v, "entity_f1": v, "n": 256, "per_type": per_type}, "samples": {}}))
+            (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "specificity": 0.25 * (seed + 1)}) + "\n")
+            recs = [{"text": "Obama in Paris", "target": 0, "pieces": ["obama", "in", "paris"],
+                     "teacher_tags": ["B-person", "O", "B-geo-loc"]},
+                    {"text": "nothing here", "target": 2, "pieces": ["nothing", "here"], "teacher_tags": ["O", "O"]}]
+            (run / "generated.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    teacher = {"micro_f1": 0.50, "support": 105, "per_type": {"person": {"f1": 0.7, "support": 41},
+                                                             "geo-loc": {"f1": 0.55, "support": 24}}}
+    (ner_out / "teacher_test.json").write_text(json.dumps({"teacher": teacher}))
+    ner = R.load_profile(R.NER_PROFILES["full"])
+    R.render(ner_out, ner, "full", None, None, root=root)
+    R.render(out, R.load_profile(R.PROFILES["full"]), "full", None, None, root=root)  # after: keeps the NER part
+    text = (root / "RESULTS.md").read_text()
+    head, ner_text = text.split(R.NER_MARK)
+    assert head.startswith("# Results (full profile)") and "| dfkd-t3 | 0.7500 ± 0.0100 |" in head
+    assert "entity" not in head and ner_text.lstrip().startswith("# NER results (full profile)")
+    assert "Teacher test entity F1: **0.5000**" in ner_text
+    assert "| F1 (test entities) | 0.700 (41) | 0.550 (24) | - | - |" in ner_text
+    assert "| dfkd-t3 | 0.3200 ± 0.0200 | 0.3000, 0.3400, 0.3200 | 64.0% |" in ner_text  # 0.32 / 0.50
+    # per type, mean over seeds: person 0.32 + 0.1, geo-loc 0.32 - 0.02
+    assert "| dfkd-t3 | 0.420 | 0.300 | - | - |" in ner_text
+    # dfkd-t3 - prompted: +0.10, +0.12, +0.08, mean 0.10 > 0.02: met
+    assert "| dfkd-t3 − prompted | +0.1000, +0.1200, +0.0800 | +0.1000 | 0.0200 | yes |" in ner_text
+    assert "recovered by dfkd-t3: 64.0% (target at least 60%): met." in ner_text
+    assert "binomial" not in ner_text and "256 tweets and 105 entities" in ner_text
+    assert "| dfkd-t3 | 0.500 |" in ner_text  # specificity: mean of 0.25, 0.5, 0.75
+    assert "'Obama in Paris'; teacher: obama B-person, paris B-geo-loc" in ner_text
+    assert "'nothing here'; teacher: no entity" in ner_text
+    # rendering the NER table again replaces its section and keeps the sentiment table
+    (ner_out / "teacher_test.json").write_text(json.dumps({"teacher": {**teacher, "micro_f1": 0.64}}))
+    R.render(ner_out, ner, "full", None, None, root=root)
+    again = (root / "RESULTS.md").read_text()
+    assert again.split(R.NER_MARK)[0] == head and again.count(R.NER_MARK) == 1
+    assert "recovered by dfkd-t3: 50.0% (target at least 60%): not met." in again
+
+
+def test_task_ner_refuses_a_sequence_profile(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_results.py"), "--task", "ner",
+                        "--config", str(R.PROFILES["quick"]), "--out", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1 and "is a sequence task's profile; --task ner needs a token one" in r.stderr
+    assert not any(tmp_path.iterdir())
