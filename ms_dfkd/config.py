@@ -37,6 +37,9 @@ class TaskConfig:
     label_names: typing.List[str] = field(default_factory=lambda: list(SEQUENCE_DEFAULT_LABELS))
     # One instruction per label; {label} and {text} are filled in.
     prompt_template: str = "Rewrite the text below as a {label} movie review.\n{text}\nReview:"
+    # What {label} becomes in the prompt, one phrase per label in label order, where a label's name is no
+    # phrase a generator understands (NER's "geo-loc"); empty = the label names themselves.
+    label_words: typing.List[str] = field(default_factory=list)
     # Data specs. Sequence tasks: "rotten_tomatoes:<split>" or a labelled .tsv/.csv/.jsonl file (data.load_split).
     # Token tasks: "wnut16:<split>" (train | dev | test | all) or a BIO file, token<TAB>tag lines or CoNLL
     # columns with the tag last, a blank line between sentences (ner_data.load_token_split).
@@ -187,6 +190,10 @@ class Config:
         _validate_task(self.task)
         if self.task.kind == "sequence" and len(self.task.label_names) < 2:
             raise ConfigError(f"task.label_names: need at least 2 labels, got {self.task.label_names!r}")
+        if self.task.label_words and len(self.task.label_words) != len(self.task.label_names):
+            raise ConfigError(f"task.label_words: {len(self.task.label_words)} phrases for the "
+                              f"{len(self.task.label_names)} labels {self.task.label_names}; give one per label, "
+                              f"in that order (or none)")
         for sec, key in (("generator", "batch_size"), ("generator", "max_new_tokens"), ("student", "batch_size"),
                          ("run", "rounds"), ("teacher", "max_length"), ("student", "max_length"),
                          ("generator", "prompt_max_length"), ("teacher", "batch_size"), ("teacher", "epochs"),

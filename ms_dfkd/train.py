@@ -198,9 +198,10 @@ class Distiller:
     def _prompt_ids(self, passages, labels):
         """Left-padded [B, P] prompt ids: template(label, passage), chat-wrapped; the passage is cut to fit."""
         cfg, tok, P = self.cfg, self.g_tok, self.P
+        words = cfg.task.label_words or cfg.task.label_names
         rows = []
         for text, y in zip(passages, labels):
-            body = cfg.task.prompt_template.replace("{label}", cfg.task.label_names[y])
+            body = cfg.task.prompt_template.replace("{label}", words[y])
             if cfg.generator.chat_template:
                 body = tok.chat_prompt(body)  # the generator's own format (SmolLM2's, Qwen2.5's ChatML)
             pre, _, post = body.partition("{text}")

@@ -76,3 +76,32 @@ def test_smoke_config_round_trips_with_overrides(tmp_path):
     assert again == cfg and again.to_dict() == cfg.to_dict()
     assert again.run.rounds == 3 and again.loss.div == 0.25 and again.corpus.sources == ["bbc", "political"]
     assert again.generator.chat_template is False and again.generator.arch == "tiny"
+
+
+def test_label_words_are_what_the_prompt_says_for_each_label():
+    """task.label_words: one phrase per label fills {label} in the prompt (the label names when empty);
+    another count is one error naming the key and the labels."""
+    from types import SimpleNamespace
+    import numpy as np
+    from ms_dfkd.train import Distiller
+
+    class CharTokenizer:  # one id per character: the prompt reads back exactly
+        pad_id = 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    def prompt(cfg, label):
+        fake = SimpleNamespace(cfg=cfg, g_tok=CharTokenizer(), P=120)
+        ids, mask = Distiller._prompt_ids(fake, ["Paris is lovely."], [label])
+        return "".join(chr(i) for i in np.asarray(ids)[0][np.asarray(mask)[0] == 1])
+
+    over = ["--task.kind", "token", "--task.train", "wnut16:train", "--task.dev", "wnut16:dev", "--task.test",
+            "wnut16:test", "--task.entity_types", "person,geo-loc", "--generator.chat_template", "false",
+            "--task.prompt_template", "Write a tweet that mentions a {label}.\n{text}"]
+    assert prompt(load_config(None, parse_overrides(over)), 1) == "Write a tweet that mentions a geo-loc.\nParis is lovely."
+    cfg = load_config(None, parse_overrides(over + ["--task.label_words", "person,place (a city or a country)"]))
+    assert prompt(cfg, 1) == "Write a tweet that mentions a place (a city or a country).\nParis is lovely."
+    assert prompt(cfg, 0).startswith("Write a tweet that mentions a person.\n")
+    with pytest.raises(ConfigError, match=r"task.label_words: 1 phrases for the 2 labels \['person', 'geo-loc'\]"):
+        load_config(None, parse_overrides(over + ["--task.label_words", "place"]))
