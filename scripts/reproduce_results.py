@@ -219,12 +219,21 @@ GEN_METRICS = ("specificity", "distinct_1", "distinct_2", "self_bleu", "perplexi
 # what the table's header says of each task (the profiles' task.name)
 TASK_LINES = {
     "sequence": ["Task: Rotten Tomatoes critic snippets (fresh = positive, rotten = negative), hash split 80/10/10.",
-                 "Teacher: MiniLM-L6 fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), fresh head."],
+                 "Teacher: MiniLM-L6 fine-tuned on train. Student: {student}, fresh head."],
     "token": ["Task: named entities in tweets (WNUT-16's train set, hash split 80/10/10 by tweet), entity types "
               "{types}; the other types are read as O. Score: entity-level micro F1 (exact span and type, BIO).",
-              "Teacher: MiniLM-L6 with a token head, fine-tuned on train. Student: 3-layer MiniLM (ONNX weights), "
+              "Teacher: MiniLM-L6 with a token head, fine-tuned on train. Student: {student}, "
               "fresh token head, learning at every word-piece from the teacher's tag distribution."],
 }
+
+
+def student_words(arch):
+    """The header's name of a student.arch."""
+    if arch.startswith("minilm_l6_layers:"):
+        return f"the first {arch.split(':')[1]} layers of MiniLM-L6"
+    return {"minilm_l3_onnx": "3-layer MiniLM (ONNX weights)"}.get(arch, arch)
+
+
 # the share of the teacher's score that dfkd-t3's student should recover, per task kind
 SHARE_TARGET = {"sequence": "target at least 90%, aim 95%", "token": "target at least 60%"}
 SHARE_MIN = {"sequence": 0.9, "token": 0.6}
@@ -264,7 +273,8 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
     lines = [title, "",
              f"Written by `scripts/reproduce_results.py{flag}" + (" --quick" if name == "quick" else "") +
              "`; do not edit.",
-             *(l.format(types=", ".join(prof.task.entity_types or [])) for l in TASK_LINES[kind]),
+             *(l.format(types=", ".join(prof.task.entity_types or []), student=student_words(prof.student.arch))
+              for l in TASK_LINES[kind]),
              "Generator: SmolLM2-135M-Instruct. Corpus: BBC news + 2012 convention speeches.",
              _budget_line(prof),
              "Budgets and learning rates were chosen on dev (docs/EXPERIMENTS.md).",
