@@ -335,7 +335,8 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             v = gen.get((method, k))
             cells.append(f"{statistics.mean(v):.3f}" if v else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "## Transfer: a second student (first 2 layers of MiniLM-L6) from saved texts", "",
+    second = student_words(prof.results.transfer_student)
+    lines += ["", f"## Transfer: a second student ({second}) from saved texts", "",
               f"| texts from | student-2 test {label} |", "|---|---|"]
     for method in ("dfkd-t3", "prompted"):
         accs = []
