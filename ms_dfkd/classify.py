@@ -85,8 +85,9 @@ class _CELoss(nn.Cell):
 
 
 def train_classifier(model, tokenizer, examples, *, max_length, batch_size, lr, epochs, seed,
-                     jit=True, desc="train-teacher", should_stop=lambda: False):
-    """Plain cross-entropy fine-tuning (AdamW, linear decay). Returns a list of per-step losses."""
+                     jit=True, desc="train-teacher", should_stop=lambda: False, on_epoch_end=None):
+    """Plain cross-entropy fine-tuning (AdamW, linear decay). Returns a list of per-step losses.
+    ``on_epoch_end(epoch)`` (1-based) runs after each epoch, as in ``fit``."""
     if not examples:
         raise ValueError("no training examples")
 
@@ -95,7 +96,7 @@ def train_classifier(model, tokenizer, examples, *, max_length, batch_size, lr, 
                                            padding="max_length")
         return ids, mask, np.array([examples[i][1] for i in idx], np.int32)
     return fit(model, _CELoss(model), len(examples), batch, batch_size=batch_size, lr=lr, epochs=epochs,
-               seed=seed, jit=jit, desc=desc, should_stop=should_stop)
+               seed=seed, jit=jit, desc=desc, should_stop=should_stop, on_epoch_end=on_epoch_end)
 
 
 def fit(model, loss_cell, n_examples, batch, *, batch_size, lr, epochs, seed, jit=True, desc="train",

@@ -75,19 +75,33 @@ def cmd_train_teacher(cfg, args):
         train = [train[i] for i in sorted(idx)]
     tok = build.teacher_tokenizer(cfg)
     model = build.build_teacher_arch(cfg)
-    log.info(f"training the {cfg.teacher.arch} teacher on {len(train)} examples of {cfg.task.train}")
-    t0 = time.time()
-    train_classifier(model, tok, train, max_length=cfg.teacher.max_length, batch_size=cfg.teacher.batch_size,
-                     lr=cfg.teacher.lr, epochs=cfg.teacher.epochs, seed=cfg.run.seed, jit=cfg.run.mode == "graph")
-    model.set_train(False)
-    res = {"train_s": round(time.time() - t0, 1), "train_examples": len(train)}
     runner = EncoderRunner(model, tok, cfg.teacher.max_length, jit=cfg.run.mode == "graph")
     try:
         dev = load_split(cfg, "dev")
-        res["dev"] = evaluate(runner, dev, cfg.task.metric, progress="eval dev")
     except (FileNotFoundError, ValueError) as e:
         log.warning(f"no dev evaluation: {e}")
-    build.save_teacher(model, cfg, extra={"dev": json.dumps(res.get("dev"))})
+        dev = None
+    curve = []
+
+    def on_epoch_end(epoch):  # a dev curve, so that the number of epochs can be chosen from one run
+        if dev is not None:
+            r = evaluate(runner, dev, cfg.task.metric, progress="eval dev")
+            curve.append({"epoch": epoch, **r})
+            log.info(f"epoch {epoch}: dev {cfg.task.metric} {r[cfg.task.metric]:.4f}")
+
+    log.info(f"training the {cfg.teacher.arch} teacher on {len(train)} examples of {cfg.task.train}")
+    t0 = time.time()
+    train_classifier(model, tok, train, max_length=cfg.teacher.max_length, batch_size=cfg.teacher.batch_size,
+                     lr=cfg.teacher.lr, epochs=cfg.teacher.epochs, seed=cfg.run.seed, jit=cfg.run.mode == "graph",
+                     on_epoch_end=on_epoch_end)
+    model.set_train(False)
+    res = {"train_s": round(time.time() - t0, 1), "train_examples": len(train)}
+    if curve:
+        # the last epoch's scores are the trained model's (dropout is off throughout training)
+        res["dev"] = {k: v for k, v in curve[-1].items() if k != "epoch"}
+        res["dev_by_epoch"] = curve
+    build.save_teacher(model, cfg, extra={"dev": json.dumps(res.get("dev")),
+                                          "dev_by_epoch": json.dumps(res.get("dev_by_epoch"))})
     res["checkpoint"] = str(path)
     log.info(f"teacher saved to {path}: {res}")
     return res

@@ -249,14 +249,31 @@ def test_train_teacher_reuses_its_checkpoint_unless_forced(smoke_teacher, tmp_pa
         assert main(cmd) == 0
     assert "teacher checkpoint exists, reusing it" in caplog.text
     assert ck.read_bytes() == old and ck.stat().st_mtime_ns == old_mtime  # untouched, though the settings differ
-    assert main([*cmd, "--force"]) == 0  # retrained on 64 examples instead of 512
+    assert main([*cmd, "--force", "--teacher.epochs", "2"]) == 0  # retrained on 64 examples instead of 512
     new = load_safetensors(ck)
     assert ck.read_bytes() != old
     changed = [k for k, v in load_safetensors(smoke_teacher).items() if not np.array_equal(v, new[k])]
     assert "classifier.weight" in changed and len(changed) > 10
     meta = safetensors_metadata(ck)
     assert meta["format"] == "ms-dfkd-teacher" and json.loads(meta["dev"])["n"] > 1000
-    load_teacher(load_config(SMOKE, parse_overrides(["--teacher.checkpoint", str(ck)])))  # loads as a teacher
+    cfg = load_config(SMOKE, parse_overrides(["--teacher.checkpoint", str(ck)]))
+    teacher = load_teacher(cfg)  # loads as a teacher
+    # a dev score after each epoch; the last is the saved teacher's, recomputed here without classify.py
+    curve = json.loads(meta["dev_by_epoch"])
+    assert [e["epoch"] for e in curve] == [1, 2]
+    assert curve[-1]["accuracy"] == pytest.approx(json.loads(meta["dev"])["accuracy"], abs=1e-12)
+    import mindspore as ms
+    from ms_dfkd import build
+    from ms_dfkd.data import load_split
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    dev, tok = load_split(cfg, "dev"), build.teacher_tokenizer(cfg)
+    hits = 0
+    for a in range(0, len(dev), 128):
+        ids, mask = tok.encode_batch([t for t, _ in dev[a:a + 128]], max_length=cfg.teacher.max_length,
+                                     padding="max_length")
+        logits = teacher(input_ids=ms.Tensor(ids), attention_mask=ms.Tensor(mask)).asnumpy()
+        hits += int((logits.argmax(-1) == np.array([y for _, y in dev[a:a + 128]])).sum())
+    assert curve[-1]["n"] == len(dev) and curve[-1]["accuracy"] == pytest.approx(hits / len(dev), abs=1e-12)
 
 
 def test_eval_json_out_and_no_teacher(smoke_teacher, smoke_one_round_run, tmp_path, capsys):
