@@ -4,6 +4,12 @@ Rows: SmolLM2-135M forward (logits [B, L, V]) and forward+backward (all paramete
 KV-cache sampling (Gumbel-max, no early stop), and the MiniLM-L6 encoder. Compile time is reported separately from the
 timed runs (median of --repeats after one warm-up call).
 
+A second table puts the SmolLM2 rows against the compute bound: the weight-matmul FLOPs each call does (2 x the
+decoder layers' parameters per token through the layers, 2 x hidden x vocab per row of logits; attention scores
+and element-wise work left out) over its median time, and that rate as a share of the fastest forward row's
+(the forward reaches the matmul rate MindSpore gets on this machine). A sampling call puts its P prompt tokens and
+T - 1 new tokens through the layers and computes T rows of logits (the prefill's last position, then one a step).
+
     python -m benchmarks.bench_models         # from the repository root; about 2-3 minutes on 2 CPU cores
 """
 import argparse
@@ -30,6 +36,15 @@ def timed(fn, repeats):
     return first, statistics.median(times)
 
 
+def matmul_gflop(cfg, layer_tokens, logit_rows):
+    """Weight-matmul GFLOP of a call that puts ``layer_tokens`` tokens through the decoder layers and computes
+    ``logit_rows`` rows of vocabulary logits."""
+    H, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * (H // cfg.num_attention_heads)
+    per_layer = H * H * 2 + H * kv * 2 + 3 * H * I          # q, o; k, v; gate, up, down
+    return (2 * per_layer * L * layer_tokens + 2 * H * cfg.vocab_size * logit_rows) / 1e9
+
+
 def bench_generator(rows, args):
     from ms_dfkd.models.llama_sampling import sample
     from ms_dfkd.models.llama_weights import load_gguf_llama
@@ -47,7 +62,8 @@ def bench_generator(rows, args):
 
         f = ms.jit(fwd)
         first, med = timed(lambda: f(ids, mask).asnumpy(), args.repeats)
-        rows.append(("SmolLM2 forward", f"B={b} L={L}", first, med, b * L / med))
+        rows.append(("SmolLM2 forward", f"B={b} L={L}", first, med, b * L / med,
+                     matmul_gflop(cfg, b * L, b * L)))
 
     if args.backward:
         b = args.batches[0]
@@ -67,7 +83,8 @@ def bench_generator(rows, args):
         mask = np.ones((b, P), np.int32)
         first, med = timed(lambda: sample(model, ids, mask, T, seed=1, temperature=1.0, eos_id=-1),
                            args.repeats)
-        rows.append(("SmolLM2 KV-cache sampling", f"B={b} P={P} T={T}", first, med, b * T / med))
+        rows.append(("SmolLM2 KV-cache sampling", f"B={b} P={P} T={T}", first, med, b * T / med,
+                     matmul_gflop(cfg, b * (P + T - 1), b * T)))
 
 
 def bench_encoder(rows, args):
@@ -103,8 +120,17 @@ def main():
     bench_generator(rows, args)
     bench_encoder(rows, args)
     print(f"\n{'model / mode':32s} {'shape':18s} {'1st call s':>10s} {'median s':>9s} {'tokens/s':>9s}")
-    for name, shape, first, med, tps in rows:
+    for name, shape, first, med, tps, *_ in rows:
         print(f"{name:32s} {shape:18s} {first:10.2f} {med:9.3f} {tps:9.0f}")
+    gen = [(r[0], r[1], r[3], r[5] / r[3]) for r in rows if len(r) > 5]  # (name, shape, median s, GFLOP/s)
+    fwd_rates = [rate for name, _, _, rate in gen if name == "SmolLM2 forward"]
+    if fwd_rates:
+        best = max(fwd_rates)
+        print(f"\n{'SmolLM2 call':32s} {'shape':18s} {'GFLOP/s':>9s} {'of bound':>9s} {'s per row':>10s}")
+        for name, shape, med, rate in gen:
+            b = int(shape.split()[0][2:])
+            print(f"{name:32s} {shape:18s} {rate:9.1f} {rate / best:9.0%} {med / b:10.3f}")
+        print(f"(bound: the fastest forward row, {best:.1f} GFLOP/s of weight matmuls)")
     print(f"(device: {ms.get_context('device_target')}, total {time.perf_counter() - t0:.0f} s; "
           f"1st call includes graph compilation)")
 
