@@ -1,4 +1,4 @@
-"""ms-dfkd command line: train-teacher, distill, generate, distill-from-texts, eval, inspect.
+"""ms-dfkd command line: train-teacher, distill, generate, distill-from-texts, select-passages, eval, inspect.
 
 Every subcommand takes --config FILE and any number of --section.key value overrides.
 """
@@ -178,6 +178,49 @@ def cmd_generate(cfg, args):
     return {"out": str(out)}
 
 
+def cmd_select_passages(cfg, args):
+    """The corpus passages the teacher is most confident about, per label it predicts, written to a file that
+    corpus.sources can name (file:PATH): passages chosen with the teacher alone, no task data."""
+    import numpy as np
+    from . import build
+    from .classify import EncoderRunner
+    from .corpus import Corpus, CorpusSampler, select_confident
+    from .models.checkpoint_io import atomic_write
+    if cfg.task.kind != "sequence":
+        raise ValueError(f"select-passages: task.kind={cfg.task.kind!r}; it ranks passages by a sequence "
+                         f"teacher's label probability (task.kind sequence)")
+    if not 0 < args.fraction <= 1:
+        raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.max_passages < 0:
+        raise ValueError(f"--max-passages must be >= 0 (0 = the whole corpus), got {args.max_passages}")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".jsonl", ".txt"):
+        raise ValueError(f"--out {out}: name a .jsonl (text and teacher probabilities) or .txt (one passage a "
+                         f"line) file")
+    corpus = Corpus(cfg.corpus.sources, cfg.corpus.min_words, cfg.corpus.max_words)
+    n = min(args.max_passages or len(corpus), len(corpus))
+    passages = CorpusSampler(corpus, cfg.run.seed).next_batch(n)  # the run's seeded order, first n
+    runner = EncoderRunner(build.load_teacher(cfg), build.teacher_tokenizer(cfg), cfg.teacher.max_length,
+                           jit=cfg.run.mode == "graph")
+    probs = runner.probs(passages, progress="teacher on the corpus")
+    keep = select_confident(probs, args.fraction)
+    if out.suffix.lower() == ".jsonl":
+        text = "".join(json.dumps({"text": passages[i], "teacher_probs": [round(float(x), 6) for x in probs[i]]})
+                       + "\n" for i in keep)
+    else:
+        text = "".join(passages[i] + "\n" for i in keep)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    names = cfg.task.label_names
+    pred = probs.argmax(1)
+    res = {"out": str(out), "scored": n, "kept": int(len(keep)),
+           "kept_per_predicted_label": {names[y]: int((pred[keep] == y).sum()) for y in range(len(names))},
+           "scored_per_predicted_label": {names[y]: int((pred == y).sum()) for y in range(len(names))},
+           "min_kept_confidence": round(float(probs[keep, pred[keep]].min()), 4)}
+    log.info(f"kept {res['kept']} of {n} passages in {out}; use it with --corpus.sources file:{out}")
+    print(json.dumps(res, indent=2))
+    return res
+
+
 def cmd_distill_from_texts(cfg, args):
     """A new student from saved generated texts (their stored teacher probabilities are the targets)."""
     from . import build
@@ -342,6 +385,12 @@ def build_parser():
     s.add_argument("--texts", required=True, help="a generated*.jsonl file or a run folder")
     s.add_argument("--steps", type=int, default=0)
     s.add_argument("--out", required=True, help="student checkpoint (.safetensors)")
+    s = with_cfg("select-passages", "keep the corpus passages the teacher is most confident about")
+    s.add_argument("--out", required=True, help="a .jsonl or .txt file, for --corpus.sources file:OUT")
+    s.add_argument("--fraction", type=float, default=0.2, help="share kept of the passages the teacher assigns "
+                   "to each label (default 0.2)")
+    s.add_argument("--max-passages", type=int, default=0, help="score only the first N passages of the seeded "
+                   "corpus stream (default 0: all)")
     s = with_cfg("eval", "accuracy / MCC / F1 of the teacher and a student")
     s.add_argument("--split", default="test", choices=["train", "dev", "test"])
     s.add_argument("--file", default=None, help="a labelled .tsv/.csv/.jsonl file instead of a split (token "
@@ -383,7 +432,8 @@ def main(argv=None):
                 raise ConfigError(f"--fresh: {ck} exists and would be overwritten; choose another --run.out_dir "
                                   f"or remove it yourself")
         fn = {"train-teacher": cmd_train_teacher, "distill": cmd_distill, "generate": cmd_generate,
-              "distill-from-texts": cmd_distill_from_texts, "eval": cmd_eval}[args.cmd]
+              "distill-from-texts": cmd_distill_from_texts, "select-passages": cmd_select_passages,
+              "eval": cmd_eval}[args.cmd]
         result = fn(cfg, args)
         return 130 if isinstance(result, dict) and result.get("interrupted") else 0
     except (ConfigError, OSError, ValueError, RunFolderBusy) as e:

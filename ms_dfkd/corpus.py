@@ -269,3 +269,22 @@ def balanced_labels(n, num_labels, rng_or_step):
         return rng.permutation(labels).astype(np.int64)
     step = int(rng_or_step)
     return (np.arange(step * n, step * n + n, dtype=np.int64) % num_labels)
+
+
+def select_confident(probs, fraction):
+    """Which passages to keep, choosing without task data: for each label the teacher predicts, the
+    ``fraction`` of the passages it assigns to that label on which its probability of the label is highest
+    (rounded up, so every predicted label keeps at least one). probs: float [N, K]. Returns the kept row
+    indices, ascending. Ties go to the earlier row."""
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2 or not len(probs):
+        raise ValueError(f"need teacher probabilities of shape [N, K], N > 0; got {probs.shape}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    pred = probs.argmax(1)
+    keep = []
+    for y in np.unique(pred):
+        rows = np.flatnonzero(pred == y)
+        order = rows[np.argsort(-probs[rows, y], kind="stable")]
+        keep.append(order[:int(np.ceil(fraction * len(rows)))])
+    return np.sort(np.concatenate(keep))

@@ -56,6 +56,8 @@ BAD = [
      "record 0 is not an object"),
     ("texts without text", ["distill-from-texts", "--texts", "{tmp}/notext.jsonl", "--out", "{tmp}/s.safetensors"],
      "record 1 is not an object with a \"text\" string"),
+    ("select fraction 0", ["select-passages", "--out", "{tmp}/p.jsonl", "--fraction", "0"], "--fraction"),
+    ("select out suffix", ["select-passages", "--out", "{tmp}/p.csv"], "p.csv"),
     ("binary texts", ["distill-from-texts", "--texts", "{tmp}/binary.jsonl", "--out", "{tmp}/s.safetensors"],
      "binary.jsonl: not UTF-8 text"),
 ]
@@ -296,3 +298,38 @@ def test_eval_json_out_and_no_teacher(smoke_teacher, smoke_one_round_run, tmp_pa
                  "--json-out", str(out2)]) == 0
     printed2 = json.loads(capsys.readouterr().out)
     assert json.loads(out2.read_text()) == printed2 == {"student": printed["student"]}
+
+
+def test_select_passages_keeps_the_most_confident_per_predicted_label(smoke_teacher, tmp_path, capsys):
+    """select-passages keeps, for each label the teacher predicts, the top quarter of those passages by the
+    teacher's probability of that label (checked against the teacher's probabilities on every scored
+    passage, computed here); the file it writes is a corpus source that gives back exactly those passages."""
+    from ms_dfkd import build
+    from ms_dfkd.classify import EncoderRunner
+    from ms_dfkd.config import load_config, parse_overrides
+    from ms_dfkd.corpus import Corpus, CorpusSampler
+    out = tmp_path / "sel" / "passages.jsonl"
+    capsys.readouterr()
+    assert main(["select-passages", "--config", SMOKE, "--teacher.checkpoint", smoke_teacher, "--out", str(out),
+                 "--fraction", "0.25", "--max-passages", "48"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(printed[printed.index("{"):])
+    kept = [json.loads(line) for line in out.read_text().splitlines()]
+
+    cfg = load_config(SMOKE, parse_overrides(["--teacher.checkpoint", smoke_teacher]))
+    corpus = Corpus(cfg.corpus.sources, cfg.corpus.min_words, cfg.corpus.max_words)
+    scored = CorpusSampler(corpus, cfg.run.seed).next_batch(48)
+    runner = EncoderRunner(build.load_teacher(cfg), build.teacher_tokenizer(cfg), cfg.teacher.max_length)
+    probs = runner.probs(scored).astype(np.float64)
+    pred = probs.argmax(1)
+    expected = set()
+    for y in set(pred.tolist()):
+        rows = [i for i in range(48) if pred[i] == y]
+        rows.sort(key=lambda i: (-probs[i, y], i))
+        expected |= {scored[i] for i in rows[:-(-len(rows) // 4)]}  # ceil(n / 4)
+    assert {r["text"] for r in kept} == expected and len(kept) == len(expected) == res["kept"]
+    assert res["scored"] == 48
+    for r in kept:  # the stored probabilities are the teacher's on that passage
+        i = scored.index(r["text"])
+        np.testing.assert_allclose(r["teacher_probs"], probs[i], atol=1e-5)
+    assert set(Corpus([f"file:{out}"], cfg.corpus.min_words, cfg.corpus.max_words).passages) == expected

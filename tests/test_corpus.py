@@ -1,5 +1,6 @@
 """The general corpus and its sampler: passages, sources' errors, sharding and resume determinism."""
 import json
+import math
 import logging
 from collections import Counter
 
@@ -164,3 +165,21 @@ def test_balanced_labels():
     a = balanced_labels(9, 4, np.random.default_rng(0))
     b = balanced_labels(9, 4, np.random.default_rng(0))
     assert a.tolist() == b.tolist() and sorted(Counter(a.tolist()).values()) == [2, 2, 2, 3]
+
+
+def test_select_confident_against_a_brute_force_ranking():
+    """Per predicted label, the ceil(fraction * n) rows with the highest probability of that label (ties to
+    the earlier row), found here by sorting (probability, row) pairs in plain Python."""
+    from ms_dfkd.corpus import select_confident
+    rng = np.random.default_rng(3)
+    for n, k, fraction in ((50, 2, 0.2), (37, 3, 0.5), (9, 2, 1.0), (5, 4, 0.01)):
+        logits = rng.normal(size=(n, k))
+        logits[1] = logits[0]                      # a tie
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        want = []
+        for y in range(k):
+            rows = [(-probs[i, y], i) for i in range(n) if max(range(k), key=lambda c: probs[i, c]) == y]
+            want += [i for _, i in sorted(rows)[:math.ceil(fraction * len(rows))]]
+        assert select_confident(probs, fraction).tolist() == sorted(want)
+    with pytest.raises(ValueError, match="fraction"):
+        select_confident(np.full((3, 2), 0.5), 0)
