@@ -140,6 +140,8 @@ class RunConfig:
     # the rounds then draw every method's samples without gradient from the same passages and noise
     # (the data phase) and train the student on them (the student phase).
     schedule: str = "interleaved"
+    generator_from: str = ""       # two_phase dfkd-t3: a run folder whose finished generator phase this run starts
+    #                                from instead of its own (one generator phase shared by seeds and by the filter)
     min_confidence: float = 0.0    # prompted / dfkd-t3: keep a sample only if the teacher's probability of
     #                                its target label is at least this; draw batches until a batch is kept
     replay_size: int = 512
@@ -238,6 +240,11 @@ class Config:
         if self.run.gen_warmup_steps and self.run.method != "dfkd-t3":
             raise ConfigError(f"run.gen_warmup_steps: {self.run.gen_warmup_steps} needs run.method dfkd-t3 (only it "
                               f"trains a generator), not {self.run.method!r}")
+        if self.run.generator_from and (self.run.method != "dfkd-t3" or self.run.schedule != "two_phase"
+                                        or self.run.gen_warmup_steps):
+            raise ConfigError(f"run.generator_from: {self.run.generator_from!r} takes the generator phase from that "
+                              f"run, so it needs run.method dfkd-t3, run.schedule two_phase and run.gen_warmup_steps "
+                              f"0 (got {self.run.method}, {self.run.schedule}, {self.run.gen_warmup_steps})")
         if self.task.kind == "token":  # docs/METHOD.md, "Token tasks (NER)": what the token loop does not have
             for key, v, why in (("run.min_confidence", self.run.min_confidence, "the teacher-confidence filter"),
                                 ("loss.rwl", self.loss.rwl, "the reward-weighted likelihood"),

@@ -135,9 +135,9 @@ def compare_resume_config(cfg, out):
     return changes
 
 
-def load(d):
-    """Restore d from its checkpoint; CheckpointError names what does not match."""
-    path = d.out / CKPT_NAME
+def _read_verified(path):
+    """(trainable arrays, the teacher's outputs on the replay buffer, state) of a run checkpoint whose
+    checksum matches; CheckpointError otherwise."""
     arrays = load_safetensors(path)
     teacher_out = {k.split("/", 1)[1]: arrays.pop(k) for k in [k for k in arrays if k.startswith("replay/")]}
     meta = safetensors_metadata(path)
@@ -145,11 +145,49 @@ def load(d):
         raise CheckpointError(f"{path} is not an ms-dfkd run checkpoint")
     if "sha256" in meta and digest({**arrays, **{"replay/" + k: v for k, v in teacher_out.items()}},
                                    meta["state"]) != meta["sha256"]:
-        prev = d.out / PREV_NAME
+        prev = path.with_name(PREV_NAME)
         back = (f"the previous checkpoint is {prev}: move it to {path} to resume from one save earlier"
                 if prev.exists() else "no previous checkpoint is kept in this folder")
         raise CheckpointError(f"{path} is corrupted: its data does not match the checksum written with it; {back}")
-    state = json.loads(meta["state"])
+    return arrays, teacher_out, json.loads(meta["state"])
+
+
+def load_generator_from(d, run_dir):
+    """Set d's generator (its trainable layers and label vectors) to those of another dfkd-t3 run whose
+    generator phase is finished (run.generator_from). Returns that phase's number of generator steps."""
+    import yaml
+    run_dir = Path(run_dir)
+    path = run_dir / CKPT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"run.generator_from: {path} not found (name a dfkd-t3 run folder)")
+    arrays, _, state = _read_verified(path)
+    if state["method"] != "dfkd-t3":
+        raise CheckpointError(f"run.generator_from: {run_dir} is a {state['method']!r} run; it needs a dfkd-t3 run")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    planned = int((saved.get("run") or {}).get("gen_warmup_steps", 0))
+    done = int(state["counters"].get("warmup_steps", 0))
+    if (saved.get("run") or {}).get("schedule") != "two_phase" or planned == 0 or done < planned:
+        raise CheckpointError(f"run.generator_from: {run_dir} has no finished generator phase (schedule "
+                              f"{(saved.get('run') or {}).get('schedule')!r}, {done} of {planned} "
+                              f"run.gen_warmup_steps done); finish it first")
+    parts = ("generator/", "label_vectors/")
+    want = {k: v for k, v in trainable_arrays(d).items() if k.startswith(parts)}
+    have = {k: v for k, v in arrays.items() if k.startswith(parts)}
+    bad = sorted(set(want) ^ set(have)) + [k for k in want if k in have and want[k].size != have[k].size]
+    if bad:
+        raise CheckpointError(f"run.generator_from: {run_dir}'s generator does not fit this run's (generator.arch, "
+                              f".trainable, .top_k_layers and .label_vectors must match): {bad[:6]}")
+    params = dict(d.generator.parameters_and_names())
+    for key, arr in have.items():
+        p = d.label_vectors if key.startswith("label_vectors/") else params[key.split("/", 1)[1]]
+        p.set_data(ms.Tensor(arr.reshape(p.shape), dtype=p.dtype))
+    return done
+
+
+def load(d):
+    """Restore d from its checkpoint; CheckpointError names what does not match."""
+    path = d.out / CKPT_NAME
+    arrays, teacher_out, state = _read_verified(path)
     if state["method"] != d.method:
         raise CheckpointError(f"{path} belongs to a {state['method']!r} run, not {d.method!r}; "
                               f"use another run.out_dir")

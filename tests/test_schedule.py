@@ -81,6 +81,9 @@ def test_min_confidence_that_nothing_passes_is_a_clear_error(smoke_teacher, tmp_
     (("--run.schedule", "alternating"), "run.schedule: 'alternating' is not one of"),
     (("--run.min_confidence", "1.5"), r"run.min_confidence: must be in \[0, 1\)"),
     (("--run.method", "corpus", "--run.min_confidence", "0.5"), "needs a method whose samples have a target"),
+    (("--run.generator_from", "runs/x"), "run.generator_from: 'runs/x' takes the generator phase from that run"),
+    (("--run.generator_from", "runs/x", "--run.schedule", "two_phase", "--run.gen_warmup_steps", "2"),
+     "run.generator_from: .* run.gen_warmup_steps 0"),
 ])
 def test_bad_schedule_settings_name_the_key(smoke_teacher, tmp_path, over, match):
     from ms_dfkd.config import ConfigError
@@ -110,3 +113,37 @@ def test_two_phase_with_label_vectors_and_filter_resumes_bit_for_bit(smoke_teach
     for k in ca:
         np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
     assert (a / "generated.jsonl").read_text() == (b / "generated.jsonl").read_text()
+
+
+def test_generator_from_starts_a_run_from_another_runs_generator_phase(smoke_teacher, tmp_path):
+    """run.generator_from: a second seed's run starts from the first run's trained generator and label vectors
+    (exactly its checkpoint's values; its own data phase leaves them so), runs no generator phase of its own,
+    and refuses a source that is not a finished two_phase dfkd-t3 run or whose generator does not fit."""
+    from test_e2e_smoke import _ckpt
+    from ms_dfkd.models.checkpoint_io import CheckpointError
+    two_phase = ("--run.schedule", "two_phase", "--run.rounds", "1", "--run.gen_steps_per_round", "2",
+                 "--run.student_steps_per_round", "1", "--generator.label_vectors", "true", "--run.mode", "pynative")
+    src, dst = tmp_path / "src", tmp_path / "seed1"
+    assert _distiller(_cfg(smoke_teacher, src, *two_phase, "--run.gen_warmup_steps", "2")).run() is not None
+    trained = {k: v for k, v in _ckpt(src).items() if k.startswith(("generator/", "label_vectors/"))}
+    assert "label_vectors/weight" in trained and any(k.startswith("generator/") for k in trained)
+
+    d = _distiller(_cfg(smoke_teacher, dst, *two_phase, "--run.seed", "1", "--run.generator_from", str(src)))
+    fresh = {"generator/" + n: p.asnumpy().copy() for n, p in d.generator.parameters_and_names() if p.requires_grad}
+    assert any(not np.array_equal(fresh[k], trained[k]) for k in fresh)  # a fresh generator is not the trained one
+    assert d.run() is not None and d.counters["warmup_steps"] == 0 and d.counters["gen_steps"] == 2
+    got = _ckpt(dst)
+    for k, v in trained.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    assert len((dst / "generated.jsonl").read_text().splitlines()) == 2 * 4
+
+    prompted = tmp_path / "prompted"
+    assert _distiller(_cfg(smoke_teacher, prompted, "--run.method", "prompted", "--run.rounds", "1",
+                           "--run.student_steps_per_round", "0", "--run.mode", "pynative")).run() is not None
+    with pytest.raises(CheckpointError, match="is a 'prompted' run"):
+        _distiller(_cfg(smoke_teacher, tmp_path / "b", *two_phase, "--run.generator_from", str(prompted))).run()
+    no_vectors = [x for x in two_phase if x not in ("--generator.label_vectors", "true")]
+    with pytest.raises(CheckpointError, match="label_vectors/weight"):
+        _distiller(_cfg(smoke_teacher, tmp_path / "c", *no_vectors, "--run.generator_from", str(src))).run()
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _distiller(_cfg(smoke_teacher, tmp_path / "d", *two_phase, "--run.generator_from", str(tmp_path / "missing"))).run()
