@@ -165,6 +165,8 @@ class ResultsConfig:
     transfer_steps: int = 96       # distill-from-texts steps of the second student
     transfer_student: str = "minilm_l6_layers:2"
     min_confidence: float = 0.0    # > 0: also prompted + filter and dfkd-t3 + filter, at this run.min_confidence
+    share_generator_phase: bool = False  # two_phase: the first seed's dfkd-t3 run trains the generator phase and
+    #                                      every other dfkd-t3 run starts from it (run.generator_from)
 
 
 @dataclass
@@ -240,6 +242,9 @@ class Config:
         if self.run.gen_warmup_steps and self.run.method != "dfkd-t3":
             raise ConfigError(f"run.gen_warmup_steps: {self.run.gen_warmup_steps} needs run.method dfkd-t3 (only it "
                               f"trains a generator), not {self.run.method!r}")
+        if self.results.share_generator_phase and (self.run.schedule != "two_phase" or not self.run.gen_warmup_steps):
+            raise ConfigError(f"results.share_generator_phase: needs run.schedule two_phase and run.gen_warmup_steps "
+                              f"> 0 (got {self.run.schedule}, {self.run.gen_warmup_steps})")
         if self.run.generator_from and (self.run.method != "dfkd-t3" or self.run.schedule != "two_phase"
                                         or self.run.gen_warmup_steps):
             raise ConfigError(f"run.generator_from: {self.run.generator_from!r} takes the generator phase from that "

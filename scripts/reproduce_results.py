@@ -42,6 +42,17 @@ def table_rows(prof):
     return rows
 
 
+def shared_generator_phase(prof, out, key, seed):
+    """With results.share_generator_phase, the overrides that start a dfkd-t3 row's run from the generator phase
+    of the first seed's dfkd-t3 run (that run trains it; its folder must be finished first, which the order of
+    the runs ensures)."""
+    first = out / f"dfkd-t3_seed{prof.results.seeds[0]}"
+    if not prof.results.share_generator_phase or not key.startswith("dfkd-t3") or (
+            key == "dfkd-t3" and seed == prof.results.seeds[0]):
+        return []
+    return ["--run.generator_from", str(first), "--run.gen_warmup_steps", "0"]
+
+
 PROFILES = {"quick": ROOT / "configs" / "results_quick.yaml", "full": ROOT / "configs" / "results_full.yaml"}
 NER_PROFILES = {"quick": ROOT / "configs" / "results_ner_quick.yaml", "full": ROOT / "configs" / "results_ner.yaml"}
 # the NER table's section of the results file begins at this line (the sentiment table is what precedes it)
@@ -138,7 +149,7 @@ def main():
                 continue
             print(f"[results] {run.name} ...", flush=True)
             cmd = exe + ["distill", *common, "--run.method", method, *extra, "--run.seed", str(seed),
-                         "--run.out_dir", str(run)]
+                         "--run.out_dir", str(run), *shared_generator_phase(prof, out, key, seed)]
             print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
     for method in ("dfkd-t3", "prompted"):
@@ -170,7 +181,13 @@ def _budget_line(prof):
     r, g = prof.run, prof.generator
     line = (f"Seeds: {prof.results.seeds}. Per run: {r.rounds} rounds x ({r.gen_steps_per_round} batches of "
             f"{g.batch_size} samples + {r.student_steps_per_round} student steps); dfkd-t3 generator lr {g.lr:g}.")
-    if r.gen_warmup_steps:
+    if r.gen_warmup_steps and r.schedule == "two_phase":
+        line += (f" Two phases: dfkd-t3's generator trains for {r.gen_warmup_steps} steps first, then every method's"
+                 " samples are drawn without gradient and the student trains on them.")
+        if prof.results.share_generator_phase:
+            line += (f" The generator phase is trained once, by the seed-{prof.results.seeds[0]} dfkd-t3 run; every"
+                     " other dfkd-t3 run starts from it and draws its own seed's passages and noise.")
+    elif r.gen_warmup_steps:
         line += (f" dfkd-t3 first takes {r.gen_warmup_steps} generator-only warm-up steps (`run.gen_warmup_steps`),"
                  " whose samples no student sees.")
     return line

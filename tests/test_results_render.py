@@ -110,6 +110,27 @@ def test_filter_rows_come_from_their_own_folders(tmp_path):
     assert row.split(" | ")[7] == "0.500", row
 
 
+def test_a_shared_generator_phase_is_trained_by_the_first_dfkd_t3_run_only(tmp_path):
+    """results.share_generator_phase: dfkd-t3 of the first seed trains the generator phase; the later seeds and
+    every filter run start from that run's folder with no generator phase of their own; other methods are
+    untouched. The profile must be two_phase with generator steps."""
+    from ms_dfkd.config import ConfigError, load_config, parse_overrides
+    over = ["--run.schedule", "two_phase", "--run.gen_warmup_steps", "500", "--results.min_confidence", "0.8",
+            "--results.share_generator_phase", "true", "--results.seeds", "3,4"]
+    prof = load_config(R.PROFILES["full"], parse_overrides(over))
+    out = tmp_path / "runs"
+    shared = ["--run.generator_from", str(out / "dfkd-t3_seed3"), "--run.gen_warmup_steps", "0"]
+    got = {(key, seed): R.shared_generator_phase(prof, out, key, seed)
+           for seed in (3, 4) for key, _, _, _ in R.table_rows(prof)}
+    assert got.pop(("dfkd-t3", 3)) == []
+    for seed in (3, 4):
+        assert got.pop(("dfkd-t3", seed), shared) == shared and got.pop(("dfkd-t3_filter", seed)) == shared
+    assert all(v == [] for v in got.values()), got  # random, corpus, prompted, prompted_filter, real
+    assert "trained once, by the seed-3 dfkd-t3 run" in R._budget_line(prof)
+    with pytest.raises(ConfigError, match="results.share_generator_phase"):
+        load_config(R.PROFILES["full"], parse_overrides(["--results.share_generator_phase", "true"]))
+
+
 def test_the_ner_table_is_its_own_section_with_per_type_scores(tmp_path):
     """--task ner: entity F1 from the token runs' final.json, the teacher's per-type F1, the students' per-type
     means, the 60% share target, texts with the teacher's tags from generated.jsonl; written after the
