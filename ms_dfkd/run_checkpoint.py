@@ -164,12 +164,12 @@ def load_generator_from(d, run_dir):
     if state["method"] != "dfkd-t3":
         raise CheckpointError(f"run.generator_from: {run_dir} is a {state['method']!r} run; it needs a dfkd-t3 run")
     saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    planned = int((saved.get("run") or {}).get("gen_warmup_steps", 0))
-    done = int(state["counters"].get("warmup_steps", 0))
-    if (saved.get("run") or {}).get("schedule") != "two_phase" or planned == 0 or done < planned:
+    src_run = (saved or {}).get("run") or {}
+    planned, done = int(src_run.get("gen_warmup_steps", 0)), int(state["counters"].get("warmup_steps", 0))
+    if src_run.get("schedule") != "two_phase" or planned == 0 or done < planned:
         raise CheckpointError(f"run.generator_from: {run_dir} has no finished generator phase (schedule "
-                              f"{(saved.get('run') or {}).get('schedule')!r}, {done} of {planned} "
-                              f"run.gen_warmup_steps done); finish it first")
+                              f"{src_run.get('schedule')!r}, {done} of {planned} run.gen_warmup_steps done); "
+                              f"finish it first")
     parts = ("generator/", "label_vectors/")
     want = {k: v for k, v in trainable_arrays(d).items() if k.startswith(parts)}
     have = {k: v for k, v in arrays.items() if k.startswith(parts)}

@@ -375,12 +375,12 @@ class Distiller:
             self.load_checkpoint()
             log.info(f"resumed from {self.out / CKPT_NAME} at round {self.counters['round']}")
         else:
+            if cfg.run.generator_from:  # before the folder is made: a source that does not fit leaves nothing behind
+                steps = run_checkpoint.load_generator_from(self, cfg.run.generator_from)
+                log.info(f"generator from {cfg.run.generator_from} ({steps} generator-phase steps)")
             if self.is_main:
                 self.out.mkdir(parents=True, exist_ok=True)
                 save_config(cfg, self.out / "config.yaml")
-            if cfg.run.generator_from:
-                steps = run_checkpoint.load_generator_from(self, cfg.run.generator_from)
-                log.info(f"generator from {cfg.run.generator_from} ({steps} generator-phase steps)")
         if self.world > 1 and not ranks_agree([self.counters["round"], self.counters["gen_steps"]]):
             # e.g. run.out_dir on a disk that only some nodes see: ranks would start from different weights
             raise CheckpointError(f"rank {self.rank}: the ranks did not all resume from the same checkpoint in "

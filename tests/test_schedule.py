@@ -145,5 +145,6 @@ def test_generator_from_starts_a_run_from_another_runs_generator_phase(smoke_tea
     no_vectors = [x for x in two_phase if x not in ("--generator.label_vectors", "true")]
     with pytest.raises(CheckpointError, match="label_vectors/weight"):
         _distiller(_cfg(smoke_teacher, tmp_path / "c", *no_vectors, "--run.generator_from", str(src))).run()
+    assert not (tmp_path / "c" / "config.yaml").exists()  # refused before the run folder was written
     with pytest.raises(FileNotFoundError, match="missing"):
         _distiller(_cfg(smoke_teacher, tmp_path / "d", *two_phase, "--run.generator_from", str(tmp_path / "missing"))).run()
