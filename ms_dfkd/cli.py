@@ -156,26 +156,61 @@ def _print_report(cfg, report):
 
 
 def cmd_generate(cfg, args):
-    """Texts only: the (pretrained or a run's trained) generator rewrites corpus passages per label."""
-    Distiller = _distiller_class(cfg)
-    cfg.run.method = "prompted" if not args.from_run else "dfkd-t3"
-    if args.from_run:
-        cfg.run.out_dir = args.from_run
-    d = Distiller(cfg)
-    if args.from_run:
-        d.load_checkpoint()
+    """Texts only: the (pretrained or a run's trained) generator rewrites corpus passages per label.
+
+    Batch i's texts depend only on the settings and i (its passages are the stream's i-th batch, its noise
+    a function of the seed and i), so a rerun after an interruption continues the file where it stopped,
+    and a larger --num extends it; other settings are refused (``run_files.resume_output_file``)."""
+    from .run_files import FileLock, JsonlWriter, resume_output_file
+    if args.num < 1:
+        raise ValueError(f"--num must be at least 1, got {args.num}")
     out = Path(args.out)
-    from .run_files import JsonlWriter
-    w = JsonlWriter(out)
-    n_batches = -(-args.num // cfg.generator.batch_size)
-    from tqdm import tqdm
-    for i in tqdm(range(n_batches), desc="generate", unit="batch"):
-        s = d.generate_batch(10_000_000 + i)  # a noise stream of its own, apart from training steps
-        probs = d.teacher_run.probs(s["texts"])
-        w.write([{"text": t, "target": int(y), **d._teacher_fields(t, p)}
-                 for t, y, p in zip(s["texts"], s["labels"], probs)][:args.num - i * cfg.generator.batch_size])
-    log.info(f"wrote {args.num} texts to {out}")
-    return {"out": str(out)}
+    with FileLock(out.with_name(f".{out.name}.lock"), f"--out {out}", "choose another --out"):
+        done = resume_output_file(out, _generate_settings(cfg, args))
+        if done >= args.num:
+            if done > args.num:
+                raise ValueError(f"--out {out} already holds {done} texts, more than --num {args.num}; "
+                                 f"choose another --out for a smaller set")
+            log.info(f"{out} already holds its {done} texts; nothing to do")
+            return {"out": str(out), "resumed_at": done}
+        Distiller = _distiller_class(cfg)
+        cfg.run.method = "prompted" if not args.from_run else "dfkd-t3"
+        if args.from_run:
+            cfg.run.out_dir = args.from_run
+        d = Distiller(cfg)
+        if args.from_run:
+            d.load_checkpoint()
+        B = cfg.generator.batch_size
+        first = done // B
+        for _ in range(first):  # the passages of the batches already written
+            d.corpus_sampler.next_batch(B)
+        if done:
+            log.info(f"{out} holds {done} texts: continuing from batch {first}")
+        w = JsonlWriter(out)
+        from tqdm import tqdm
+        for i in tqdm(range(first, -(-args.num // B)), desc="generate", unit="batch", initial=first,
+                      total=-(-args.num // B)):
+            s = d.generate_batch(10_000_000 + i)  # a noise stream of its own, apart from training steps
+            probs = d.teacher_run.probs(s["texts"])
+            recs = [{"text": t, "target": int(y), **d._teacher_fields(t, p)}
+                    for t, y, p in zip(s["texts"], s["labels"], probs)]
+            w.write(recs[max(done - i * B, 0):args.num - i * B])  # a batch written in part is completed
+    log.info(f"wrote {args.num - done} texts to {out}" + (f" (it held {done})" if done else ""))
+    return {"out": str(out), "resumed_at": done}
+
+
+def _generate_settings(cfg, args):
+    """What generate's texts depend on, recorded beside its output so that a rerun continues it only with
+    the same (--num may grow)."""
+    from .models.checkpoint_io import safetensors_metadata
+    d = cfg.to_dict()
+    settings = {sec: d[sec] for sec in ("task", "corpus", "teacher", "generator")}
+    settings["run"] = {"seed": cfg.run.seed, "mode": cfg.run.mode}
+    if args.from_run:
+        ck = Path(args.from_run) / "checkpoint.safetensors"
+        settings["from_run"] = {"folder": str(Path(args.from_run).resolve()),
+                                "checkpoint_sha256": safetensors_metadata(ck).get("sha256") if ck.is_file() else None}
+    return settings
 
 
 def cmd_select_passages(cfg, args):
@@ -416,7 +451,7 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     from .config import ConfigError
-    from .run_files import RunFolderBusy
+    from .run_files import FileBusy
     try:
         if args.cmd == "inspect":
             if extra:
@@ -436,7 +471,7 @@ def main(argv=None):
               "eval": cmd_eval}[args.cmd]
         result = fn(cfg, args)
         return 130 if isinstance(result, dict) and result.get("interrupted") else 0
-    except (ConfigError, OSError, ValueError, RunFolderBusy) as e:
+    except (ConfigError, OSError, ValueError, FileBusy) as e:
         # a user's mistake or the machine's (a missing, unreadable, read-only or full path): one line
         # that names the key or the file, no traceback. OSError's text carries the path.
         print(f"ms-dfkd {args.cmd}: error: {e}", file=sys.stderr)
@@ -445,7 +480,8 @@ def main(argv=None):
         print(f"ms-dfkd {args.cmd}: error: {e}; the run folder resumes from its last checkpoint", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"ms-dfkd {args.cmd}: interrupted", file=sys.stderr)
+        again = "; run the same command again to continue" if args.cmd == "generate" else ""
+        print(f"ms-dfkd {args.cmd}: interrupted{again}", file=sys.stderr)
         return 130
 
 

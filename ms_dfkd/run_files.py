@@ -4,7 +4,8 @@ per rank) and metrics.jsonl.
 One process at a time owns a run folder (``RunLock``: a second one would duplicate every line). The
 JSONL files are append-only. The checkpoint records how many bytes each held when it was written;
 on resume the lines written after it are moved to a side file (kept, never lost) before appending
-again, so that a resumed run writes what a straight one would.
+again, so that a resumed run writes what a straight one would. A command that writes one output file
+(``generate``) locks it with ``FileLock`` and continues it with ``resume_output_file``.
 """
 import fcntl
 import json
@@ -22,20 +23,26 @@ log = logging.getLogger("ms_dfkd")
 LOCK_NAME = ".lock"
 
 
-class RunFolderBusy(RuntimeError):
+class FileBusy(RuntimeError):
+    """Another live process holds the lock on a run folder or an output file."""
+
+
+class RunFolderBusy(FileBusy):
     """Another live process holds the run folder."""
 
 
-class RunLock:
-    """An exclusive lock on a run folder for the whole run: ``flock`` on RUN_DIR/.lock, whose text names
-    the holder (pid, host, start time).
+class FileLock:
+    """An exclusive lock for as long as a process writes somewhere: ``flock`` on a lock file whose text
+    names the holder (pid, host, start time). ``what`` names the locked thing and ``hint`` what to do
+    instead, in the error a second process gets.
 
     The kernel drops a flock when its process dies, however it dies (kill -9 included), so a lock file
-    left by a dead run is simply taken over, with a warning that names the old holder.
+    left by a dead process is simply taken over, with a warning that names the old holder.
     """
+    busy_error = FileBusy
 
-    def __init__(self, out_dir):
-        self.path = Path(out_dir) / LOCK_NAME
+    def __init__(self, path, what, hint):
+        self.path, self.what, self.hint = Path(path), what, hint
         self._fd = None
 
     def acquire(self):
@@ -46,13 +53,13 @@ class RunLock:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise RunFolderBusy(f"run folder {self.path.parent} is in use by pid {holder.get('pid', '?')} on host "
-                                f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
-                                f"finish or choose another --run.out_dir") from None
+            raise self.busy_error(f"{self.what} is in use by pid {holder.get('pid', '?')} on host "
+                                  f"{holder.get('host', '?')} (since {holder.get('started', '?')}); wait for it to "
+                                  f"finish or {self.hint}") from None
         old = _read_holder(fd)
         if old:
-            log.warning(f"run folder {self.path.parent}: taking over the lock of pid {old.get('pid', '?')} on host "
-                        f"{old.get('host', '?')}, which no longer holds it (that run ended without releasing it)")
+            log.warning(f"{self.what}: taking over the lock of pid {old.get('pid', '?')} on host "
+                        f"{old.get('host', '?')}, which no longer holds it (it ended without releasing it)")
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
@@ -60,7 +67,7 @@ class RunLock:
         return self
 
     def release(self):
-        """Empty the lock file (so that the next run sees no stale holder) and unlock it."""
+        """Empty the lock file (so that the next process sees no stale holder) and unlock it."""
         if self._fd is None:
             return
         try:
@@ -74,6 +81,14 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+class RunLock(FileLock):
+    """The lock of a run folder for the whole run: RUN_DIR/.lock."""
+    busy_error = RunFolderBusy
+
+    def __init__(self, out_dir):
+        super().__init__(Path(out_dir) / LOCK_NAME, f"run folder {Path(out_dir)}", "choose another --run.out_dir")
 
 
 def _read_holder(fd):
@@ -139,6 +154,61 @@ class JsonlWriter:
         with open(self.path, "rb+") as f:
             f.truncate(offset)
         return side
+
+
+def settings_path(path):
+    """The file beside a resumable output file that records the settings it is written with."""
+    path = Path(path)
+    return path.with_name(path.name + ".settings.json")
+
+
+def resume_output_file(path, settings):
+    """How many complete records a JSONL file that a command writes batch by batch already holds, so that
+    a rerun with the same settings continues it (0 for a new or empty file).
+
+    The first run writes ``settings`` (a JSON-able dict) beside the file (``settings_path``); a rerun must
+    give the same ones, or it is refused with the keys that differ (appending would mix two kinds of
+    texts). A torn last line, from a process killed while writing, is moved to a side file."""
+    from .models.checkpoint_io import atomic_write
+    path, side = Path(path), settings_path(path)
+    now = json.loads(json.dumps(settings))  # the form it has once read back (tuples become lists)
+    if not path.exists() or path.stat().st_size == 0:
+        atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(now, indent=1) + "\n", encoding="utf-8"))
+        return 0
+    if not side.is_file():
+        raise ValueError(f"{path} exists and was not written by this command ({side.name} is missing beside it); "
+                         f"move it away or choose another --out")
+    saved = json.loads(side.read_text(encoding="utf-8"))
+    differ = [f"{k} {a!r} -> {b!r}" for k, (a, b) in _flat_differences(saved, now).items()]
+    if differ:
+        raise ValueError(f"{path} was written with other settings ({'; '.join(differ)}); continuing it would mix "
+                         f"two kinds of texts: choose another --out, or delete it and {side.name} to start over")
+    count = offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                json.loads(line)
+            except ValueError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            count, offset = count + 1, offset + len(line)
+    moved = JsonlWriter(path).rewind(offset, "torn")
+    if moved:
+        log.warning(f"{path}: an unfinished last line (from an interrupted run) was moved to {moved}")
+    return count
+
+
+def _flat_differences(a, b, prefix=""):
+    """{dotted key: (a's value, b's value)} where two nested dicts differ."""
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out.update(_flat_differences(x, y, f"{prefix}{k}."))
+        elif x != y:
+            out[prefix + k] = (x, y)
+    return out
 
 
 def read_jsonl(paths):

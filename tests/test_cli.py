@@ -238,6 +238,57 @@ def test_generate_and_generate_from_a_run(smoke_teacher, run_copy, tmp_path, mon
     assert [r["text"] for r in _jsonl(from_run)[:4]] == trained["texts"]
 
 
+def test_generate_continues_an_interrupted_or_shorter_file(smoke_teacher, tmp_path, monkeypatch, capsys):
+    """A rerun of generate continues its file: after a smaller --num, after a Ctrl-C and after a torn last
+    line, it ends with exactly the texts of one uninterrupted run. Other settings, a smaller --num, a file
+    it did not write and a second process are refused with one line, and leave the file as it was."""
+    from ms_dfkd.run_files import FileLock
+    from ms_dfkd.train import Distiller
+    common = ["generate", "--config", SMOKE, "--teacher.checkpoint", smoke_teacher]
+    ref, part = tmp_path / "ref.jsonl", tmp_path / "part.jsonl"
+    assert main([*common, "--num", "10", "--out", str(ref)]) == 0  # batches of 4: 4 + 4 + 2
+    assert main([*common, "--num", "6", "--out", str(part)]) == 0
+    assert len(_jsonl(part)) == 6
+
+    calls, real_generate = [], Distiller.generate_batch
+
+    def interrupted_at_the_second_batch(self, step_id, *args, **kwargs):
+        calls.append(step_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(self, step_id, *args, **kwargs)
+    monkeypatch.setattr(Distiller, "generate_batch", interrupted_at_the_second_batch)
+    capsys.readouterr()
+    assert main([*common, "--num", "10", "--out", str(part)]) == 130
+    assert "interrupted; run the same command again to continue" in capsys.readouterr().err
+    assert calls == [10_000_001, 10_000_002]  # batch 1 completed (rows 6, 7), batch 2 cut short
+    assert len(_jsonl(part)) == 8
+    with open(part, "a") as f:
+        f.write('{"text": "half a li')  # a process killed while writing
+    monkeypatch.setattr(Distiller, "generate_batch", real_generate)
+    assert main([*common, "--num", "10", "--out", str(part)]) == 0
+    assert _jsonl(part) == _jsonl(ref)
+    assert (tmp_path / "part.jsonl.torn.orphaned").read_text() == '{"text": "half a li'
+
+    before = part.read_bytes()
+    for extra, words in ((["--num", "10", "--generator.top_p", "0.5"], "generator.top_p 1.0 -> 0.5"),
+                         (["--num", "10", "--run.seed", "3"], "run.seed 0 -> 3"),
+                         (["--num", "4"], "already holds 10 texts, more than --num 4")):
+        capsys.readouterr()
+        assert main([*common, *extra, "--out", str(part)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and str(part) in err[0], err
+    assert part.read_bytes() == before
+    foreign = tmp_path / "mine.jsonl"
+    foreign.write_text('{"text": "my own"}\n')
+    assert main([*common, "--num", "4", "--out", str(foreign)]) == 2
+    assert "was not written by this command" in capsys.readouterr().err
+    with FileLock(tmp_path / ".part.jsonl.lock", "part", "wait"):  # another generate writing it
+        assert main([*common, "--num", "12", "--out", str(part)]) == 2
+        assert "--out " + str(part) + " is in use by pid" in capsys.readouterr().err
+    assert part.read_bytes() == before
+
+
 def test_train_teacher_reuses_its_checkpoint_unless_forced(smoke_teacher, tmp_path, caplog):
     import logging
     from ms_dfkd.build import load_teacher
