@@ -65,6 +65,8 @@ def instrument(d, clock):
         dec = real_decoder(*args, **kwargs)
         if not getattr(dec, "_profiled", False):
             dec.prefill = clock.wrap("sample: prefill", dec.prefill)
+            if dec.prefill_after is not None:  # the rest of each prompt after a shared start: prefill too
+                dec.prefill_after = clock.wrap("sample: prefill", dec.prefill_after)
             dec.step = clock.wrap("sample: decode steps", dec.step)
             dec._profiled = True
         return dec

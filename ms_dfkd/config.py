@@ -99,6 +99,9 @@ class GeneratorConfig:
     gumbel_tau: float = 1.0
     chat_template: bool = True
     stop_at_newline: bool = True
+    # sampling computes a prompt start that rows share (template and label) once per group of rows
+    # (models/llama_sampling.py); false: every prompt row in full
+    share_prompt_prefix: bool = True
     # dfkd-t3: a trainable vector per label added to the states entering the first trainable layer
     # (steps.GeneratorLoss); it trains at its own learning rate
     label_vectors: bool = False

@@ -493,3 +493,53 @@ def test_kv_cache_sampling_with_label_vectors_matches_numpy(tiny, graph, steer_l
         for t in range(T):
             ref = np_forward(w, cfg, np.array(row + list(new[b, :t])), steer=steer[b], steer_layer=steer_layer)[-1]
             np.testing.assert_allclose(logits[b, t], ref, rtol=1e-4, atol=1e-4, err_msg=f"row {b} step {t}")
+
+
+# rows that begin alike, as the generator's prompts do (template and label first, then the passage)
+SHARED_ROWS = [[5, 9, 2, 33, 17, 40, 8, 1], [5, 9, 2, 33, 17, 12], [11, 3, 60, 7, 21, 30, 44, 2, 9],
+               [5, 9, 2, 33, 17, 6, 19, 50, 23, 4], [11, 3, 60, 7, 21, 13], [11, 3, 60, 7, 21, 55, 2]]
+
+
+def test_shared_prefix_picks_the_start_rows_share():
+    from ms_dfkd.models.llama_sampling import shared_prefix
+    ids, mask = left_pad(SHARED_ROWS)
+    n, group, first = shared_prefix(ids, mask, min_saved_per_row=1)
+    assert n == 5  # (6 - 2) * 5 positions saved; at 6 every row is its own group
+    assert list(group) in ([0, 0, 1, 0, 1, 1], [1, 1, 0, 1, 0, 0])
+    assert all(group[i] == g for g, i in enumerate(first))  # first[g]: a row of group g
+    assert len({tuple(SHARED_ROWS[i][:5]) for i in first}) == 2
+    steer = np.zeros((6, 4), np.float32)
+    steer[1] = 1.0  # another label vector: row 1 can no longer share with rows 0 and 3
+    n, group, _ = shared_prefix(ids, mask, steer, min_saved_per_row=1)
+    assert n == 5 and group[1] not in (group[0], group[2]) and group[0] == group[3] and group[2] == group[4]
+    assert shared_prefix(*left_pad(ROWS)) is None  # nothing shared: the plain prefill
+    assert shared_prefix(ids, mask, min_saved_per_row=4) is None  # 20 positions saved < 4 a row
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("with_steer", [False, True])
+def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_steer, monkeypatch):
+    """With a prompt start that rows share computed once per group, the logits each token was drawn from
+    still equal the float64 numpy forward of [prompt; tokens so far], per row; label vectors included."""
+    from ms_dfkd.models import llama_sampling
+    cfg, model, w = tiny
+    chosen, real = [], llama_sampling.shared_prefix
+    monkeypatch.setattr(llama_sampling, "shared_prefix",
+                        lambda *a, **k: chosen.append(real(*a, **{**k, "min_saved_per_row": 1})) or chosen[-1])
+    steer = None
+    if with_steer:  # one vector per group, as the label vectors are per label
+        v = (np.random.default_rng(2).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
+        steer = v[[0, 0, 1, 0, 1, 1]]
+    ids, mask = left_pad(SHARED_ROWS)
+    T = 5
+    new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, return_logits=True,
+                            steer=steer, steer_layer=1)
+    assert chosen[-1] is not None and chosen[-1][0] == 5  # the shared path ran
+    for b, row in enumerate(SHARED_ROWS):
+        for t in range(T):
+            ref = np_forward(w, cfg, np.array(row + list(new[b, :t])),
+                             steer=None if steer is None else steer[b], steer_layer=1)[-1]
+            np.testing.assert_allclose(logits[b, t], ref, rtol=1e-4, atol=1e-4, err_msg=f"row {b} step {t}")
+    plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1,
+                      share_prefix=False)
+    np.testing.assert_array_equal(new, plain)

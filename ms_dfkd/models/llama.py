@@ -242,10 +242,14 @@ class LlamaDecoderLayer(nn.Cell):
 
         With a cache (one-token decoding): the new key/value is written where
         ``write_slot`` ([1, 1, S, 1] bool) is true, attention reads the whole cache
-        [B, n_kv, S, D], and the updated cache is returned.
+        [B, n_kv, S, D], and the updated cache is returned. With a cache and no write_slot (a chunk
+        after a cached prefix): the chunk's keys/values follow the cached ones, and both are returned.
         """
         q, k, v = self.self_attn.project(self.input_layernorm(x), rope)
-        if cache_k is not None:
+        if cache_k is not None and write_slot is None:
+            k = ops.concat((cache_k, k), 2)
+            v = ops.concat((cache_v, v), 2)
+        elif cache_k is not None:
             k = ops.where(write_slot, k, cache_k)
             v = ops.where(write_slot, v, cache_v)
         x = x + self.self_attn.attend(q, k, v, bias)
@@ -309,6 +313,28 @@ class LlamaModel(nn.Cell):
                 x = x + cast(steer, x.dtype)
             x, k, v = layer(x, rope, bias)
             pad = ops.zeros((k.shape[0], k.shape[1], cache_len - p, k.shape[3]), k.dtype)
+            caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
+        return self.norm(x), caches
+
+    def prefill_after(self, input_ids, positions, key_mask, past, cache_len, steer=None, steer_layer=0):
+        """Prefill a left-padded chunk [B, L] that follows cached keys/values ``past`` (k_0, v_0, ... of
+        [B, n_kv, Lp, D]: a prompt prefix computed once for the rows that share it). positions [B, L] are
+        the chunk's token positions; key_mask [B, Lp + L] (1 = real) covers prefix and chunk; ``steer`` as
+        in ``prefill``. Returns (normed hidden [B, L, H], caches of [B, n_kv, cache_len, D]: the prefix in
+        slots [0, Lp), the chunk in [Lp, Lp + L), zeros after)."""
+        rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
+        l, lp = input_ids.shape[1], past[0].shape[2]
+        # every chunk position may read the whole prefix and the chunk's positions up to its own
+        causal = ops.concat((ops.ones((l, lp), ms.int32), ops.tril(ops.ones((l, l), ms.int32))), 1)
+        bias = attention_bias((causal.expand_dims(0) * key_mask.expand_dims(1)) > 0, self.n_kv,
+                              self.n_heads // self.n_kv)
+        x = self.embed(input_ids)
+        caches = ()
+        for i, layer in enumerate(self.layers):
+            if steer is not None and i == steer_layer:
+                x = x + cast(steer, x.dtype)
+            x, k, v = layer(x, rope, bias, past[2 * i], past[2 * i + 1])
+            pad = ops.zeros((k.shape[0], k.shape[1], cache_len - lp - l, k.shape[3]), k.dtype)
             caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
         return self.norm(x), caches
 

@@ -23,17 +23,28 @@ vocabulary in the step graph took most of a decode step on CPU (about 0.1 s of i
 falling back to the whole row only when their mass stays below top_p, and the noise is drawn
 for the nucleus's columns only: the same tokens, a fraction of the work.
 
+Shared prompt prefixes: rows whose prompts begin with the same tokens (the same template and label:
+a third of an 80-token prompt here) have the same keys/values there, since nothing before a position
+changes them. ``share_prefix`` computes such a prefix once per group of rows (``shared_prefix`` picks
+its length to save the most positions), then each row's remaining prompt as a chunk after it
+(``LlamaModel.prefill_after``). The cache then holds the prefix in its first slots, the rest of the
+prompt left-padded after it. The logits equal the full prefill's up to float rounding (a tested
+tolerance), so a rare near-tie of the Gumbel-max can pick another token than the full prefill would.
+
 Stopping and masks: a row stops at the first token that is ``eos_id`` or in ``stop_ids``.
 new_mask is 1 for the tokens before the stop and 0 from the stop token on; new_ids keeps
 the stop token itself (so callers can see why a row ended) and holds ``pad_id`` after it.
 """
 import contextlib
+import logging
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor
+from mindspore import Tensor, ops
 
 from kernels.gumbel_noise import gumbel_np
+
+log = logging.getLogger("ms_dfkd")
 
 
 def nucleus(probs, top_p, prefilter=256):
@@ -80,6 +91,11 @@ class KVCacheDecoder:
         self.model = model
         self.prefill = ms.jit(self._prefill) if graph else self._prefill
         self.step = ms.jit(self._step) if graph else self._step
+        # the shared-prefix path needs LlamaModel.prefill_after (the mindformers backend has none)
+        self.can_share_prefix = hasattr(model.model, "prefill_after")
+        self.prefill_after = (ms.jit(self._prefill_after) if graph else self._prefill_after) \
+            if self.can_share_prefix else None
+        self.said_which_path = False
 
     # steer (label vectors) is passed on only when given: models without it (the mindformers backend,
     # whose config refuses label vectors) keep their own prefill/decode_step signatures
@@ -89,6 +105,17 @@ class KVCacheDecoder:
         else:
             hidden, caches = self.model.model.prefill(ids, mask, cache_len, steer, steer_layer)
         return self.model.logits_from_hidden(hidden[:, -1:])[:, 0], caches  # left padding: last slot is real
+
+    def _prefill_after(self, ids, positions, key_mask, prefix_caches, group, cache_len, steer=None,
+                       steer_layer=0):
+        # prefix_caches: one row per group; each row reads its group's (a gather inside the graph)
+        past = tuple(ops.gather(c, group, 0) for c in prefix_caches)
+        if steer is None:
+            hidden, caches = self.model.model.prefill_after(ids, positions, key_mask, past, cache_len)
+        else:
+            hidden, caches = self.model.model.prefill_after(ids, positions, key_mask, past, cache_len, steer,
+                                                            steer_layer)
+        return self.model.logits_from_hidden(hidden[:, -1:])[:, 0], caches
 
     def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0):
         # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time
@@ -110,9 +137,38 @@ def _decoder(model, graph):
     return per_model[graph]
 
 
+def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
+    """The prompt prefix worth computing once per group of rows, for left-padded prompts ids/mask [B, P].
+
+    Returns (n, group [B], first [G]): rows with the same first n real tokens (and the same steer row)
+    form a group, ``first`` holds a row of each; n maximises the positions saved, (B - G) * n, and leaves
+    every row at least one token after the prefix. None when that saves under ``min_saved_per_row``
+    positions a row (a prompt without a shared start)."""
+    b = len(ids)
+    lengths = mask.sum(1).astype(np.int64)
+    limit = int(lengths.min()) - 1
+    if b < 2 or limit < 1:
+        return None
+    heads = np.stack([ids[i, ids.shape[1] - lengths[i]:][:limit] for i in range(b)])   # [B, limit]
+    extra = (np.zeros((b, 0), np.int64) if steer is None
+             else np.ascontiguousarray(np.asarray(steer, np.float32)).view(np.int32).reshape(b, -1))
+    best = None
+    for n in range(1, limit + 1):
+        _, first, group = np.unique(np.concatenate([heads[:, :n], extra], 1), axis=0, return_index=True,
+                                    return_inverse=True)
+        saved = (b - len(first)) * n
+        if best is None or saved > best[0]:
+            best = (saved, n, group.reshape(-1).astype(np.int32), first.astype(np.int32))
+        if len(first) == b:  # every row its own group from here on: nothing more to save
+            break
+    if best[0] < min_saved_per_row * b:
+        return None
+    return best[1:]
+
+
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
-           prompt_bucket=16, prefilter=256, steer=None, steer_layer=0):
+           prompt_bucket=16, prefilter=256, steer=None, steer_layer=0, share_prefix=True):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
@@ -122,6 +178,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     Returns numpy (new_ids int32 [B, T], new_mask int32 [B, T]) and, with return_logits,
     the float32 logits [B, T, V] each token was drawn from (zeros after every row stopped).
     graph=True runs prefill and step through ms.jit; graph=False runs them eagerly.
+    share_prefix: compute a prompt start that rows share once per group (module docstring); the path
+    taken is logged once per model.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
     mask = np.asarray(prompt_mask.asnumpy() if isinstance(prompt_mask, Tensor) else prompt_mask, np.int32)
@@ -140,11 +198,32 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
 
     b, p = ids.shape
     T, V = int(max_new_tokens), cfg.vocab_size
-    p2 = -(-p // prompt_bucket) * prompt_bucket
-    ids = np.concatenate([np.full((b, p2 - p), pad_id, np.int32), ids], 1)
-    mask = np.concatenate([np.zeros((b, p2 - p), np.int32), mask], 1)
-    cache_len = p2 + T
     lengths = mask.sum(1).astype(np.int32)
+    shared = shared_prefix(ids, mask, steer) if share_prefix and dec.can_share_prefix else None
+    if not dec.said_which_path:
+        dec.said_which_path = True
+        log.info("KV-cache sampling: " + ("a prompt start that rows share is computed once per group"
+                 if share_prefix and dec.can_share_prefix else
+                 "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else "")))
+    if shared:
+        # the cache: [shared prefix (n) | the rest of each prompt, left-padded (c) | new tokens (T)]
+        n, group, first = shared
+        rest = lengths - n
+        c = -(-int(rest.max()) // prompt_bucket) * prompt_bucket
+        chunk = np.full((b, c), pad_id, np.int32)
+        chunk_mask = np.zeros((b, c), np.int32)
+        for i in range(b):
+            chunk[i, c - rest[i]:] = ids[i, p - rest[i]:]
+            chunk_mask[i, c - rest[i]:] = 1
+        prefix_ids = np.stack([ids[i, p - lengths[i]:p - lengths[i] + n] for i in first])
+        chunk_pos = np.maximum(np.cumsum(chunk_mask, 1) - 1, 0) + n
+        mask = np.concatenate([np.ones((b, n), np.int32), chunk_mask], 1)
+        p2 = n + c
+    else:
+        p2 = -(-p // prompt_bucket) * prompt_bucket
+        ids = np.concatenate([np.full((b, p2 - p), pad_id, np.int32), ids], 1)
+        mask = np.concatenate([np.zeros((b, p2 - p), np.int32), mask], 1)
+    cache_len = p2 + T
     rows0 = np.arange(b, dtype=np.int64) * T           # row = b * max_new_tokens + t
     inv_temp = np.float32(0.0 if greedy else 1.0 / temperature)
     stops = np.array(sorted({int(eos_id), *map(int, stop_ids)}), np.int64)
@@ -160,7 +239,15 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     # no gradient bookkeeping in PyNative (MindSpore 2.10 keeps this context private)
     with getattr(ms, "_no_grad", contextlib.nullcontext)():
         steer_t = None if steer is None else Tensor(np.asarray(steer, np.float32)[:, None, :])
-        logits, caches = dec.prefill(Tensor(ids), Tensor(mask), cache_len, steer_t, int(steer_layer))
+        if shared:
+            st = None if steer_t is None else ops.gather(steer_t, Tensor(first), 0)
+            _, prefix_caches = dec.prefill(Tensor(prefix_ids), Tensor(np.ones_like(prefix_ids)), n, st,
+                                           int(steer_layer))
+            logits, caches = dec.prefill_after(Tensor(chunk), Tensor(chunk_pos.astype(np.int32)), Tensor(mask),
+                                               ms.mutable(prefix_caches), Tensor(group), cache_len, steer_t,
+                                               int(steer_layer))
+        else:
+            logits, caches = dec.prefill(Tensor(ids), Tensor(mask), cache_len, steer_t, int(steer_layer))
         for t in range(T):
             if t > 0:
                 slot = p2 + t - 1                      # where z_{t-1}'s key/value goes
