@@ -92,6 +92,9 @@ class GeneratorConfig:
     top_k_layers: int = 2
     lr: float = 1.0e-5
     batch_size: int = 8
+    # rows a no-gradient sampling call draws (prompted; two_phase dfkd-t3's data phase), handed out batch_size
+    # at a time; a multiple of batch_size; 0 = batch_size. Larger calls make a row cheaper (docs/BENCHMARKS.md)
+    sample_batch_size: int = 0
     prompt_max_length: int = 96
     max_new_tokens: int = 24
     sample_temperature: float = 1.0
@@ -236,6 +239,10 @@ class Config:
         if self.generator.label_vectors and self.generator.arch.startswith("mindformers"):
             raise ConfigError(f"generator.label_vectors: not supported with generator.arch {self.generator.arch} "
                               f"(its sampler has no way in for them); use a native arch")
+        sb, b = self.generator.sample_batch_size, self.generator.batch_size
+        if sb < 0 or (sb and sb % b):
+            raise ConfigError(f"generator.sample_batch_size: must be 0 or a multiple of generator.batch_size "
+                              f"({b}), got {sb}")
         if not 0 < self.generator.top_p <= 1:
             raise ConfigError(f"generator.top_p: must be in (0, 1], got {self.generator.top_p}")
         if self.loss.kd_temperature <= 0:

@@ -79,7 +79,7 @@ def save(d):
     state = {"counters": d.counters, "replay": d.replay.state_dict(),
              "corpus": d.corpus_sampler.state_dict() if d.corpus_sampler else None,
              "warmup_corpus": d.warmup_sampler.state_dict() if d.warmup_sampler else None,
-             "data_rng": d.data_rng.bit_generator.state,
+             "data_rng": d.data_rng.bit_generator.state, "ahead": d.ahead,
              "texts_offset": d.texts_out.offset, "metrics_offset": d.metrics_out.offset,
              "history": d.history, "method": d.method, "world_size": d.world, "acc": d.acc}
     # the teacher's outputs on the buffer are saved, not recomputed on resume: computed again in
@@ -229,6 +229,7 @@ def load(d):
     if d.warmup_sampler is not None and state.get("warmup_corpus") is not None:
         d.warmup_sampler.load_state_dict(state["warmup_corpus"])
     d.data_rng.bit_generator.state = state["data_rng"]
+    d.ahead, d.ahead_batch = state.get("ahead"), None  # a batch drawn ahead is sampled again when needed
     if d.rank > 0:
         # the samplers saved are rank 0's: reseed this rank's own streams so that ranks keep
         # drawing different batches (the replay records themselves are rank 0's until refilled)

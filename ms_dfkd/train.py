@@ -41,6 +41,7 @@ log = logging.getLogger("ms_dfkd")
 
 NOISE_STREAM_SAMPLE = 1
 NOISE_STREAM_WARMUP = 2  # warm-up samples draw their own noise: the rounds' samples stay as without warm-up
+NOISE_STREAM_AHEAD = 3  # rows drawn ahead (generator.sample_batch_size) draw noise of their own
 MAX_DRAWS_PER_BATCH = 50  # run.min_confidence: batches drawn for one kept batch before giving up
 
 
@@ -68,6 +69,7 @@ class Distiller:
         self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
                          "samples": 0, "warmup_steps": 0}
         self.history = []
+        self.ahead, self.ahead_batch = None, None  # sample_without_gradient's batch being handed out
         # the current phase's (warm-up's or round's) step metrics, kept in the checkpoint so that an
         # interrupted round writes the same metrics.jsonl line as a straight one
         self.acc = _empty_acc()
@@ -221,16 +223,17 @@ class Distiller:
         return ids, mask
 
     def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False, frozen=False,
-                       sampler=None):
-        """One batch of generator.batch_size samples, labels balanced, from the next corpus passages.
+                       sampler=None, rows=None):
+        """One batch of generator.batch_size (or ``rows``) samples, labels balanced, from the next corpus passages.
 
         frozen=True samples from G_θ0 (the pretrained generator, no label vectors) instead of the
         trained one; sampler: the passage stream (default: the run's). The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
         labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts, and with
         return_logits the generator's logits [B, T, V] each token was drawn from."""
         g = self.cfg.generator
-        passages = (sampler or self.corpus_sampler).next_batch(g.batch_size)
-        labels = np.asarray(balanced_labels(g.batch_size, self.K, n_step_id), np.int32)
+        n = rows or g.batch_size
+        passages = (sampler or self.corpus_sampler).next_batch(n)
+        labels = np.asarray(balanced_labels(n, self.K, n_step_id), np.int32)
         p_ids, p_mask = self._prompt_ids(passages, labels)
         seed = derive_seed(self.cfg.run.seed, self.rank, n_step_id, stream)
         model = self.frozen if frozen else self.generator
@@ -248,6 +251,29 @@ class Distiller:
                    ids=new_ids, mask=new_mask, texts=texts)
         if return_logits:
             out["logits"] = logits[0]
+        return out
+
+    def sample_without_gradient(self, step_id, return_logits=False):
+        """generate_batch(step_id) for a batch no gradient goes through. With generator.sample_batch_size
+        = m x batch_size, one call samples m batches' rows at once (batch j = step_id // m: the passages
+        of m batches, their labels, noise of its own) and the m steps take their slices of it in turn.
+        Only the batch being handed out is kept: ``ahead`` (its index and the passage cursor before it)
+        goes into the checkpoint, and a run resumed halfway through it samples it again."""
+        g = self.cfg.generator
+        m = (g.sample_batch_size or g.batch_size) // g.batch_size
+        if m == 1:
+            return self.generate_batch(step_id, return_logits=return_logits)
+        j, r = divmod(step_id, m)
+        if self.ahead is None or self.ahead["j"] != j or self.ahead_batch is None:
+            if self.ahead is not None and self.ahead["j"] == j:  # resumed halfway: the same batch again
+                self.corpus_sampler.load_state_dict(self.ahead["cursor"])
+            self.ahead = {"j": j, "cursor": self.corpus_sampler.state_dict()}
+            self.ahead_batch = self.generate_batch(j, stream=NOISE_STREAM_AHEAD, return_logits=True,
+                                                   rows=m * g.batch_size)
+        rows = slice(r * g.batch_size, (r + 1) * g.batch_size)
+        out = {k: v if k == "seed" else v[rows] for k, v in self.ahead_batch.items()}
+        if not return_logits:
+            del out["logits"]
         return out
 
     # ------------------------------------------------------------------ one unit of data per method
@@ -304,15 +330,16 @@ class Distiller:
     def _prompted_texts(self, n, step_id):
         # the prompted generator is G_θ0 itself: the logits its tokens were drawn from give their
         # perplexity under G_θ0, with no second forward
-        s = self.generate_batch(step_id, return_logits=True)
+        s = self.sample_without_gradient(step_id, return_logits=True)
         return s["texts"], s["labels"], {"perplexity_g0": _perplexity(s["logits"], s["ids"], s["mask"])}
 
     def _dfkd_t3_texts(self, n, step_id):
-        s = self.generate_batch(step_id)
         if self.cfg.run.schedule == "two_phase":  # the data phase: the trained generator, no update
+            s = self.sample_without_gradient(step_id)
             _, frozen = self.frozen_fwd(*self._full_sequence(s))
             return s["texts"], s["labels"], {"perplexity_g0": _perplexity(frozen.asnumpy(), s["ids"], s["mask"]),
                                              "gen_tokens": int(s["mask"].sum())}
+        s = self.generate_batch(step_id)
         return s["texts"], s["labels"], self._generator_update(s)
 
     def _label_stats(self, probs, labels, info):

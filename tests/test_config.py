@@ -22,6 +22,7 @@ def test_yaml_and_overrides(tmp_path):
     ("run:\n  method: magic\n", "run.method"),
     ("generator:\n  top_p: 1.5\n", "generator.top_p"),
     ("generator:\n  batch_size: 3\n", "generator.batch_size"),
+    ("generator:\n  batch_size: 8\n  sample_batch_size: 12\n", "generator.sample_batch_size"),
     ("run: [1, 2]\n", "section 'run'"),
     ("run:\n  seed: [\n", "not valid YAML"),
 ])

@@ -148,3 +148,46 @@ def test_generator_from_starts_a_run_from_another_runs_generator_phase(smoke_tea
     assert not (tmp_path / "c" / "config.yaml").exists()  # refused before the run folder was written
     with pytest.raises(FileNotFoundError, match="missing"):
         _distiller(_cfg(smoke_teacher, tmp_path / "d", *two_phase, "--run.generator_from", str(tmp_path / "missing"))).run()
+
+
+def test_sample_batch_size_draws_two_batches_at_once_and_resumes_bit_for_bit(smoke_teacher, tmp_path):
+    """generator.sample_batch_size 8 (two batches of 4): one sampling call serves two steps, over the passages
+    and labels that batches of 4 drawn one at a time get (only the noise differs). A run stopped between the
+    two steps of a call resumes to the straight run's texts and checkpoint (the call is sampled again)."""
+    from test_e2e_smoke import _ckpt, _interrupt_after
+    over = ("--run.method", "prompted", "--run.rounds", "2", "--run.gen_steps_per_round", "3",
+            "--run.student_steps_per_round", "1")
+
+    def run(out, *extra, interrupt=None):
+        d = _distiller(_cfg(smoke_teacher, tmp_path / out, *over, *extra))
+        calls, real = [], d.generate_batch
+
+        def spy(step_id, stream=1, **kw):
+            s = real(step_id, stream, **kw)
+            calls.append((len(s["passages"]), list(s["passages"])))
+            return s
+        d.generate_batch = spy
+        if interrupt:
+            _interrupt_after(d, "_produce", interrupt)
+        return d.run(), calls
+
+    plain_done, plain = run("plain")
+    ahead_done, ahead = run("ahead", "--generator.sample_batch_size", "8")
+    assert plain_done is not None and ahead_done is not None
+    assert [n for n, _ in plain] == [4] * 6 and [n for n, _ in ahead] == [8] * 3
+    assert sum((p for _, p in plain), []) == sum((p for _, p in ahead), [])  # the same passages, in order
+    recs = {k: [json.loads(l) for l in (tmp_path / k / "generated.jsonl").read_text().splitlines()]
+            for k in ("plain", "ahead")}
+    assert [r["target"] for r in recs["plain"]] == [r["target"] for r in recs["ahead"]] == [0, 1] * 12
+    assert [r["text"] for r in recs["plain"]] != [r["text"] for r in recs["ahead"]]  # noise of its own
+
+    stopped, _ = run("resumed", "--generator.sample_batch_size", "8", interrupt=1)  # after step 0 of call 0
+    assert stopped is None
+    resumed, again = run("resumed", "--generator.sample_batch_size", "8")
+    assert resumed is not None
+    assert again[0][1] == ahead[0][1]  # call 0 sampled again for its second step
+    assert (tmp_path / "ahead" / "generated.jsonl").read_text() == (tmp_path / "resumed" / "generated.jsonl").read_text()
+    ca, cb = _ckpt(tmp_path / "ahead"), _ckpt(tmp_path / "resumed")
+    assert sorted(ca) == sorted(cb)
+    for k in ca:
+        np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
