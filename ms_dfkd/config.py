@@ -168,11 +168,14 @@ class RunConfig:
 class ResultsConfig:
     """Read by scripts/reproduce_results.py only: the seeds of the results table and its transfer students."""
     seeds: typing.List[int] = field(default_factory=lambda: [0, 1, 2])
-    transfer_steps: int = 96       # distill-from-texts steps of the second student
+    transfer_steps: int = 96       # distill-from-texts steps of the second student; 0 = no transfer rows
     transfer_student: str = "minilm_l6_layers:2"
     min_confidence: float = 0.0    # > 0: also prompted + filter and dfkd-t3 + filter, at this run.min_confidence
     share_generator_phase: bool = False  # two_phase: the first seed's dfkd-t3 run trains the generator phase and
     #                                      every other dfkd-t3 run starts from it (run.generator_from)
+    methods: typing.List[str] = field(default_factory=lambda: list(METHODS))  # the table's rows, in this order
+    section: str = ""              # "": the task's own table; a name: a section of that name after it in the
+    #                                same results file (a profile that varies one setting, e.g. the generator)
 
 
 @dataclass
@@ -231,6 +234,12 @@ class Config:
             raise ConfigError(f"run.schedule: {self.run.schedule!r} is not one of {SCHEDULES}")
         if not 0 <= self.run.min_confidence < 1:
             raise ConfigError(f"run.min_confidence: must be in [0, 1), got {self.run.min_confidence}")
+        bad = [m for m in self.results.methods if m not in METHODS]
+        if bad or not self.results.methods or len(set(self.results.methods)) != len(self.results.methods):
+            raise ConfigError(f"results.methods: {self.results.methods!r} must name each of {METHODS} at most once "
+                              "(at least one)")
+        if self.results.section and not self.results.section.replace("_", "").isalnum():
+            raise ConfigError(f"results.section: {self.results.section!r} must be letters, digits and underscores")
         if not 0 <= self.results.min_confidence < 1:
             raise ConfigError(f"results.min_confidence: must be in [0, 1), got {self.results.min_confidence}")
         if self.run.min_confidence and self.run.method not in ("prompted", "dfkd-t3"):

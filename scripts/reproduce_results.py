@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,16 +26,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["random", "corpus", "prompted", "dfkd-t3", "real"]
-
 
 
 def table_rows(prof):
     """(folder prefix, row name, run.method, extra distill overrides) of every row of the table, in order:
-    the five methods, and with results.min_confidence the two generative ones with the teacher-confidence
-    filter (run.min_confidence) after each."""
+    the methods of results.methods (all five by default), and with results.min_confidence the two generative
+    ones with the teacher-confidence filter (run.min_confidence) after each."""
     rows = []
-    for m in METHODS:
+    for m in prof.results.methods:
         rows.append((m, m, m, []))
         if m in ("prompted", "dfkd-t3") and prof.results.min_confidence:
             rows.append((f"{m}_filter", f"{m} + filter", m,
@@ -55,8 +54,14 @@ def shared_generator_phase(prof, out, key, seed):
 
 PROFILES = {"quick": ROOT / "configs" / "results_quick.yaml", "full": ROOT / "configs" / "results_full.yaml"}
 NER_PROFILES = {"quick": ROOT / "configs" / "results_ner_quick.yaml", "full": ROOT / "configs" / "results_ner.yaml"}
-# the NER table's section of the results file begins at this line (the sentiment table is what precedes it)
-NER_MARK = "<!-- NER section: written by scripts/reproduce_results.py --task ner -->"
+# A results file is the task's own table, then named sections (the NER table; a profile with results.section),
+# each beginning at a marker line of this form.
+SECTION_MARK = "<!-- {name} section: written by scripts/reproduce_results.py {how} -->"
+MARK_RE = re.compile(r"^<!-- (\w+) section: written by scripts/reproduce_results\.py.*-->$", re.M)
+NER_MARK = SECTION_MARK.format(name="NER", how="--task ner")
+# the header's name of a generator.arch
+GENERATOR_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)",
+                   "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)"}
 
 
 def load_profile(path):
@@ -105,8 +110,8 @@ def main():
     ap.add_argument("--task", choices=["sentiment", "ner"], default="sentiment",
                     help="the table: sentiment (Rotten Tomatoes, default) or ner (WNUT-16 Twitter NER)")
     ap.add_argument("--quick", action="store_true", help="one seed, short runs (about 20 minutes)")
-    ap.add_argument("--out", default=None, help="results folder (default runs/results_full, runs/results_quick, "
-                    "runs/results_ner or runs/results_ner_quick)")
+    ap.add_argument("--out", default=None, help="results folder (default runs/ and the profile's file name: "
+                    "runs/results_full, runs/results_quick, runs/results_ner, ...)")
     ap.add_argument("--config", default=None, help="results profile (default configs/results_full.yaml, or "
                     "configs/results_quick.yaml with --quick; configs/results_ner[_quick].yaml with --task ner)")
     ap.add_argument("--render-only", action="store_true",
@@ -121,12 +126,11 @@ def main():
     if (prof.task.kind == "token") != (args.task == "ner"):
         raise SystemExit(f"reproduce_results: {profile} is a {prof.task.kind} task's profile; --task {args.task} "
                          f"needs a {'token' if args.task == 'ner' else 'sequence'} one")
-    folder = f"results_{name}" if args.task == "sentiment" else ("results_ner_quick" if args.quick else "results_ner")
-    out = Path(args.out or ROOT / "runs" / folder)
+    out = Path(args.out or ROOT / "runs" / profile.stem)
     if args.render_only:  # reads the folder, creates nothing
         if not any(out.glob("*_seed*/final.json")):  # would overwrite the table with an empty one
             raise SystemExit(f"--render-only: no finished runs (*_seed*/final.json) in {out}")
-        return render(out, prof, name, None, WallTimes(out / "wall_s.json").s)
+        return render(out, prof, name, None, WallTimes(out / "wall_s.json").s, how=_how(args))
     out.mkdir(parents=True, exist_ok=True)
     log = out / "log.txt"
     exe = [sys.executable, "-m", "ms_dfkd.cli"]
@@ -152,7 +156,7 @@ def main():
                          "--run.out_dir", str(run), *shared_generator_phase(prof, out, key, seed)]
             print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
-    for method in ("dfkd-t3", "prompted"):
+    for method in ("dfkd-t3", "prompted") if prof.results.transfer_steps else ():
         for seed in seeds:
             dst = out / f"transfer_{method}_seed{seed}.json"
             if dst.exists():
@@ -165,7 +169,13 @@ def main():
                                  "--run.seed", str(seed)], log)
             walls.run(key, exe + ["eval", *common, *transfer, "--student", str(st),
                                  "--no-teacher", "--split", "test", "--json-out", str(dst)], log)
-    render(out, prof, name, time.time() - t_start, walls.s)
+    render(out, prof, name, time.time() - t_start, walls.s, how=_how(args))
+
+
+def _how(args):
+    """The command line that makes a table, as its header and section marker say it."""
+    return " ".join(["--task ner"] * (args.task == "ner") + ["--quick"] * args.quick +
+                    [f"--config {args.config}"] * bool(args.config))
 
 
 def _mean_std(xs):
@@ -256,9 +266,10 @@ SHARE_TARGET = {"sequence": "target at least 90%, aim 95%", "token": "target at 
 SHARE_MIN = {"sequence": 0.9, "token": 0.6}
 
 
-def render(out, prof, name, wall, steps=None, root=ROOT):
+def render(out, prof, name, wall, steps=None, root=ROOT, how=""):
     """The results file under root (RESULTS.md, or RESULTS_quick.md for the quick profile; a token task's table
-    is that file's NER section) and the PNG, from the run folders (nothing typed by hand)."""
+    is that file's NER section, a profile with results.section its own section) and the PNG, from the run
+    folders (nothing typed by hand). how: the script's arguments, for the header."""
     kind = prof.task.kind
     metric = "micro_f1" if kind == "token" else prof.task.metric  # eval's JSON names entity F1 micro_f1
     label = "entity F1" if kind == "token" else metric
@@ -285,14 +296,16 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
     tt = out / "teacher_test.json"
     teacher = json.loads(tt.read_text())["teacher"] if tt.exists() else {}
     t = teacher.get(metric, float("nan"))
-    title = f"# NER results ({name} profile)" if kind == "token" else f"# Results ({name} profile)"
-    flag = " --task ner" if kind == "token" else ""
+    section = prof.results.section or ("NER" if kind == "token" else "")
+    how = how or ("--task ner" if kind == "token" else "") + (" --quick" if name == "quick" else "")
+    generator = GENERATOR_NAMES.get(prof.generator.arch, prof.generator.arch)
+    title = (f"# Results with {generator} as the generator" if prof.results.section else
+             f"# NER results ({name} profile)" if kind == "token" else f"# Results ({name} profile)")
     lines = [title, "",
-             f"Written by `scripts/reproduce_results.py{flag}" + (" --quick" if name == "quick" else "") +
-             "`; do not edit.",
+             "Written by `scripts/reproduce_results.py" + (f" {how}" if how else "") + "`; do not edit.",
              *(l.format(types=", ".join(prof.task.entity_types or []), student=student_words(prof.student.arch))
               for l in TASK_LINES[kind]),
-             "Generator: SmolLM2-135M-Instruct. Corpus: BBC news + 2012 convention speeches.",
+             f"Generator: {generator}. Corpus: BBC news + 2012 convention speeches.",
              _budget_line(prof),
              "Budgets and learning rates were chosen on dev (docs/EXPERIMENTS.md).",
              _wall_line(wall, steps), "",
@@ -353,9 +366,10 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
             cells.append(f"{statistics.mean(v):.3f}" if v else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     second = student_words(prof.results.transfer_student)
-    lines += ["", f"## Transfer: a second student ({second}) from saved texts", "",
-              f"| texts from | student-2 test {label} |", "|---|---|"]
-    for method in ("dfkd-t3", "prompted"):
+    if prof.results.transfer_steps:
+        lines += ["", f"## Transfer: a second student ({second}) from saved texts", "",
+                  f"| texts from | student-2 test {label} |", "|---|---|"]
+    for method in ("dfkd-t3", "prompted") if prof.results.transfer_steps else ():
         accs = []
         for seed in prof.results.seeds:
             f = out / f"transfer_{method}_seed{seed}.json"
@@ -367,8 +381,9 @@ def render(out, prof, name, wall, steps=None, root=ROOT):
     if png:
         lines += ["", f"![student dev {label}]({os.path.relpath(png, root)})"]
     dst = root / ("RESULTS.md" if name == "full" else "RESULTS_quick.md")
-    write_section(dst, "\n".join(lines) + "\n", ner=kind == "token")
-    print(f"[results] wrote {dst}" + (" (its NER section)" if kind == "token" else ""))
+    mark = SECTION_MARK.format(name=section, how=how) if section else None
+    write_section(dst, "\n".join(lines) + "\n", mark)
+    print(f"[results] wrote {dst}" + (f" (its {section} section)" if section else ""))
 
 
 def _sample_lines(out, prof):
@@ -402,18 +417,20 @@ def _sample_lines(out, prof):
     return lines
 
 
-def write_section(dst, text, ner):
-    """Write the sentiment table (ner False: all of dst before NER_MARK) or the NER table (after it), keeping
-    the other as it is."""
+def write_section(dst, text, mark=None):
+    """Write the task's own table (mark None: all of dst before the first section marker) or the section that
+    begins at marker line mark (a new one goes last), keeping the rest of dst as it is."""
     old = dst.read_text() if dst.exists() else ""
-    head, _, tail = old.partition(NER_MARK)
-    if ner:
-        tail = text
-    else:
+    found = list(MARK_RE.finditer(old))
+    head = old[:found[0].start()] if found else old
+    sections = {m.group(1): [m.group(0), old[m.end():nxt.start() if nxt else len(old)]]
+                for m, nxt in zip(found, found[1:] + [None])}  # name -> [marker line, text]
+    if mark is None:
         head = text
+    else:
+        sections[MARK_RE.match(mark).group(1)] = [mark, text]
     parts = [head.rstrip("\n") + "\n"] if head.strip() else []
-    if tail.strip():
-        parts.append(NER_MARK + "\n\n" + tail.strip("\n") + "\n")
+    parts += [f"{m}\n\n{body.strip(chr(10))}\n" for m, body in sections.values() if body.strip()]
     dst.write_text("\n".join(parts))
 
 
@@ -438,7 +455,7 @@ def plot(out, prof, name, root=ROOT):
     ax.set_ylabel("student dev " + ("entity F1" if prof.task.kind == "token" else prof.task.metric))
     ax.legend()
     ax.grid(alpha=0.3)
-    task = "ner_" if prof.task.kind == "token" else ""
+    task = f"{prof.results.section}_" if prof.results.section else "ner_" if prof.task.kind == "token" else ""
     png = root / f"results_{task}{name}_dev_{prof.task.metric}.png"
     fig.tight_layout()
     fig.savefig(png, dpi=100)

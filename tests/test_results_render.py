@@ -189,3 +189,43 @@ def test_task_ner_refuses_a_sequence_profile(tmp_path):
                         "--config", str(R.PROFILES["quick"]), "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "is a sequence task's profile; --task ner needs a token one" in r.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_section_profile_renders_only_its_methods_and_keeps_the_other_tables(tmp_path):
+    """configs/results_qwen.yaml: results.methods [prompted, dfkd-t3] and results.section qwen; its table is a
+    section of RESULTS.md of its own, so the task's table and the NER section around it stay byte for byte."""
+    out, root = tmp_path / "runs", tmp_path / "root"
+    root.mkdir()
+    _runs(out)
+    before = "# Results (full profile)\n\nthe SmolLM2 table\n\n" + R.NER_MARK + "\n\n# NER results\n\nner table\n"
+    (root / "RESULTS.md").write_text(before)
+    qwen = R.load_profile(ROOT / "configs" / "results_qwen.yaml")
+    assert [r[1] for r in R.table_rows(qwen)] == ["prompted", "dfkd-t3"]
+    how = "--config configs/results_qwen.yaml"
+    R.render(out, qwen, "full", None, None, root=root, how=how)
+    text = (root / "RESULTS.md").read_text()
+    mark = "<!-- qwen section: written by scripts/reproduce_results.py --config configs/results_qwen.yaml -->"
+    assert text.startswith(before) and text.count(mark) == 1
+    section = text.split(mark)[1]
+    assert section.lstrip().startswith("# Results with Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M) as the generator")
+    assert "Written by `scripts/reproduce_results.py --config configs/results_qwen.yaml`" in section
+    table = section.split("## Against")[0]
+    assert "| prompted | 0.7200 ± 0.0200 |" in table and "| dfkd-t3 | 0.7500 ± 0.0100 |" in table
+    assert "random" not in table and "corpus" not in table and "| real |" not in table
+    assert "| dfkd-t3 − prompted | +0.0300, +0.0600, +0.0000 | +0.0300 | 0.0200 | yes |" in section
+    assert "Transfer" not in section  # transfer_steps 0
+    assert (root / "results_qwen_full_dev_accuracy.png").exists() is False  # no dev points in metrics.jsonl
+    # the task's table and the NER table rendered again leave the qwen section where it is
+    R.render(out, R.load_profile(R.PROFILES["full"]), "full", None, None, root=root)
+    again = (root / "RESULTS.md").read_text()
+    assert again.count(mark) == 1 and again.split(mark)[1] == section
+    assert again.index(R.NER_MARK) < again.index(mark) and "the SmolLM2 table" not in again
+
+
+@pytest.mark.parametrize("methods", [["prompted", "bogus"], [], ["real", "real"]])
+def test_results_methods_must_name_known_methods_once(tmp_path, methods):
+    from ms_dfkd.config import ConfigError, load_config
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"results:\n  methods: {json.dumps(methods)}\n")
+    with pytest.raises(ConfigError, match="results.methods"):
+        load_config(cfg)
