@@ -174,6 +174,8 @@ class ResultsConfig:
     share_generator_phase: bool = False  # two_phase: the first seed's dfkd-t3 run trains the generator phase and
     #                                      every other dfkd-t3 run starts from it (run.generator_from)
     methods: typing.List[str] = field(default_factory=lambda: list(METHODS))  # the table's rows, in this order
+    compare_generators: typing.List[str] = field(default_factory=list)  # other generator.arch values: the
+    #                                prompted and dfkd-t3 rows again with each (rows name their generator)
     section: str = ""              # "": the task's own table; a name: a section of that name after it in the
     #                                same results file (a profile that varies one setting, e.g. the generator)
 

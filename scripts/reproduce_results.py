@@ -28,17 +28,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+GENERATIVE = ("prompted", "dfkd-t3")
+
+
 def table_rows(prof):
     """(folder prefix, row name, run.method, extra distill overrides) of every row of the table, in order:
     the methods of results.methods (all five by default), and with results.min_confidence the two generative
-    ones with the teacher-confidence filter (run.min_confidence) after each."""
+    ones with the teacher-confidence filter (run.min_confidence) after each. With results.compare_generators,
+    the generative rows again with each of those generators (folders prompted_ARCH, ...), and every generative
+    row's name says its generator."""
+    compare = prof.results.compare_generators
     rows = []
     for m in prof.results.methods:
-        rows.append((m, m, m, []))
-        if m in ("prompted", "dfkd-t3") and prof.results.min_confidence:
-            rows.append((f"{m}_filter", f"{m} + filter", m,
+        name = generative_row(prof, m, prof.generator.arch) if m in GENERATIVE else m
+        rows.append((m, name, m, []))
+        if m in GENERATIVE and prof.results.min_confidence:
+            rows.append((f"{m}_filter", f"{name} + filter", m,
                          ["--run.min_confidence", repr(prof.results.min_confidence)]))
+    for arch in compare:
+        rows += [(f"{m}_{arch}", generative_row(prof, m, arch), m, ["--generator.arch", arch])
+                 for m in prof.results.methods if m in GENERATIVE]
     return rows
+
+
+def generative_row(prof, method, arch):
+    """The row name of a generative method: the method, and with results.compare_generators its generator."""
+    return f"{method}, {GENERATOR_SHORT.get(arch, arch)}" if prof.results.compare_generators else method
+
+
+def row_pairs(prof):
+    """The (higher, lower) row pairs the targets compare: each method above the next of ORDER; with
+    results.compare_generators, dfkd-t3 above prompted for each generator, then the profile's generator above
+    each compared one, method by method."""
+    if not prof.results.compare_generators:
+        return list(zip(ORDER, ORDER[1:]))
+    archs = [prof.generator.arch, *prof.results.compare_generators]
+    pairs = [(generative_row(prof, "dfkd-t3", a), generative_row(prof, "prompted", a)) for a in archs]
+    return pairs + [(generative_row(prof, m, archs[0]), generative_row(prof, m, a))
+                    for a in archs[1:] for m in GENERATIVE]
 
 
 def shared_generator_phase(prof, out, key, seed):
@@ -60,6 +87,7 @@ SECTION_MARK = "<!-- {name} section: written by scripts/reproduce_results.py {ho
 MARK_RE = re.compile(r"^<!-- (\w+) section: written by scripts/reproduce_results\.py.*-->$", re.M)
 NER_MARK = SECTION_MARK.format(name="NER", how="--task ner")
 # the header's name of a generator.arch
+GENERATOR_SHORT = {"smollm2": "SmolLM2-135M", "qwen2.5-coder-0.5b": "Qwen2.5-0.5B", "qwen2.5-coder-1.5b": "Qwen2.5-1.5B"}
 GENERATOR_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M)",
                    "qwen2.5-coder-1.5b": "Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M)"}
 
@@ -123,6 +151,11 @@ def main():
         prof = load_profile(profile)
     except ValueError as e:  # ConfigError: names the file or the key
         raise SystemExit(f"reproduce_results: {e}") from None
+    from ms_dfkd.build import GENERATOR_ARCHS
+    for arch in prof.results.compare_generators:
+        if arch not in GENERATOR_ARCHS or arch == prof.generator.arch:
+            raise SystemExit(f"reproduce_results: {profile}: results.compare_generators: {arch!r} is not another "
+                             f"generator.arch than {prof.generator.arch!r} ({' | '.join(GENERATOR_ARCHS)})")
     if (prof.task.kind == "token") != (args.task == "ner"):
         raise SystemExit(f"reproduce_results: {profile} is a {prof.task.kind} task's profile; --task {args.task} "
                          f"needs a {'token' if args.task == 'ner' else 'sequence'} one")
@@ -221,12 +254,13 @@ def _wall_line(wall, steps):
 ORDER = ["dfkd-t3", "prompted", "corpus", "random"]
 
 
-def ordering(rows):
-    """Per adjacent pair (higher, lower) of ORDER: the test-accuracy differences seed by seed (every
-    method starts from the same student init for a seed), their mean, the larger of the two methods'
-    seed stds, and whether the mean difference exceeds that std. rows: method -> {seed: accuracy}."""
+def ordering(rows, pairs=None):
+    """Per pair (higher, lower) of row names (default: each adjacent pair of ORDER): the test-accuracy
+    differences seed by seed (every method starts from the same student init for a seed), their mean, the
+    larger of the two methods' seed stds, and whether the mean difference exceeds that std.
+    rows: row name -> {seed: accuracy}."""
     out = []
-    for hi, lo in zip(ORDER, ORDER[1:]):
+    for hi, lo in pairs or zip(ORDER, ORDER[1:]):
         seeds = sorted(set(rows.get(hi, {})) & set(rows.get(lo, {})))
         if not seeds:
             continue
@@ -299,13 +333,18 @@ def render(out, prof, name, wall, steps=None, root=ROOT, how=""):
     section = prof.results.section or ("NER" if kind == "token" else "")
     how = how or ("--task ner" if kind == "token" else "") + (" --quick" if name == "quick" else "")
     generator = GENERATOR_NAMES.get(prof.generator.arch, prof.generator.arch)
-    title = (f"# Results with {generator} as the generator" if prof.results.section else
+    compare = prof.results.compare_generators
+    title = (f"# Results with {generator} as the generator" + "".join(
+                 f" against {GENERATOR_NAMES.get(a, a)}" for a in compare) if prof.results.section else
              f"# NER results ({name} profile)" if kind == "token" else f"# Results ({name} profile)")
     lines = [title, "",
              "Written by `scripts/reproduce_results.py" + (f" {how}" if how else "") + "`; do not edit.",
              *(l.format(types=", ".join(prof.task.entity_types or []), student=student_words(prof.student.arch))
               for l in TASK_LINES[kind]),
-             f"Generator: {generator}. Corpus: BBC news + 2012 convention speeches.",
+             (f"Generator: {generator}." if not compare else "Generators: " + ", ".join(
+                 f"{GENERATOR_NAMES.get(a, a)} (rows marked {GENERATOR_SHORT.get(a, a)})"
+                 for a in [prof.generator.arch, *compare]) + ".") +
+             " Corpus: BBC news + 2012 convention speeches.",
              _budget_line(prof),
              "Budgets and learning rates were chosen on dev (docs/EXPERIMENTS.md).",
              _wall_line(wall, steps), "",
@@ -329,19 +368,22 @@ def render(out, prof, name, wall, steps=None, root=ROOT, how=""):
             cells = [f"{statistics.mean(per_type[(method, y)]):.3f}" if (method, y) in per_type else "-"
                      for y in types]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    pairs = ordering(rows) if len(prof.results.seeds) > 1 else []  # the targets are for the 3-seed table
+    # the targets are for the 3-seed table
+    pairs = ordering(rows, row_pairs(prof)) if len(prof.results.seeds) > 1 else []
     if pairs:
         lines += ["", "## Against the targets" + (" (NER)" if kind == "token" else ""), "",
-                  "Ordering: each method above the next by more than the seed std (here the larger of the "
-                  "two methods' stds). The differences are paired by seed: for a seed, every method starts "
-                  "from the same student init.", "",
+                  ("Ordering: each method above the next" if not compare else
+                   "Each pair: the first row above the second") + " by more than the seed std (here the larger "
+                  "of the two methods' stds). The differences are paired by seed: for a seed, every method "
+                  "starts from the same student init.", "",
                   "| pair | difference per seed | mean difference | larger seed std | met |", "|---|---|---|---|---|"]
         for d in pairs:
             std = f"{d['std']:.4f}" if d["std"] is not None else "- (one seed)"
             lines.append(f"| {d['pair'][0]} − {d['pair'][1]} | {', '.join(f'{x:+.4f}' for x in d['diffs'])} | "
                          f"{d['mean']:+.4f} | {std} | {'yes' if d['met'] else 'no'} |")
-    if pairs and rows.get("dfkd-t3") and t and not math.isnan(t):  # t is NaN without a teacher test
-        share = statistics.mean(rows["dfkd-t3"].values()) / t
+    dfkd = generative_row(prof, "dfkd-t3", prof.generator.arch)
+    if pairs and rows.get(dfkd) and t and not math.isnan(t):  # t is NaN without a teacher test
+        share = statistics.mean(rows[dfkd].values()) / t
         lines += ["", f"Share of the teacher's test {label} recovered by dfkd-t3: {share:.1%} "
                       f"({SHARE_TARGET[kind]}): {'met' if share >= SHARE_MIN[kind] else 'not met'}."]
     n_test.discard(None)
@@ -391,10 +433,10 @@ def _sample_lines(out, prof):
     each with the word-pieces the teacher tagged as an entity."""
     if prof.task.kind != "token":
         lines = ["", "## Generated texts, seed 0 (last five per label)", ""]
-        for method in ("prompted", "dfkd-t3"):
-            f = out / f"{method}_seed0" / "final.json"
-            if f.exists():
-                lines.append(f"### {method}")
+        for key, name, method, extra in table_rows(prof):
+            f = out / f"{key}_seed0" / "final.json"
+            if method in GENERATIVE and "--run.min_confidence" not in extra and f.exists():
+                lines.append(f"### {name}")
                 for label, texts in json.loads(f.read_text())["samples"].items():
                     lines.append(f"- **{label}**")
                     lines += [f"  - {t!r}" for t in texts]

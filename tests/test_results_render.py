@@ -192,34 +192,57 @@ def test_task_ner_refuses_a_sequence_profile(tmp_path):
 
 
 def test_a_section_profile_renders_only_its_methods_and_keeps_the_other_tables(tmp_path):
-    """configs/results_qwen.yaml: results.methods [prompted, dfkd-t3] and results.section qwen; its table is a
-    section of RESULTS.md of its own, so the task's table and the NER section around it stay byte for byte."""
+    """configs/results_qwen.yaml: results.methods [prompted, dfkd-t3], results.compare_generators [smollm2] and
+    results.section qwen; its table is a section of RESULTS.md of its own, so the task's table and the NER
+    section around it stay byte for byte, and its pairs compare each generator's rows seed by seed."""
     out, root = tmp_path / "runs", tmp_path / "root"
     root.mkdir()
     _runs(out)
+    smol = {"prompted": [0.70, 0.69, 0.71], "dfkd-t3": [0.71, 0.73, 0.72]}
+    for method, accs in smol.items():
+        for seed, acc in enumerate(accs):
+            run = out / f"{method}_smollm2_seed{seed}"
+            run.mkdir(parents=True)
+            (run / "final.json").write_text(json.dumps({"student_test": {"accuracy": acc, "n": 1000},
+                                                        "samples": {"negative": ["meh"], "positive": ["fine"]}}))
+            (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "specificity": 0.5 + 0.1 * seed}) + "\n")
     before = "# Results (full profile)\n\nthe SmolLM2 table\n\n" + R.NER_MARK + "\n\n# NER results\n\nner table\n"
     (root / "RESULTS.md").write_text(before)
     qwen = R.load_profile(ROOT / "configs" / "results_qwen.yaml")
-    assert [r[1] for r in R.table_rows(qwen)] == ["prompted", "dfkd-t3"]
+    rows = R.table_rows(qwen)
+    assert [r[1] for r in rows] == ["prompted, Qwen2.5-0.5B", "dfkd-t3, Qwen2.5-0.5B",
+                                    "prompted, SmolLM2-135M", "dfkd-t3, SmolLM2-135M"]
+    assert rows[2][0] == "prompted_smollm2" and rows[2][3] == ["--generator.arch", "smollm2"] and rows[0][3] == []
     how = "--config configs/results_qwen.yaml"
     R.render(out, qwen, "full", None, None, root=root, how=how)
     text = (root / "RESULTS.md").read_text()
     mark = "<!-- qwen section: written by scripts/reproduce_results.py --config configs/results_qwen.yaml -->"
     assert text.startswith(before) and text.count(mark) == 1
     section = text.split(mark)[1]
-    assert section.lstrip().startswith("# Results with Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M) as the generator")
+    assert section.lstrip().startswith("# Results with Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M) as the generator "
+                                       "against SmolLM2-135M-Instruct")
     assert "Written by `scripts/reproduce_results.py --config configs/results_qwen.yaml`" in section
     table = section.split("## Against")[0]
-    assert "| prompted | 0.7200 ± 0.0200 |" in table and "| dfkd-t3 | 0.7500 ± 0.0100 |" in table
+    assert "| prompted, Qwen2.5-0.5B | 0.7200 ± 0.0200 |" in table and "| dfkd-t3, Qwen2.5-0.5B | 0.7500 ± 0.0100 |" in table
+    assert "| dfkd-t3, SmolLM2-135M | 0.7200 ± 0.0100 | 0.7100, 0.7300, 0.7200 | 90.0% |" in table
     assert "random" not in table and "corpus" not in table and "| real |" not in table
-    assert "| dfkd-t3 − prompted | +0.0300, +0.0600, +0.0000 | +0.0300 | 0.0200 | yes |" in section
+    pairs = section.split("## Against")[1].split("## Generation")[0]
+    assert "| dfkd-t3, Qwen2.5-0.5B − prompted, Qwen2.5-0.5B | +0.0300, +0.0600, +0.0000 | +0.0300 | 0.0200 | yes |" in pairs
+    # SmolLM2: dfkd-t3 - prompted +0.01, +0.04, +0.01 (mean 0.02; stds 0.01, 0.01: met)
+    assert "| dfkd-t3, SmolLM2-135M − prompted, SmolLM2-135M | +0.0100, +0.0400, +0.0100 | +0.0200 | 0.0100 | yes |" in pairs
+    # Qwen above SmolLM2, method by method: prompted +0.02, +0.01, +0.03
+    assert "| prompted, Qwen2.5-0.5B − prompted, SmolLM2-135M | +0.0200, +0.0100, +0.0300 | +0.0200 | 0.0200 | no |" in pairs
+    assert pairs.count("\n| ") == 4 + 1  # the header row and four pairs
+    assert "recovered by dfkd-t3: 93.8%" in section  # the profile's generator's dfkd-t3 (0.75 / 0.80)
+    assert "| dfkd-t3, SmolLM2-135M | 0.600 |" in section  # specificity: mean of 0.5, 0.6, 0.7
+    assert "### prompted, SmolLM2-135M" in section and "'meh'" in section
     assert "Transfer" not in section  # transfer_steps 0
-    assert (root / "results_qwen_full_dev_accuracy.png").exists() is False  # no dev points in metrics.jsonl
     # the task's table and the NER table rendered again leave the qwen section where it is
     R.render(out, R.load_profile(R.PROFILES["full"]), "full", None, None, root=root)
     again = (root / "RESULTS.md").read_text()
     assert again.count(mark) == 1 and again.split(mark)[1] == section
     assert again.index(R.NER_MARK) < again.index(mark) and "the SmolLM2 table" not in again
+    assert "| prompted | 0.7200 ± 0.0200 |" in again.split(R.NER_MARK)[0]  # plain names without compare_generators
 
 
 @pytest.mark.parametrize("methods", [["prompted", "bogus"], [], ["real", "real"]])
@@ -229,3 +252,16 @@ def test_results_methods_must_name_known_methods_once(tmp_path, methods):
     cfg.write_text(f"results:\n  methods: {json.dumps(methods)}\n")
     with pytest.raises(ConfigError, match="results.methods"):
         load_config(cfg)
+
+
+def test_compare_generators_must_be_another_known_generator(tmp_path):
+    import subprocess
+    import sys
+    for bad in ("gpt-9", "qwen2.5-coder-0.5b"):  # unknown; the profile's own generator
+        prof = tmp_path / "p.yaml"
+        prof.write_text((ROOT / "configs" / "results_qwen.yaml").read_text().replace(
+            "compare_generators: [smollm2]", f"compare_generators: [{bad}]"))
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_results.py"), "--config", str(prof),
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True)
+        assert r.returncode == 1 and f"results.compare_generators: '{bad}' is not another generator.arch" in r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
