@@ -268,13 +268,11 @@ class Distiller:
             if self.ahead is not None and self.ahead["j"] == j:  # resumed halfway: the same batch again
                 self.corpus_sampler.load_state_dict(self.ahead["cursor"])
             self.ahead = {"j": j, "cursor": self.corpus_sampler.state_dict()}
-            self.ahead_batch = self.generate_batch(j, stream=NOISE_STREAM_AHEAD, return_logits=True,
+            # a method asks the same each time; logits only when it reads them (B x T x V floats)
+            self.ahead_batch = self.generate_batch(j, stream=NOISE_STREAM_AHEAD, return_logits=return_logits,
                                                    rows=m * g.batch_size)
         rows = slice(r * g.batch_size, (r + 1) * g.batch_size)
-        out = {k: v if k == "seed" else v[rows] for k, v in self.ahead_batch.items()}
-        if not return_logits:
-            del out["logits"]
-        return out
+        return {k: v if k == "seed" else v[rows] for k, v in self.ahead_batch.items()}
 
     # ------------------------------------------------------------------ one unit of data per method
     def _produce(self):

@@ -191,3 +191,11 @@ def test_sample_batch_size_draws_two_batches_at_once_and_resumes_bit_for_bit(smo
     assert sorted(ca) == sorted(cb)
     for k in ca:
         np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
+
+    # a caller that reads no logits (two_phase dfkd-t3's data phase) gets a call that computes none
+    d = _distiller(_cfg(smoke_teacher, tmp_path / "nologits", *over, "--generator.sample_batch_size", "8"))
+    asked, real = [], d.generate_batch
+    d.generate_batch = lambda *a, **kw: asked.append(kw.get("return_logits")) or real(*a, **kw)
+    first, second = d.sample_without_gradient(0), d.sample_without_gradient(1)
+    assert asked == [False] and "logits" not in first and "logits" not in second  # one call for both steps
+    assert len(first["texts"]) == len(second["texts"]) == 4 and first["passages"] != second["passages"]

@@ -92,9 +92,8 @@ class KVCacheDecoder:
         self.prefill = ms.jit(self._prefill) if graph else self._prefill
         self.step = ms.jit(self._step) if graph else self._step
         # the shared-prefix path needs LlamaModel.prefill_after (the mindformers backend has none)
-        self.can_share_prefix = hasattr(model.model, "prefill_after")
         self.prefill_after = (ms.jit(self._prefill_after) if graph else self._prefill_after) \
-            if self.can_share_prefix else None
+            if hasattr(model.model, "prefill_after") else None
         self.said_which_path = False
 
     # steer (label vectors) is passed on only when given: models without it (the mindformers backend,
@@ -199,11 +198,11 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     b, p = ids.shape
     T, V = int(max_new_tokens), cfg.vocab_size
     lengths = mask.sum(1).astype(np.int32)
-    shared = shared_prefix(ids, mask, steer) if share_prefix and dec.can_share_prefix else None
+    shared = shared_prefix(ids, mask, steer) if share_prefix and dec.prefill_after is not None else None
     if not dec.said_which_path:
         dec.said_which_path = True
         log.info("KV-cache sampling: " + ("a prompt start that rows share is computed once per group"
-                 if share_prefix and dec.can_share_prefix else
+                 if share_prefix and dec.prefill_after is not None else
                  "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else "")))
     if shared:
         # the cache: [shared prefix (n) | the rest of each prompt, left-padded (c) | new tokens (T)]
