@@ -17,14 +17,14 @@ ACC = {"random": [0.60, 0.70, 0.65], "corpus": [0.66, 0.67, 0.68], "prompted": [
        "dfkd-t3": [0.75, 0.76, 0.74], "real": [0.78, 0.78, 0.78]}
 
 
-def _runs(out):
-    for method, accs in ACC.items():
-        for seed, acc in enumerate(accs):
-            run = out / f"{method}_seed{seed}"
+def _runs(out, acc=ACC, folder="{method}_seed{seed}", texts=("bad", "good"), metrics=lambda seed: ""):
+    for method, accs in acc.items():
+        for seed, a in enumerate(accs):
+            run = out / folder.format(method=method, seed=seed)
             run.mkdir(parents=True)
-            (run / "final.json").write_text(json.dumps({"student_test": {"accuracy": acc, "n": 1000},
-                                                        "samples": {"negative": ["bad"], "positive": ["good"]}}))
-            (run / "metrics.jsonl").write_text("")
+            (run / "final.json").write_text(json.dumps({"student_test": {"accuracy": a, "n": 1000},
+                                                        "samples": {"negative": [texts[0]], "positive": [texts[1]]}}))
+            (run / "metrics.jsonl").write_text(metrics(seed))
     (out / "teacher_test.json").write_text(json.dumps({"teacher": {"accuracy": 0.80, "n": 1000}}))
 
 
@@ -198,14 +198,8 @@ def test_a_section_profile_renders_only_its_methods_and_keeps_the_other_tables(t
     out, root = tmp_path / "runs", tmp_path / "root"
     root.mkdir()
     _runs(out)
-    smol = {"prompted": [0.70, 0.69, 0.71], "dfkd-t3": [0.71, 0.73, 0.72]}
-    for method, accs in smol.items():
-        for seed, acc in enumerate(accs):
-            run = out / f"{method}_smollm2_seed{seed}"
-            run.mkdir(parents=True)
-            (run / "final.json").write_text(json.dumps({"student_test": {"accuracy": acc, "n": 1000},
-                                                        "samples": {"negative": ["meh"], "positive": ["fine"]}}))
-            (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "specificity": 0.5 + 0.1 * seed}) + "\n")
+    _runs(out, {"prompted": [0.70, 0.69, 0.71], "dfkd-t3": [0.71, 0.73, 0.72]}, "{method}_smollm2_seed{seed}",
+          ("meh", "fine"), lambda seed: json.dumps({"round": 0, "specificity": 0.5 + 0.1 * seed}) + "\n")
     before = "# Results (full profile)\n\nthe SmolLM2 table\n\n" + R.NER_MARK + "\n\n# NER results\n\nner table\n"
     (root / "RESULTS.md").write_text(before)
     qwen = R.load_profile(ROOT / "configs" / "results_qwen.yaml")

@@ -198,11 +198,12 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     b, p = ids.shape
     T, V = int(max_new_tokens), cfg.vocab_size
     lengths = mask.sum(1).astype(np.int32)
-    shared = shared_prefix(ids, mask, steer) if share_prefix and dec.prefill_after is not None else None
+    use_prefix = share_prefix and dec.prefill_after is not None
+    shared = shared_prefix(ids, mask, steer) if use_prefix else None
     if not dec.said_which_path:
         dec.said_which_path = True
         log.info("KV-cache sampling: " + ("a prompt start that rows share is computed once per group"
-                 if share_prefix and dec.prefill_after is not None else
+                 if use_prefix else
                  "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else "")))
     if shared:
         # the cache: [shared prefix (n) | the rest of each prompt, left-padded (c) | new tokens (T)]
