@@ -140,6 +140,8 @@ class RunConfig:
     gen_steps_per_round: int = 2   # k_G (dfkd-t3); for the other methods: batches drawn per round
     gen_warmup_steps: int = 0      # dfkd-t3: generator steps before round 1 whose samples train only the
     #                                generator (the student's data budget stays that of every method)
+    gen_phase_log_every: int = 0   # warm-up / generator phase: a metrics line every this many steps (its
+    #                                curve); 0 = one line for the whole phase
     student_steps_per_round: int = 4  # k_S
     # interleaved: dfkd-t3 updates its generator on every batch it draws (k_G a round).
     # two_phase: the generator trains in the warm-up only (the generator phase, on passages of its own);
@@ -260,6 +262,8 @@ class Config:
             raise ConfigError(f"loss.kd_temperature: must be > 0, got {self.loss.kd_temperature}")
         if self.run.gen_warmup_steps < 0:
             raise ConfigError(f"run.gen_warmup_steps: must be >= 0, got {self.run.gen_warmup_steps}")
+        if self.run.gen_phase_log_every < 0:
+            raise ConfigError(f"run.gen_phase_log_every: must be >= 0, got {self.run.gen_phase_log_every}")
         if self.run.gen_warmup_steps and self.run.method != "dfkd-t3":
             raise ConfigError(f"run.gen_warmup_steps: {self.run.gen_warmup_steps} needs run.method dfkd-t3 (only it "
                               f"trains a generator), not {self.run.method!r}")

@@ -344,6 +344,11 @@ class Distiller:
         """Adds to info the specificity rate of the teacher's probabilities on generated texts and, after
         a generator update (whose info carries the soft embedding's argmax), the bridge agreement."""
         info["specificity"] = M.specificity_rate(probs.argmax(-1), labels)
+        labels = np.asarray(labels)
+        for y, name in enumerate(self.cfg.task.label_names):  # per label: a generator may learn one class only
+            if (labels == y).any():
+                info[f"specificity_{name}"] = M.specificity_rate(probs[labels == y].argmax(-1), labels[labels == y])
+                info[f"target_prob_{name}"] = float(probs[labels == y, y].mean())
         if "soft_argmax" in info:
             info["bridge_agreement"] = float(np.mean(info.pop("soft_argmax") == probs.argmax(-1)))
 
@@ -445,21 +450,31 @@ class Distiller:
             s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP, sampler=self.warmup_sampler)
             info = self._generator_update(s, what=f"warm-up step {w}")
             self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
+            info["degenerate"] = M.degenerate_share(s["texts"])
+            info["batch_distinct_2"] = M.distinct_n(s["texts"], 2)  # the texts are not kept: per batch
             self.acc["tokens"] += info.pop("gen_tokens", 0)
             _accumulate(self.acc["info"], info)
             c["warmup_steps"] += 1
             bar.update(1)
             bar.set_postfix(_postfix(info))
+            every = self.cfg.run.gen_phase_log_every
+            if every and c["warmup_steps"] % every == 0 and c["warmup_steps"] < kW:
+                self._warmup_record()  # the generator-learning curve of a long phase
             if c["warmup_steps"] % max(self.cfg.run.gen_steps_per_round, 1) == 0 and c["warmup_steps"] < kW:
                 self.save_checkpoint()  # resumable within a long warm-up
+        self._warmup_record()
+        self.save_checkpoint()
+
+    def _warmup_record(self):
+        """A metrics line of the warm-up steps since the last one (the whole warm-up without
+        run.gen_phase_log_every). phase=warmup: readers of metrics.jsonl that aggregate rounds skip it."""
         info_sum, toks, seconds = self._close_phase()
         rec = {k: float(np.mean(v)) for k, v in info_sum.items()}
-        # phase=warmup: readers of metrics.jsonl that aggregate rounds skip this record
-        rec.update(phase="warmup", warmup_steps=c["warmup_steps"], steps_in_record=len(info_sum.get("loss_g", [])),
-                   warmup_s=seconds, gen_tokens_per_s=toks / max(seconds, 1e-9), peak_rss_mb=peak_rss_mb())
+        rec.update(phase="warmup", warmup_steps=self.counters["warmup_steps"],
+                   steps_in_record=len(info_sum.get("loss_g", [])), warmup_s=seconds,
+                   gen_tokens_per_s=toks / max(seconds, 1e-9), peak_rss_mb=peak_rss_mb())
         if self.is_main:
             self.metrics_out.write([rec])
-        self.save_checkpoint()
 
     def _rounds(self, bar, kG, kS):
         cfg = self.cfg

@@ -84,6 +84,7 @@ def test_min_confidence_that_nothing_passes_is_a_clear_error(smoke_teacher, tmp_
     (("--run.generator_from", "runs/x"), "run.generator_from: 'runs/x' takes the generator phase from that run"),
     (("--run.generator_from", "runs/x", "--run.schedule", "two_phase", "--run.gen_warmup_steps", "2"),
      "run.generator_from: .* run.gen_warmup_steps 0"),
+    (("--run.gen_phase_log_every", "-1"), "run.gen_phase_log_every: must be >= 0, got -1"),
 ])
 def test_bad_schedule_settings_name_the_key(smoke_teacher, tmp_path, over, match):
     from ms_dfkd.config import ConfigError
@@ -113,6 +114,54 @@ def test_two_phase_with_label_vectors_and_filter_resumes_bit_for_bit(smoke_teach
     for k in ca:
         np.testing.assert_array_equal(ca[k], cb[k], err_msg=k)
     assert (a / "generated.jsonl").read_text() == (b / "generated.jsonl").read_text()
+
+
+def test_generator_phase_writes_its_curve_every_k_steps_and_a_resume_writes_the_same_lines(smoke_teacher, tmp_path):
+    """run.gen_phase_log_every 2 over a 4-step generator phase: two warm-up lines, each the mean over its two
+    steps of the per-label specificity and target probability (worked here from the teacher's probabilities
+    with numpy), the degenerate share and distinct-2 per batch. Cut by Ctrl-C after step 3 and resumed, the
+    run writes the same lines (timings aside)."""
+    from ms_dfkd import metrics as M
+    from test_e2e_smoke import _interrupt_after, _metrics_but_timings
+    over = ("--run.schedule", "two_phase", "--run.gen_warmup_steps", "4", "--run.gen_phase_log_every", "2",
+            "--run.rounds", "1", "--run.gen_steps_per_round", "3", "--run.student_steps_per_round", "1",
+            "--run.mode", "pynative")
+    a, b = tmp_path / "a", tmp_path / "b"
+    d = _distiller(_cfg(smoke_teacher, a, *over))
+    steps, real = [], d._label_stats
+
+    def spy(probs, labels, info):
+        if d.counters["round"] == 0 and d.counters["warmup_steps"] < 4:
+            steps.append((np.asarray(probs), np.asarray(labels)))
+        return real(probs, labels, info)
+    d._label_stats = spy
+    texts, real_update = [], d._generator_update
+
+    def update(s, what=None):
+        texts.append(list(s["texts"]))
+        return real_update(s, what)
+    d._generator_update = update
+    assert d.run() is not None and len(steps) == 4
+    lines = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    warm = [m for m in lines if m.get("phase") == "warmup"]
+    assert [(m["warmup_steps"], m["steps_in_record"]) for m in warm] == [(2, 2), (4, 2)]
+    for k, m in enumerate(warm):
+        for y, name in enumerate(("negative", "positive")):
+            spec = [np.mean(p[l == y].argmax(-1) == y) for p, l in steps[2 * k:2 * k + 2]]
+            prob = [np.mean(p[l == y, y]) for p, l in steps[2 * k:2 * k + 2]]
+            assert m[f"specificity_{name}"] == pytest.approx(np.mean(spec), abs=1e-9), (k, name)
+            assert m[f"target_prob_{name}"] == pytest.approx(np.mean(prob), rel=1e-6), (k, name)
+        batches = texts[2 * k:2 * k + 2]
+        assert m["batch_distinct_2"] == pytest.approx(np.mean([M.distinct_n(t, 2) for t in batches]))
+        assert m["degenerate"] == pytest.approx(np.mean([M.degenerate_share(t) for t in batches]))
+    # the smoke teacher answers 'positive' for every text: the two labels' values differ
+    assert warm[0]["specificity_negative"] == 0.0 and warm[0]["specificity_positive"] == 1.0
+
+    d = _distiller(_cfg(smoke_teacher, b, *over))
+    _interrupt_after(d, "_generator_update", 3)
+    assert d.run() is None and d.counters["warmup_steps"] == 3
+    assert _distiller(_cfg(smoke_teacher, b, *over)).run() is not None
+    assert _metrics_but_timings(b) == _metrics_but_timings(a)
 
 
 def test_generator_from_starts_a_run_from_another_runs_generator_phase(smoke_teacher, tmp_path):
