@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # its sibling module, also where the tests load this file by path
+from results_generator_phase import generator_phase_lines  # noqa: E402
 
 
 GENERATIVE = ("prompted", "dfkd-t3")
@@ -66,6 +68,16 @@ def row_pairs(prof):
     pairs = [(generative_row(prof, "dfkd-t3", a), generative_row(prof, "prompted", a)) for a in archs]
     return pairs + [(generative_row(prof, m, archs[0]), generative_row(prof, m, a))
                     for a in archs[1:] for m in GENERATIVE]
+
+
+def run_order(prof):
+    """(folder prefix, seed, run.method, extra overrides) of every distillation run, seed by seed in the table's
+    row order; with results.share_generator_phase the run that trains the generator phase goes first (the other
+    dfkd-t3 runs start from it, and its curve decides whether the rest is worth running)."""
+    runs = [(key, seed, method, extra) for seed in prof.results.seeds for key, _, method, extra in table_rows(prof)]
+    if prof.results.share_generator_phase:
+        runs.sort(key=lambda r: (r[0], r[1]) != ("dfkd-t3", prof.results.seeds[0]))  # stable: the rest keep order
+    return runs
 
 
 def shared_generator_phase(prof, out, key, seed):
@@ -178,16 +190,15 @@ def main():
     if not teacher_test.exists():
         walls.run("teacher_test", exe + ["eval", *common, "--split", "test", "--json-out", str(teacher_test)], log)
     seeds = prof.results.seeds
-    for seed in seeds:
-        for key, _, method, extra in table_rows(prof):
-            run = out / f"{key}_seed{seed}"
-            if (run / "final.json").exists():
-                print(f"[results] {run.name}: done, skipped")
-                continue
-            print(f"[results] {run.name} ...", flush=True)
-            cmd = exe + ["distill", *common, "--run.method", method, *extra, "--run.seed", str(seed),
-                         "--run.out_dir", str(run), *shared_generator_phase(prof, out, key, seed)]
-            print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
+    for key, seed, method, extra in run_order(prof):
+        run = out / f"{key}_seed{seed}"
+        if (run / "final.json").exists():
+            print(f"[results] {run.name}: done, skipped")
+            continue
+        print(f"[results] {run.name} ...", flush=True)
+        cmd = exe + ["distill", *common, "--run.method", method, *extra, "--run.seed", str(seed),
+                     "--run.out_dir", str(run), *shared_generator_phase(prof, out, key, seed)]
+        print(f"[results] {run.name}: {walls.run(run.name, cmd, log):.0f} s")
     # transfer: a second, different student from the saved texts of dfkd-t3 and prompted
     for method in ("dfkd-t3", "prompted") if prof.results.transfer_steps else ():
         for seed in seeds:
@@ -418,6 +429,7 @@ def render(out, prof, name, wall, steps=None, root=ROOT, how=""):
             if f.exists():
                 accs.append(json.loads(f.read_text())["student"][metric])
         lines.append(f"| {method} | {_mean_std(accs)} |")
+    lines += generator_phase_lines(out, prof, name, root)
     lines += _sample_lines(out, prof)
     png = plot(out, prof, name, root)
     if png:

@@ -127,8 +127,51 @@ def test_a_shared_generator_phase_is_trained_by_the_first_dfkd_t3_run_only(tmp_p
         assert got.pop(("dfkd-t3", seed), shared) == shared and got.pop(("dfkd-t3_filter", seed)) == shared
     assert all(v == [] for v in got.values()), got  # random, corpus, prompted, prompted_filter, real
     assert "trained once, by the seed-3 dfkd-t3 run" in R._budget_line(prof)
+    # that run goes first; the others keep the table's order, seed by seed
+    order = [(key, seed) for key, seed, _, _ in R.run_order(prof)]
+    rows = [key for key, _, _, _ in R.table_rows(prof)]
+    assert order == [("dfkd-t3", 3)] + [(k, s) for s in (3, 4) for k in rows if (k, s) != ("dfkd-t3", 3)]
+    assert [(k, s) for k, s, _, _ in R.run_order(load_config(R.PROFILES["full"]))] == [
+        (k, s) for s in (0, 1, 2) for k in ("random", "corpus", "prompted", "dfkd-t3", "real")]
     with pytest.raises(ConfigError, match="results.share_generator_phase"):
         load_config(R.PROFILES["full"], parse_overrides(["--results.share_generator_phase", "true"]))
+
+
+def test_the_generator_phase_curve_and_its_target_from_the_run_folders(tmp_path):
+    """run.gen_phase_log_every: the first seed's dfkd-t3 warm-up lines become the generator phase's table, with
+    prompted's level (the mean of its rounds over seeds) and the target over the last 100 steps, numbers worked
+    by hand; a phase still running states no target."""
+    from ms_dfkd.config import load_config, parse_overrides
+    over = ["--run.schedule", "two_phase", "--run.gen_warmup_steps", "200", "--run.gen_phase_log_every", "50"]
+    prof = load_config(R.PROFILES["full"], parse_overrides(over))
+    out, root = tmp_path / "runs", tmp_path / "root"
+    root.mkdir()
+
+    def line(step, neg, pos, ppl, degenerate=0.0):
+        return json.dumps({"phase": "warmup", "warmup_steps": step, "steps_in_record": 50, "specificity_negative": neg,
+                           "specificity_positive": pos, "target_prob_negative": 0.6, "target_prob_positive": 0.6,
+                           "loss_flu": 0.1, "perplexity_g0": ppl, "batch_distinct_2": 0.9, "degenerate": degenerate})
+    curve = [(50, 0.6, 0.5, 20.0), (100, 0.6, 0.5, 20.0), (150, 0.70, 0.66, 24.0), (200, 0.80, 0.70, 26.0)]
+    _runs(out, metrics=lambda seed: "\n".join(line(*c) for c in curve) + "\n" if seed == 0 else "")
+    for seed, (neg, pos) in enumerate([(0.60, 0.58), (0.64, 0.62), (0.62, 0.60)]):
+        (out / f"prompted_seed{seed}" / "metrics.jsonl").write_text("".join(
+            json.dumps({"round": r, "specificity_negative": neg, "specificity_positive": pos,
+                        "perplexity_g0": 16.0 + 2 * r}) + "\n" for r in range(2)))
+    text = "\n".join(R.generator_phase_lines(out, prof, "full", root))
+    assert "| 150-199 | 0.800 | 0.700 | 0.600 | 0.600 | 0.100 | 26.000 | 0.900 | 0.000 |" in text
+    # prompted: negative (0.60 + 0.64 + 0.62) / 3, positive 0.60, perplexity (16 + 18) / 2
+    assert "| prompted | 0.620 | 0.600 | - | - | - | 17.000 | - | - |" in text
+    # steps 100-199: negative (0.70 + 0.80) / 2 - 0.62 = +0.13, positive 0.68 - 0.60 = +0.08; ppl 25 / 17
+    assert ("Over steps 100-199: specificity above prompted's by +0.130 (negative), +0.080 (positive); perplexity "
+            "under G0 1.47x prompted's; 0.0% degenerate.") in text and text.endswith(")") and ": not met." in text
+    assert (root / "results_full_generator_phase.png").stat().st_size > 0
+    curve[3] = (200, 0.80, 0.76, 26.0)  # positive +0.11: met
+    (out / "dfkd-t3_seed0" / "metrics.jsonl").write_text("\n".join(line(*c) for c in curve) + "\n")
+    assert ": met." in "\n".join(R.generator_phase_lines(out, prof, "full", root))
+    (out / "dfkd-t3_seed0" / "metrics.jsonl").write_text("\n".join(line(*c) for c in curve[:3]) + "\n")
+    running = "\n".join(R.generator_phase_lines(out, prof, "full", root))
+    assert "| 100-149 |" in running and "Over steps" not in running
+    assert R.generator_phase_lines(out, load_config(R.PROFILES["full"]), "full", root) == []  # no curve asked for
 
 
 def test_the_ner_table_is_its_own_section_with_per_type_scores(tmp_path):
