@@ -267,7 +267,9 @@ class Config:
         if self.run.gen_warmup_steps and self.run.method != "dfkd-t3":
             raise ConfigError(f"run.gen_warmup_steps: {self.run.gen_warmup_steps} needs run.method dfkd-t3 (only it "
                               f"trains a generator), not {self.run.method!r}")
-        if self.results.share_generator_phase and (self.run.schedule != "two_phase" or not self.run.gen_warmup_steps):
+        # a dfkd-t3 run of such a profile trains the phase or starts from one; the other methods have none
+        if self.results.share_generator_phase and (self.run.schedule != "two_phase" or (
+                self.run.method == "dfkd-t3" and not self.run.gen_warmup_steps and not self.run.generator_from)):
             raise ConfigError(f"results.share_generator_phase: needs run.schedule two_phase and run.gen_warmup_steps "
                               f"> 0 (got {self.run.schedule}, {self.run.gen_warmup_steps})")
         if self.run.generator_from and (self.run.method != "dfkd-t3" or self.run.schedule != "two_phase"

@@ -85,6 +85,8 @@ def shared_generator_phase(prof, out, key, seed):
     of the first seed's dfkd-t3 run (that run trains it; its folder must be finished first, which the order of
     the runs ensures)."""
     first = out / f"dfkd-t3_seed{prof.results.seeds[0]}"
+    if not key.startswith("dfkd-t3"):  # only dfkd-t3 has a generator phase; the profile's steps are its
+        return ["--run.gen_warmup_steps", "0"] if prof.run.gen_warmup_steps else []
     if not prof.results.share_generator_phase or not key.startswith("dfkd-t3") or (
             key == "dfkd-t3" and seed == prof.results.seeds[0]):
         return []

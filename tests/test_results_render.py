@@ -125,7 +125,11 @@ def test_a_shared_generator_phase_is_trained_by_the_first_dfkd_t3_run_only(tmp_p
     assert got.pop(("dfkd-t3", 3)) == []
     for seed in (3, 4):
         assert got.pop(("dfkd-t3", seed), shared) == shared and got.pop(("dfkd-t3_filter", seed)) == shared
-    assert all(v == [] for v in got.values()), got  # random, corpus, prompted, prompted_filter, real
+    # random, corpus, prompted, prompted_filter, real: no generator phase (the config refuses one for them)
+    assert all(v == ["--run.gen_warmup_steps", "0"] for v in got.values()), got
+    for key, seed in got:
+        method = dict((k, m) for k, _, m, _ in R.table_rows(prof))[key]
+        load_config(R.PROFILES["full"], parse_overrides(over + ["--run.method", method, *got[(key, seed)]]))
     assert "trained once, by the seed-3 dfkd-t3 run" in R._budget_line(prof)
     # that run goes first; the others keep the table's order, seed by seed
     order = [(key, seed) for key, seed, _, _ in R.run_order(prof)]
