@@ -1,16 +1,18 @@
 """The generator phase of a two_phase results profile (run.gen_phase_log_every): its curve by blocks against
 prompted's level, and the generator-learning target over its last steps, from the run folders.
 Used by scripts/reproduce_results.py."""
-import json
 import os
 import statistics
+
+from ms_dfkd.run_files import read_jsonl
 
 # the generator-learning target, over the last PHASE_TAIL steps of the generator phase
 PHASE_TAIL, PHASE_SPEC_GAIN, PHASE_PPL_RATIO, PHASE_DEGENERATE = 100, 0.10, 1.5, 0.05
 
 
 def _jsonl(path):
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+    """The records of a run's metrics.jsonl; none for a run not started yet."""
+    return read_jsonl(path) if path.exists() else []
 
 
 def generator_phase(out, prof):
