@@ -291,7 +291,7 @@ def cmd_distill_from_texts(cfg, args):
             EncoderRunner(student, build.student_tokenizer(cfg), cfg.student.max_length),
             load_split(cfg, "test"), cfg.task.metric)
     # saved before the test evaluation, so that a Ctrl-C or an error there does not lose the trained student
-    res = {"checkpoint": str(_save_student(cfg, student, args.out)), **res}
+    res = {"checkpoint": str(save_student(cfg, student, args.out)), **res}
     try:
         res["student_test"] = test_scores()
     except (FileNotFoundError, ValueError) as e:
@@ -300,7 +300,7 @@ def cmd_distill_from_texts(cfg, args):
     return res
 
 
-def _save_student(cfg, student, out):
+def save_student(cfg, student, out):
     """Write a distill-from-texts student to ``out`` (.safetensors); returns its path."""
     from .models.checkpoint_io import save_safetensors, state_of
     out = Path(out)
