@@ -69,6 +69,9 @@ def main(argv=None):
     cfg = load_config(args.config, parse_overrides(rest))
     if cfg.task.kind != "sequence":
         raise SystemExit(f"choose_min_confidence: task.kind {cfg.task.kind}: the filter is built for sequence tasks")
+    if args.steps < 0 or args.texts_per_student < 0 or min(args.seeds) < 0:
+        raise SystemExit(f"--steps {args.steps}, --texts-per-student {args.texts_per_student}, --seeds "
+                         f"{args.seeds}: none may be negative")
     bad = [t for t in args.thresholds if not 0 <= t < 1]
     if bad:
         raise SystemExit(f"--thresholds: each must be in [0, 1) as run.min_confidence, got {bad[0]}")
@@ -81,7 +84,7 @@ def main(argv=None):
     thresholds = sorted(set(args.thresholds))
     n = args.texts_per_student or int((p_target >= thresholds[-1]).sum())
     if n < 1:
-        raise SystemExit(f"--texts-per-student {n}: must be at least 1")
+        raise SystemExit(f"no text is kept at threshold {thresholds[-1]}: lower it")
     subsets = {t: kept_subset(p_target, t, n) for t in thresholds}  # every refusal before any training
     steps = args.steps or cfg.run.rounds * cfg.run.student_steps_per_round
     dev = load_split(cfg, "dev")

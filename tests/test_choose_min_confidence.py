@@ -91,6 +91,8 @@ def test_table_and_students_match_an_independent_dev_evaluation(tmp_path, capsys
     (["--thresholds", "0", "0.6", "--texts-per-student", "5"], None, "only 4 texts are kept at threshold 0.6"),
     ([], [{"text": "no target here", "teacher_probs": [0.5, 0.5]}], "record 0 needs"),
     ([], [], "no generated texts"),
+    (["--steps", "-1"], None, "none may be negative"),
+    (["--thresholds", "0.99"], None, "no text is kept at threshold 0.99"),
 ])
 def test_bad_inputs_are_refused_by_name(tmp_path, args, records, message):
     texts = _write(tmp_path / "generated.jsonl", _records() if records is None else records)
