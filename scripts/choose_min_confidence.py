@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
 SUBSET_SEED = 12345  # the random subsets: the same for every student seed, so seeds vary only the student
 
 
@@ -93,6 +92,7 @@ def main(argv=None):
         save_dir.mkdir(parents=True, exist_ok=True)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
 
+    tokenizer = build.student_tokenizer(cfg)
     rows = []
     for t in thresholds:
         subset = [records[i] for i in subsets[t]]
@@ -103,7 +103,7 @@ def main(argv=None):
             student = distill_from_texts(cfg, subset, steps)
             if save_dir:
                 save_student(cfg, student, save_dir / f"t{t}_seed{seed}.safetensors")
-            runner = EncoderRunner(student, build.student_tokenizer(cfg), cfg.student.max_length)
+            runner = EncoderRunner(student, tokenizer, cfg.student.max_length)
             accs.append(evaluate(runner, dev, cfg.task.metric)[cfg.task.metric])
             print(f"threshold {t}, seed {seed}: dev {cfg.task.metric} {accs[-1]:.4f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
