@@ -143,8 +143,9 @@ def test_a_shared_generator_phase_is_trained_by_the_first_dfkd_t3_run_only(tmp_p
 
 def test_the_generator_phase_curve_and_its_target_from_the_run_folders(tmp_path):
     """run.gen_phase_log_every: the first seed's dfkd-t3 warm-up lines become the generator phase's table, with
-    prompted's level (the mean of its rounds over seeds) and the target over the last 100 steps, numbers worked
-    by hand; a phase still running states no target."""
+    prompted's level (the mean of its rounds over seeds) and the target over the 100 steps that end at step 300
+    (or at the phase's end), numbers worked by hand; a longer phase adds its last 100 steps without a verdict; a
+    phase still running states no target."""
     from ms_dfkd.config import load_config, parse_overrides
     over = ["--run.schedule", "two_phase", "--run.gen_warmup_steps", "200", "--run.gen_phase_log_every", "50"]
     prof = load_config(R.PROFILES["full"], parse_overrides(over))
@@ -176,6 +177,20 @@ def test_the_generator_phase_curve_and_its_target_from_the_run_folders(tmp_path)
     running = "\n".join(R.generator_phase_lines(out, prof, "full", root))
     assert "| 100-149 |" in running and "Over steps" not in running
     assert R.generator_phase_lines(out, load_config(R.PROFILES["full"]), "full", root) == []  # no curve asked for
+    # a 400-step phase: the verdict is over steps 200-299 (within 300), then the last 100 steps are shown apart
+    longer = load_config(R.PROFILES["full"], parse_overrides(
+        ["--run.schedule", "two_phase", "--run.gen_warmup_steps", "400", "--run.gen_phase_log_every", "100"]))
+    curve = [(100, 0.6, 0.5, 20.0), (200, 0.70, 0.66, 24.0), (300, 0.75, 0.72, 25.0), (400, 0.90, 0.90, 30.0)]
+    (out / "dfkd-t3_seed0" / "metrics.jsonl").write_text("\n".join(
+        json.dumps(dict(json.loads(line(*c)), steps_in_record=100)) for c in curve) + "\n")
+    text = "\n".join(R.generator_phase_lines(out, longer, "full", root))
+    # steps 200-299: 0.75 - 0.62 = +0.13, 0.72 - 0.60 = +0.12, 25 / 17 = 1.47: met
+    assert ("Over steps 200-299: specificity above prompted's by +0.130 (negative), +0.120 (positive); perplexity "
+            "under G0 1.47x prompted's; 0.0% degenerate. Target (within 300 steps") in text and ": met." in text
+    # steps 300-399: 0.90 - 0.62, 0.90 - 0.60, 30 / 17 = 1.76 (over 1.5x), but no verdict past step 300
+    assert ("Over steps 300-399: specificity above prompted's by +0.280 (negative), +0.300 (positive); perplexity "
+            "under G0 1.76x prompted's; 0.0% degenerate. (The phase's last 100 steps") in text
+    assert text.count("Target (") == 1
 
 
 def test_the_ner_table_is_its_own_section_with_per_type_scores(tmp_path):
