@@ -19,7 +19,8 @@ framework. MindSpore runs its own CPU thread pool; torch gets --threads intra-op
 default, OMP_WAIT_POLICY=PASSIVE: on a 2-core machine shared with other work, torch's default
 OpenMP spin-wait made the smoke sampler 100x slower (3.7 s vs 0.034 s, CPU time = wall time).
 
-    python -m benchmarks.bench_vs_reference [--kinds smoke,real] [--repeats 5] [--threads 2] [--profile]
+    python -m benchmarks.bench_vs_reference [--kinds smoke,real] [--steps sample,gen,stu] [--repeats 5]
+        [--threads 2] [--profile]
 
 (from the repository root; scripts/bench_vs_reference.sh checks that torch is installed first)
 """
@@ -225,6 +226,8 @@ def main(argv=None):
     ap.add_argument("--torch-wait-policy", choices=("passive", "default"), default="passive",
                     help="OMP_WAIT_POLICY of the torch worker (see the module docstring)")
     ap.add_argument("--profile", action="store_true", help="also time the pieces of the generator step")
+    ap.add_argument("--steps", default="sample,gen,stu",
+                    help="comma list of the rows to time: sample, gen, stu (default: all three)")
     ap.add_argument("--out", default=None, help="folder for cases, worker logs and table.md (default: a temp dir)")
     ap.add_argument("--worker", choices=("ms", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--prepare", choices=tuple(SHAPES), help=argparse.SUPPRESS)
@@ -241,7 +244,11 @@ def main(argv=None):
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="bench_vs_reference_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     args.log = open(out_dir / "workers.log", "w")
-    ops = ["sample", "gen", "stu"] + (["g0_fwd", "gen_fwd", "gen_grad"] if args.profile else [])
+    ops = [o.strip() for o in args.steps.split(",") if o.strip()]
+    bad = [o for o in ops if o not in ("sample", "gen", "stu")]
+    if bad or not ops:
+        ap.error(f"--steps: unknown {bad or args.steps!r}; choose from sample, gen, stu")
+    ops += ["g0_fwd", "gen_fwd", "gen_grad"] if args.profile else []
     load_before = os.getloadavg()[0]
     rows = []
     for kind in args.kinds:
