@@ -15,8 +15,8 @@ Only the worker being timed runs: the other one is parked with SIGSTOP, so that 
 threads (MindSpore's CPU thread pool, OpenMP spin-waits) cannot take CPU from the timed one.
 Memory: each worker's resident-set high-water mark (VmHWM) over the timed repeats of that row, reset
 through /proc/self/clear_refs after the warm-up; it includes the models, optimizer states and
-framework. MindSpore runs its own CPU thread pool; torch gets --threads intra-op threads and, by
-default, OMP_WAIT_POLICY=PASSIVE: on a 2-core machine shared with other work, torch's default
+framework. Both frameworks get --threads CPU threads (MindSpore's kernel pool, as ms-dfkd's command line
+sets it; torch's intra-op threads) and torch, by default, OMP_WAIT_POLICY=PASSIVE: on a 2-core machine shared with other work, torch's default
 OpenMP spin-wait made the smoke sampler 100x slower (3.7 s vs 0.034 s, CPU time = wall time).
 
     python -m benchmarks.bench_vs_reference [--kinds smoke,real] [--steps sample,gen,stu] [--repeats 5]
@@ -66,6 +66,9 @@ def worker(framework, case_path, threads):
     if framework == "ms":
         import mindspore as ms
         ms.set_context(mode=ms.GRAPH_MODE)
+        # as ms-dfkd's command line does (run.threads): MindSpore's default pool of 25 threads
+        # oversubscribes a small machine, and torch gets --threads
+        ms.device_context.cpu.op_tuning.threads_num(threads)
         from benchmarks.cases import MSSide
         side = MSSide(case)
     else:
@@ -192,7 +195,7 @@ def table(rows, args, load_before, load_after):
     import mindspore
     import torch
     lines = [f"ms_dfkd (MindSpore {mindspore.__version__}, graph mode, composite kernels) vs PyTorch "
-             f"{torch.__version__} eager reference; {os.cpu_count()} CPU cores, torch threads {args.threads} "
+             f"{torch.__version__} eager reference; {os.cpu_count()} CPU cores, {args.threads} threads each "
              f"(OMP_WAIT_POLICY {args.torch_wait_policy}); "
              f"medians of {args.repeats} interleaved repeats",
              f"load average before/after: {load_before:.2f} / {load_after:.2f} (1 min)",
@@ -222,7 +225,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kinds", default="smoke,real", help="comma list of: smoke, real")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                    help="CPU threads of each framework (MindSpore's kernel pool, torch's intra-op threads); "
+                         "default: the cores this process may use")
     ap.add_argument("--torch-wait-policy", choices=("passive", "default"), default="passive",
                     help="OMP_WAIT_POLICY of the torch worker (see the module docstring)")
     ap.add_argument("--profile", action="store_true", help="also time the pieces of the generator step")
