@@ -26,9 +26,10 @@ def tiny():
 
 # --- independent numpy reference (float64), one unpadded sequence ---------------------------------
 
-def np_forward(w, cfg, ids=None, embeds=None, steer=None, steer_layer=0):
+def np_forward(w, cfg, ids=None, embeds=None, steer=None, steer_layer=0, states_at=None):
     """Hugging Face Llama math written out per head: returns logits [L, V]. ``steer`` [H] is added to the
-    states entering layer ``steer_layer`` (the generator's label vectors)."""
+    states entering layer ``steer_layer`` (the generator's label vectors). ``states_at`` k: returns the
+    states entering layer k instead [L, H], before any steer there."""
     x = w["model.embed_tokens.weight"][ids] if embeds is None else np.asarray(embeds, np.float64)
     L, D = x.shape[0], cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
@@ -43,6 +44,8 @@ def np_forward(w, cfg, ids=None, embeds=None, steer=None, steer_layer=0):
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + cfg.rms_norm_eps) * g
 
     for i in range(cfg.num_hidden_layers):
+        if i == states_at:
+            return x
         if steer is not None and i == steer_layer:
             x = x + np.asarray(steer, np.float64)[None, :]
         p = f"model.layers.{i}."
@@ -543,3 +546,35 @@ def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_
     plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1,
                       share_prefix=False)
     np.testing.assert_array_equal(new, plain)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("share", [False, True])
+def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, monkeypatch):
+    """capture_layer=k: the states entering layer k over [prompt; new tokens], in the prompt's own left
+    padding, equal the float64 numpy forward's where the sequence is real (the last token's state is
+    never computed: zeros, as the padding); label vectors (added at layer k, after) do not enter them but
+    do steer the tokens; the tokens are those sampled without capturing."""
+    from ms_dfkd.models import llama_sampling
+    cfg, model, w = tiny
+    real = llama_sampling.shared_prefix
+    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
+    rows = SHARED_ROWS
+    ids, mask = left_pad(rows)
+    v = (np.random.default_rng(5).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
+    steer = v[[0, 0, 1, 0, 1, 1]]
+    T, P = 4, ids.shape[1]
+    kw = dict(greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1, share_prefix=share)
+    new, new_mask, states = sample(model, ids, mask, T, capture_layer=1, **kw)
+    assert states.shape == (len(rows), P + T, cfg.hidden_size)
+    for b, row in enumerate(rows):
+        seq = np.array(row + list(new[b]))
+        ref = np_forward(w, cfg, seq, steer=steer[b], steer_layer=1, states_at=1)   # [len(row) + T, H]
+        got = states[b, P - len(row):]
+        np.testing.assert_allclose(got[:-1], ref[:-1], rtol=1e-4, atol=1e-5, err_msg=f"row {b}")
+        assert not got[-1].any() and not states[b, :P - len(row)].any()
+    plain, plain_mask = sample(model, ids, mask, T, **kw)
+    np.testing.assert_array_equal(new, plain)
+    np.testing.assert_array_equal(new_mask, plain_mask)
+    with pytest.raises(ValueError, match="capture_layer 2"):
+        sample(model, ids, mask, T, capture_layer=cfg.num_hidden_layers, **kw)

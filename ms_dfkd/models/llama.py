@@ -297,31 +297,40 @@ class LlamaModel(nn.Cell):
                 x, _, _ = layer(x, rope, bias)
         return self.norm(x) if final_norm else x
 
-    def prefill(self, input_ids, attention_mask, cache_len, steer=None, steer_layer=0):
+    def prefill(self, input_ids, attention_mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
         """Full forward over a left-padded prompt [B, P]; returns (normed hidden [B, P, H], caches).
 
         caches is a tuple (k_0, v_0, k_1, v_1, ...) of [B, n_kv, cache_len, D] with the
         prompt's keys/values in slots [0, P) and zeros after. ``steer`` [B, 1, H], if given, is added
         to the states entering layer ``steer_layer`` at every position (the generator's label vectors).
+        ``capture_layer`` > 0 also returns the states entering that layer, before any steer: (hidden,
+        caches, states [B, P, H]), what ``LlamaForCausalLM.trunk_states`` gives for those positions.
         """
         rope, bias = self.rope_and_bias(attention_mask)
         p = input_ids.shape[1]
         x = self.embed(input_ids)
         caches = ()
+        captured = None
         for i, layer in enumerate(self.layers):
+            if capture_layer and i == capture_layer:
+                captured = x
             if steer is not None and i == steer_layer:
                 x = x + cast(steer, x.dtype)
             x, k, v = layer(x, rope, bias)
             pad = ops.zeros((k.shape[0], k.shape[1], cache_len - p, k.shape[3]), k.dtype)
             caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
+        if capture_layer:
+            return self.norm(x), caches, captured
         return self.norm(x), caches
 
-    def prefill_after(self, input_ids, positions, key_mask, past, cache_len, steer=None, steer_layer=0):
+    def prefill_after(self, input_ids, positions, key_mask, past, cache_len, steer=None, steer_layer=0,
+                      capture_layer=0):
         """Prefill a left-padded chunk [B, L] that follows cached keys/values ``past`` (k_0, v_0, ... of
         [B, n_kv, Lp, D]: a prompt prefix computed once for the rows that share it). positions [B, L] are
         the chunk's token positions; key_mask [B, Lp + L] (1 = real) covers prefix and chunk; ``steer`` as
         in ``prefill``. Returns (normed hidden [B, L, H], caches of [B, n_kv, cache_len, D]: the prefix in
-        slots [0, Lp), the chunk in [Lp, Lp + L), zeros after)."""
+        slots [0, Lp), the chunk in [Lp, Lp + L), zeros after), and the chunk's states entering layer
+        ``capture_layer`` [B, L, H] when that is > 0 (as ``prefill``)."""
         rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         l, lp = input_ids.shape[1], past[0].shape[2]
         # every chunk position may read the whole prefix and the chunk's positions up to its own
@@ -330,28 +339,39 @@ class LlamaModel(nn.Cell):
                               self.n_heads // self.n_kv)
         x = self.embed(input_ids)
         caches = ()
+        captured = None
         for i, layer in enumerate(self.layers):
+            if capture_layer and i == capture_layer:
+                captured = x
             if steer is not None and i == steer_layer:
                 x = x + cast(steer, x.dtype)
             x, k, v = layer(x, rope, bias, past[2 * i], past[2 * i + 1])
             pad = ops.zeros((k.shape[0], k.shape[1], cache_len - lp - l, k.shape[3]), k.dtype)
             caches = caches + (ops.concat((k, pad), 2), ops.concat((v, pad), 2))
+        if capture_layer:
+            return self.norm(x), caches, captured
         return self.norm(x), caches
 
-    def decode_step(self, input_ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0):
+    def decode_step(self, input_ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0,
+                    capture_layer=0):
         """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
-        including the slot being written); write_slot [S] bool; ``steer`` as in ``prefill``.
-        Returns (hidden [B, 1, H], caches)."""
+        including the slot being written); write_slot [S] bool; ``steer`` and ``capture_layer`` as in
+        ``prefill``. Returns (hidden [B, 1, H], caches[, the states entering capture_layer [B, 1, H]])."""
         rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         bias = attention_bias(key_mask.expand_dims(1) > 0, self.n_kv, self.n_heads // self.n_kv)
         slot = write_slot.reshape(1, 1, -1, 1)
         x = self.embed(input_ids)
         new = ()
+        captured = None
         for i, layer in enumerate(self.layers):
+            if capture_layer and i == capture_layer:
+                captured = x
             if steer is not None and i == steer_layer:
                 x = x + cast(steer, x.dtype)
             x, k, v = layer(x, rope, bias, caches[2 * i], caches[2 * i + 1], slot)
             new = new + (k, v)
+        if capture_layer:
+            return self.norm(x), new, captured
         return self.norm(x), new
 
 
