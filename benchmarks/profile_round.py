@@ -79,6 +79,8 @@ def instrument(d, clock):
     d.teacher_run.logits = clock.wrap("teacher labelling", d.teacher_run.logits)
     if getattr(d, "frozen_fwd", None) is not None:
         d.frozen_fwd = clock.wrap("frozen generator forward", d.frozen_fwd)
+    if getattr(d, "frozen_top", None) is not None:  # the same from the sampler's trunk states
+        d.frozen_top = clock.wrap("frozen generator forward", d.frozen_top)
     if getattr(d, "gen_step", None) is not None:
         d.gen_step = clock.wrap("generator step (fwd+bwd+update)", d.gen_step)
     d.student_step._step = clock.wrap("student steps (fwd+bwd+update)", d.student_step._step)

@@ -117,8 +117,9 @@ class Distiller:
         self.g_tok = build.generator_tokenizer(cfg)
         self.generator, self.g_cfg = build.build_generator(cfg)
         from .models.llama import set_trainable
-        from .models.llama_sampling import sample
+        from .models.llama_sampling import captures_states, sample
         self._sample = sample
+        self.reuse_trunk = False
         self.stop_ids = self._stop_ids()
         self.P, self.T = g.prompt_max_length, g.max_new_tokens
         if self.method != "dfkd-t3":
@@ -136,6 +137,8 @@ class Distiller:
         # with the top k layers training, the layers below are the frozen model's: run them once a step
         self.trunk_layers = (g.top_k_layers if g.trainable == "top_k" and hasattr(self.generator, "trunk_states")
                              else 0)
+        # ... and those states come from the sampler, which has just run the same layers over the same ids
+        self.reuse_trunk = bool(self.trunk_layers) and captures_states(self.generator)
         self.gen_loss = self.generator_loss_cls(self.generator, self.teacher, self.student, self.P, self.T, self.K,
                                       cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau, self.trunk_layers,
                                       label_vectors=g.label_vectors)
@@ -167,7 +170,21 @@ class Distiller:
                 hidden = frozen.hidden_states(input_ids=ids, attention_mask=mask)
             return gen_input, ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
 
+        def frozen_top(trunk, mask):  # the same from the trunk states the sampler handed out
+            hidden = frozen.top_hidden_states(trunk, mask, k)
+            return ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
+
         self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
+        self.frozen_top = (ms.jit(frozen_top) if self.jit else frozen_top) if k else None
+
+    def _frozen_outputs(self, s):
+        """frozen_fwd's (generator step input, G_θ0's logits) for a batch; from the sampler's trunk states
+        when it kept them (generate_batch(trunk=True)), without running the lower layers again."""
+        full_ids, full_mask = self._full_sequence(s)
+        if "trunk" not in s:
+            return self.frozen_fwd(full_ids, full_mask)
+        gen_input = ms.Tensor(s["trunk"])
+        return gen_input, self.frozen_top(gen_input, full_mask)
 
     def refresh_tables(self, teacher=False):
         """E_hat = B @ E for the student (it trains) and, once, the teacher."""
@@ -223,13 +240,14 @@ class Distiller:
         return ids, mask
 
     def generate_batch(self, n_step_id, stream=NOISE_STREAM_SAMPLE, return_logits=False, frozen=False,
-                       sampler=None, rows=None):
+                       sampler=None, rows=None, trunk=False):
         """One batch of generator.batch_size (or ``rows``) samples, labels balanced, from the next corpus passages.
 
         frozen=True samples from G_θ0 (the pretrained generator, no label vectors) instead of the
         trained one; sampler: the passage stream (default: the run's). The noise is a pure function of (run.seed, rank, n_step_id, stream). Returns a dict: passages,
         labels, p_ids / p_mask (the prompts), seed, ids / mask (the sampled tokens) and texts, and with
-        return_logits the generator's logits [B, T, V] each token was drawn from."""
+        return_logits the generator's logits [B, T, V] each token was drawn from, with trunk (when
+        self.reuse_trunk) the states entering the generator's top layers over [prompt; sample] [B, P+T, H]."""
         g = self.cfg.generator
         n = rows or g.batch_size
         passages = (sampler or self.corpus_sampler).next_batch(n)
@@ -240,20 +258,23 @@ class Distiller:
         steer = {}
         if self.label_vectors is not None and not frozen:
             steer = dict(steer=self.label_vectors.asnumpy()[labels], steer_layer=self.steer_layer)
-        new_ids, new_mask, *logits = self._sample(model, p_ids, p_mask, self.T, seed,
-                                                  temperature=g.sample_temperature, top_p=g.top_p,
-                                                  eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
-                                                  graph=self.jit, return_logits=return_logits,
-                                                  share_prefix=g.share_prompt_prefix, **steer)
+        capture = self.steer_layer if trunk and self.reuse_trunk else 0
+        new_ids, new_mask, *extra = self._sample(model, p_ids, p_mask, self.T, seed,
+                                                 temperature=g.sample_temperature, top_p=g.top_p,
+                                                 eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
+                                                 graph=self.jit, return_logits=return_logits,
+                                                 share_prefix=g.share_prompt_prefix, capture_layer=capture, **steer)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
         out = dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,
                    ids=new_ids, mask=new_mask, texts=texts)
         if return_logits:
-            out["logits"] = logits[0]
+            out["logits"] = extra[0]
+        if capture:
+            out["trunk"] = extra[-1]
         return out
 
-    def sample_without_gradient(self, step_id, return_logits=False):
+    def sample_without_gradient(self, step_id, return_logits=False, trunk=False):
         """generate_batch(step_id) for a batch no gradient goes through. With generator.sample_batch_size
         = m x batch_size, one call samples m batches' rows at once (batch j = step_id // m: the passages
         of m batches, their labels, noise of its own) and the m steps take their slices of it in turn.
@@ -262,7 +283,7 @@ class Distiller:
         g = self.cfg.generator
         m = (g.sample_batch_size or g.batch_size) // g.batch_size
         if m == 1:
-            return self.generate_batch(step_id, return_logits=return_logits)
+            return self.generate_batch(step_id, return_logits=return_logits, trunk=trunk)
         j, r = divmod(step_id, m)
         if self.ahead is None or self.ahead["j"] != j or self.ahead_batch is None:
             if self.ahead is not None and self.ahead["j"] == j:  # resumed halfway: the same batch again
@@ -270,7 +291,7 @@ class Distiller:
             self.ahead = {"j": j, "cursor": self.corpus_sampler.state_dict()}
             # a method asks the same each time; logits only when it reads them (B x T x V floats)
             self.ahead_batch = self.generate_batch(j, stream=NOISE_STREAM_AHEAD, return_logits=return_logits,
-                                                   rows=m * g.batch_size)
+                                                   rows=m * g.batch_size, trunk=trunk)
         rows = slice(r * g.batch_size, (r + 1) * g.batch_size)
         return {k: v if k == "seed" else v[rows] for k, v in self.ahead_batch.items()}
 
@@ -333,11 +354,11 @@ class Distiller:
 
     def _dfkd_t3_texts(self, n, step_id):
         if self.cfg.run.schedule == "two_phase":  # the data phase: the trained generator, no update
-            s = self.sample_without_gradient(step_id)
-            _, frozen = self.frozen_fwd(*self._full_sequence(s))
+            s = self.sample_without_gradient(step_id, trunk=True)
+            _, frozen = self._frozen_outputs(s)
             return s["texts"], s["labels"], {"perplexity_g0": _perplexity(frozen.asnumpy(), s["ids"], s["mask"]),
                                              "gen_tokens": int(s["mask"].sum())}
-        s = self.generate_batch(step_id)
+        s = self.generate_batch(step_id, trunk=True)
         return s["texts"], s["labels"], self._generator_update(s)
 
     def _label_stats(self, probs, labels, info):
@@ -360,8 +381,8 @@ class Distiller:
 
     def _generator_update(self, s, what=None):
         B_, T = s["ids"].shape
-        full_ids, full_mask = self._full_sequence(s)
-        gen_input, frozen = self.frozen_fwd(full_ids, full_mask)
+        full_mask = self._full_sequence(s)[1]
+        gen_input, frozen = self._frozen_outputs(s)
         frozen_np = frozen.asnumpy()
         cls_sel, tok_sel, sep_sel, enc_mask = soft_sequence_layout(s["mask"])
         t0 = time.time()
@@ -447,7 +468,7 @@ class Distiller:
         while c["warmup_steps"] < kW:
             self._check_stop()
             w = c["warmup_steps"]
-            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP, sampler=self.warmup_sampler)
+            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP, sampler=self.warmup_sampler, trunk=True)
             info = self._generator_update(s, what=f"warm-up step {w}")
             self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
             info["degenerate"] = M.degenerate_share(s["texts"])

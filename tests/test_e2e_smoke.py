@@ -99,6 +99,28 @@ def test_smoke_distill_cli(teacher, tmp_path):
     assert "teacher test accuracy" in printed and "student test accuracy" in printed
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_generator_step_inputs_from_the_sampler_equal_the_frozen_forward(teacher, tmp_path, mode):
+    """With the top layers training, the generator step's input (the states entering them) and G_θ0's logits
+    come from the states the sampler computed; they equal frozen_fwd's full forward over [prompt; sample]
+    where the step reads them (real positions; the logits of the sample's tokens), up to float rounding."""
+    import mindspore as ms
+    cfg = _cfg(teacher, tmp_path / "g", "--run.rounds", "1", "--run.mode", mode,
+               "--generator.trainable", "top_k", "--generator.top_k_layers", "1")
+    d = _distiller(cfg)
+    assert d.reuse_trunk
+    s = d.generate_batch(0, trunk=True)
+    full_ids, full_mask = d._full_sequence(s)
+    want_input, want_logits = (x.asnumpy() for x in d.frozen_fwd(full_ids, full_mask))
+    got_input, got_logits = (x.asnumpy() for x in d._frozen_outputs(s))
+    real = full_mask.asnumpy() == 1
+    real[:, -1] = False  # the last token's state is never computed by the sampler
+    assert real.sum() > 0 and got_input.shape == want_input.shape
+    np.testing.assert_allclose(got_input[real], want_input[real], rtol=1e-4, atol=1e-4)
+    read = s["mask"] == 1
+    np.testing.assert_allclose(got_logits[read], want_logits[read], rtol=1e-4, atol=1e-4)
+
+
 def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     import mindspore as ms
     from ms_dfkd.steps import soft_sequence_layout
