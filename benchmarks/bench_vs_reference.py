@@ -15,9 +15,10 @@ Only the worker being timed runs: the other one is parked with SIGSTOP, so that 
 threads (MindSpore's CPU thread pool, OpenMP spin-waits) cannot take CPU from the timed one.
 Memory: each worker's resident-set high-water mark (VmHWM) over the timed repeats of that row, reset
 through /proc/self/clear_refs after the warm-up; it includes the models, optimizer states and
-framework. Both frameworks get --threads CPU threads (MindSpore's kernel pool, as ms-dfkd's command line
-sets it; torch's intra-op threads) and torch, by default, OMP_WAIT_POLICY=PASSIVE: on a 2-core machine shared with other work, torch's default
-OpenMP spin-wait made the smoke sampler 100x slower (3.7 s vs 0.034 s, CPU time = wall time).
+framework. Both frameworks get --threads CPU threads (MindSpore's kernel pool, as ms-dfkd's command
+line sets it; torch's intra-op threads), and torch by default OMP_WAIT_POLICY=PASSIVE: on a 2-core
+machine shared with other work, torch's default OpenMP spin-wait made the smoke sampler 100x slower
+(3.7 s vs 0.034 s, CPU time = wall time).
 
     python -m benchmarks.bench_vs_reference [--kinds smoke,real] [--steps sample,gen,stu] [--repeats 5]
         [--threads 2] [--profile]

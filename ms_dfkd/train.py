@@ -177,10 +177,10 @@ class Distiller:
         self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
         self.frozen_top = (ms.jit(frozen_top) if self.jit else frozen_top) if k else None
 
-    def _frozen_outputs(self, s):
-        """frozen_fwd's (generator step input, G_θ0's logits) for a batch; from the sampler's trunk states
-        when it kept them (generate_batch(trunk=True)), without running the lower layers again."""
-        full_ids, full_mask = self._full_sequence(s)
+    def _frozen_outputs(self, s, full_ids, full_mask):
+        """frozen_fwd's (generator step input, G_θ0's logits) for a batch and its _full_sequence; from the
+        sampler's trunk states when it kept them (generate_batch(trunk=True)), without running the lower
+        layers again."""
         if "trunk" not in s:
             return self.frozen_fwd(full_ids, full_mask)
         gen_input = ms.Tensor(s["trunk"])
@@ -355,7 +355,7 @@ class Distiller:
     def _dfkd_t3_texts(self, n, step_id):
         if self.cfg.run.schedule == "two_phase":  # the data phase: the trained generator, no update
             s = self.sample_without_gradient(step_id, trunk=True)
-            _, frozen = self._frozen_outputs(s)
+            _, frozen = self._frozen_outputs(s, *self._full_sequence(s))
             return s["texts"], s["labels"], {"perplexity_g0": _perplexity(frozen.asnumpy(), s["ids"], s["mask"]),
                                              "gen_tokens": int(s["mask"].sum())}
         s = self.generate_batch(step_id, trunk=True)
@@ -381,8 +381,8 @@ class Distiller:
 
     def _generator_update(self, s, what=None):
         B_, T = s["ids"].shape
-        full_mask = self._full_sequence(s)[1]
-        gen_input, frozen = self._frozen_outputs(s)
+        full_ids, full_mask = self._full_sequence(s)
+        gen_input, frozen = self._frozen_outputs(s, full_ids, full_mask)
         frozen_np = frozen.asnumpy()
         cls_sel, tok_sel, sep_sel, enc_mask = soft_sequence_layout(s["mask"])
         t0 = time.time()

@@ -112,7 +112,7 @@ def test_generator_step_inputs_from_the_sampler_equal_the_frozen_forward(teacher
     s = d.generate_batch(0, trunk=True)
     full_ids, full_mask = d._full_sequence(s)
     want_input, want_logits = (x.asnumpy() for x in d.frozen_fwd(full_ids, full_mask))
-    got_input, got_logits = (x.asnumpy() for x in d._frozen_outputs(s))
+    got_input, got_logits = (x.asnumpy() for x in d._frozen_outputs(s, full_ids, full_mask))
     real = full_mask.asnumpy() == 1
     real[:, -1] = False  # the last token's state is never computed by the sampler
     assert real.sum() > 0 and got_input.shape == want_input.shape

@@ -263,7 +263,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     key_mask = np.concatenate([mask, np.zeros((b, T), np.int32)], 1)
     # capture_layer: the graphs' states, read back after the loop (reading one before the step's logits
     # made each decode step about 85 ms slower on CPU)
-    prompt_states, step_states = None, []
+    step_states = []
 
     # no gradient bookkeeping in PyNative (MindSpore 2.10 keeps this context private)
     with getattr(ms, "_no_grad", contextlib.nullcontext)():
