@@ -70,6 +70,8 @@ def worker(framework, case_path, threads):
         # as ms-dfkd's command line does (run.threads): MindSpore's default pool of 25 threads
         # oversubscribes a small machine, and torch gets --threads
         ms.device_context.cpu.op_tuning.threads_num(threads)
+        from kernels import set_cpu_threads
+        set_cpu_threads(threads)
         from benchmarks.cases import MSSide
         side = MSSide(case)
     else:

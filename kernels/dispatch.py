@@ -12,11 +12,17 @@ Paths:
 Order of precedence: ``set_kernel_backend(name)``, then the environment variable MS_DFKD_KERNELS, then
 the device target. A path that was asked for but cannot run raises; nothing falls back silently.
 
+The encoder ops (gelu, layer_norm) have two paths of their own: ``cpu``, C++ kernels built on first use
+(the default on the CPU device target, whatever path the fused ops take), and ``composite``, MindSpore's
+own ops (elsewhere, or when ``composite`` is asked for). Where the cpu kernels cannot be built or
+loaded, the encoder ops run the composite path and say so in a warning, with the reason.
+
 Every path module has the same entry points with the same arguments, so an op runs as
     path_module(resolve_backend(op), op).<op>(args...)
     soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
     fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids, row_offset)
     kd_loss_rows(student, teacher, temperature)              (kd_loss_op reduces the rows)
+    gelu(x);  layer_norm(x, weight, bias, eps)               (the encoder ops)
 """
 import functools
 import importlib
@@ -38,6 +44,10 @@ _PATH_MODULES = {
     "triton_interpret": dict.fromkeys(OPS, "kernels.triton_ops"),
     "aot": dict.fromkeys(OPS, "kernels.aot_ops"),
 }
+ENCODER_OPS = ("gelu", "layer_norm")
+for _op in ENCODER_OPS:
+    _PATH_MODULES["composite"][_op] = "kernels.encoder_ops_composite"
+_PATH_MODULES["cpu"] = dict.fromkeys(ENCODER_OPS, "kernels.cpu_ops")
 
 _override = None
 _logged = set()
@@ -104,3 +114,29 @@ def path_module(path, op_name):
     An lru_cache object: graph mode runs it in Python while the graph compiles (its arguments are
     constants), and the importing happens only for the paths that run."""
     return importlib.import_module(_PATH_MODULES[path][op_name])
+
+
+@ops.constexpr(reuse_result=False)
+def resolve_encoder_path(op_name):
+    """The path of an encoder op (gelu, layer_norm): cpu | composite; logged once per op and path (see the
+    module docstring). A constexpr, like resolve_backend."""
+    name, why = requested_backend()
+    if name == "composite" and not why.startswith("device target"):
+        path = "composite"
+    elif _device_target() == "CPU":
+        from kernels import cpu_ops
+        problem = cpu_ops.unavailable_reason()
+        path = "composite" if problem else "cpu"
+        if problem:
+            why = f"the cpu kernels cannot run here: {problem}"
+            if (op_name, path) not in _logged:
+                _logged.add((op_name, path))
+                logger.warning("%s: running the composite path (%s)", op_name, why)
+            return path
+        why = "device target CPU"
+    else:
+        path, why = "composite", f"device target {_device_target()}"
+    if (op_name, path) not in _logged:
+        _logged.add((op_name, path))
+        logger.info("%s: running the %s path (chosen by %s)", op_name, path, why)
+    return path

@@ -41,6 +41,8 @@ def _cpu_threads(n):
     if ms.get_context("device_target") != "CPU":
         return
     n = n or len(os.sched_getaffinity(0))
+    from kernels import set_cpu_threads  # the C++ kernels of the encoder ops: as many threads
+    set_cpu_threads(n)
     try:
         ms.device_context.cpu.op_tuning.threads_num(n)
     except RuntimeError:  # set once per process (tests call main() many times)

@@ -49,6 +49,17 @@ def _test_global_settings():
     _restore_global_settings(settings)
 
 
+@pytest.fixture
+def clean_kernel_dispatch(monkeypatch):
+    """kernels/ at its defaults: no MS_DFKD_KERNELS, no set_kernel_backend, every path not yet logged."""
+    from kernels import dispatch
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.set_kernel_backend(None)
+    dispatch._logged.clear()
+    yield
+    dispatch.set_kernel_backend(None)
+
+
 @pytest.fixture(scope="session")
 def asset_or_skip():
     """asset_or_skip(name): the asset's path, or skip the test when its package is not installed."""

@@ -11,13 +11,7 @@ import pytest
 from kernels import dispatch, kd_loss, set_kernel_backend
 
 
-@pytest.fixture(autouse=True)
-def clean_dispatch(monkeypatch):
-    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    set_kernel_backend(None)
-    dispatch._logged.clear()
-    yield
-    set_kernel_backend(None)
+pytestmark = pytest.mark.usefixtures("clean_kernel_dispatch")
 
 
 def test_cpu_defaults_to_the_composite_and_logs_it_once(caplog):

@@ -11,8 +11,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "kernels"
-NUMPY_ONLY = ("gumbel_noise", "soft_embedding_reference", "kd_loss_reference", "triton_config", "aot_build",
-              "triton_runtime")
+NUMPY_ONLY = ("gumbel_noise", "soft_embedding_reference", "kd_loss_reference", "encoder_ops_reference",
+              "triton_config", "aot_build", "triton_runtime", "cpu_build")
 TRITON_ONLY = ("triton_kernels",)  # triton and numpy, no MindSpore
 # `import mindspore` raises ImportError once sys.modules maps it to None
 NO_MINDSPORE = "import sys\nsys.modules['mindspore'] = None\n"

@@ -1,0 +1,222 @@
+// The encoder's GELU and LayerNorm on CPU, forward and backward, as MindSpore `aot` custom ops
+// (kernels/cpu_ops.py; built by kernels/cpu_build.py with g++ -fopenmp).
+//
+// Why: MindSpore's CPU Erf, and the elementwise ops around it, run one element at a time, and its
+// LayerNormGrad is slow on narrow rows; a BERT step spends a quarter of its time in them. These loops
+// are written so that GCC vectorises them at -O3 (no calls, no branches: compile with
+// -fno-trapping-math), and each call splits its rows over short-lived threads that are joined before
+// it returns. Not OpenMP: its idle workers spin after every parallel region (libgomp's default wait
+// policy), taking the cores from MindSpore's own kernels; that made a BERT step slower, not faster.
+//
+// C ABI of MindSpore's aot ops: params holds the inputs, then the outputs; float32 only.
+#include <cmath>
+#include <cstdint>
+#include <algorithm>
+#include <thread>
+#include <vector>
+
+namespace {
+
+int g_threads = 1;  // set by MsDfkdCpuSetThreads (kernels/cpu_ops.py passes the process's cores)
+
+// f(part, begin, end) over [0, n) in at most g_threads parts of at least `grain` items each; part 0 runs
+// on the calling thread.
+template <class F>
+void parallel_for(int64_t n, int64_t grain, F f) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1)));
+  const int64_t size = (n + parts - 1) / parts;
+  std::vector<std::thread> workers;
+  for (int64_t p = 1; p < parts; ++p)
+    workers.emplace_back(f, static_cast<int>(p), p * size, std::min(n, (p + 1) * size));
+  f(0, 0, std::min(n, size));
+  for (auto &w : workers) w.join();
+}
+
+int parts_for(int64_t n, int64_t grain) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1))));
+}
+
+// e^x for x <= 0, written so that GCC vectorises it: Cody-Waite reduction to |r| <= ln2/2, a degree-7
+// Taylor polynomial (relative error < 2e-8 there), and 2^n built in the exponent bits.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  // round to nearest: for y <= 0, truncating y - 0.5 toward zero rounds y (floor is a call on SSE2)
+  const int32_t k = static_cast<int32_t>(x * 1.4426950408889634f - 0.5f);
+  const float n = static_cast<float>(k);
+  float r = x - n * 0.693145751953125f;
+  r = r - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (k + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+// below this many values a second thread costs more than it saves
+constexpr int64_t kGrain = 1 << 15;
+
+// erf(|x| / sqrt(2)) and exp(-x^2 / 2): erf from Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), whose
+// factor exp(-z^2) with z = |x|/sqrt(2) is also the normal density's.
+inline float erf_abs_scaled(float x, float &e) {
+  const float z = std::fabs(x) * 0.70710678118654752f;
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  const float poly =
+      t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  e = exp_nonpositive(-z * z);
+  return 1.0f - poly * e;
+}
+
+// Phi(x) = P(N(0,1) <= x)
+inline float normal_cdf(float x) {
+  float e;
+  return 0.5f + 0.5f * std::copysign(erf_abs_scaled(x, e), x);
+}
+
+// d/dx [x Phi(x)] = Phi(x) + x phi(x)
+inline float gelu_slope(float x) {
+  float e;
+  const float cdf = 0.5f + 0.5f * std::copysign(erf_abs_scaled(x, e), x);
+  return cdf + x * 0.3989422804014327f * e;
+}
+
+int64_t numel(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+void gelu_forward_range(const float *__restrict x, float *__restrict y, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) y[i] = x[i] * normal_cdf(x[i]);
+}
+
+void gelu_backward_range(const float *__restrict x, const float *__restrict dy, float *__restrict dx,
+                         int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) dx[i] = dy[i] * gelu_slope(x[i]);
+}
+
+}  // namespace
+
+extern "C" {
+
+void MsDfkdCpuSetThreads(int n) { g_threads = n > 0 ? n : 1; }
+
+// y = x * Phi(x)    (exact GELU)                 params: x, y
+int MsDfkdGeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                      void *extra) {
+  if (nparam != 2) return 1;
+  const float *__restrict x = static_cast<const float *>(params[0]);
+  float *__restrict y = static_cast<float *>(params[1]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  parallel_for(n, kGrain, [=](int, int64_t begin, int64_t end) { gelu_forward_range(x, y, begin, end); });
+  return 0;
+}
+
+// dx = dy * (Phi(x) + x * phi(x))                params: x, dy, dx
+int MsDfkdGeluBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                       void *extra) {
+  if (nparam != 3) return 1;
+  const float *__restrict x = static_cast<const float *>(params[0]);
+  const float *__restrict dy = static_cast<const float *>(params[1]);
+  float *__restrict dx = static_cast<float *>(params[2]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  parallel_for(n, kGrain, [=](int, int64_t begin, int64_t end) { gelu_backward_range(x, dy, dx, begin, end); });
+  return 0;
+}
+
+// LayerNorm over the last axis.  params: x [rows, d], gamma [d], beta [d], eps [1], y, mean [rows], rstd [rows]
+int MsDfkdLayerNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 7) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *g = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float eps = *static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  float *mean_out = static_cast<float *>(params[5]);
+  float *rstd_out = static_cast<float *>(params[6]);
+  const int64_t d = shapes[0][ndims[0] - 1];
+  const int64_t rows = numel(ndims[0], shapes[0]) / d;
+  parallel_for(rows, kGrain / d + 1, [=](int, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = x + r * d;
+      float *yr = y + r * d;
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < d; ++j) sum += xr[j];
+      const float mean = sum / d;
+      float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < d; ++j) sq += (xr[j] - mean) * (xr[j] - mean);
+      const float rstd = 1.0f / std::sqrt(sq / d + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) yr[j] = (xr[j] - mean) * rstd * g[j] + b[j];
+      mean_out[r] = mean;
+      rstd_out[r] = rstd;
+    }
+  });
+  return 0;
+}
+
+// params: dy, x, gamma, mean, rstd, dx, dgamma, dbeta
+int MsDfkdLayerNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                            void *stream, void *extra) {
+  if (nparam != 8) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float *g = static_cast<const float *>(params[2]);
+  const float *mean = static_cast<const float *>(params[3]);
+  const float *rstd = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dg = static_cast<float *>(params[6]);
+  float *db = static_cast<float *>(params[7]);
+  const int64_t d = shapes[1][ndims[1] - 1];
+  const int64_t rows = numel(ndims[1], shapes[1]) / d;
+  const int64_t grain = kGrain / d + 1;
+  const int nt = parts_for(rows, grain);
+  // each part sums its rows' dgamma and dbeta into its own slice; the slices are added after the join
+  std::vector<float> partial(static_cast<size_t>(nt) * 2 * d, 0.0f);
+  float *partial_data = partial.data();
+  parallel_for(rows, grain, [=](int part, int64_t begin, int64_t end) {
+    float *pg = partial_data + static_cast<size_t>(part) * 2 * d;
+    float *pb = pg + d;
+    for (int64_t r = begin; r < end; ++r) {
+      const float *xr = x + r * d;
+      const float *dyr = dy + r * d;
+      float *dxr = dx + r * d;
+      const float m = mean[r], s = rstd[r];
+      float sum_dxhat = 0.0f, sum_dxhat_xhat = 0.0f;
+#pragma omp simd reduction(+ : sum_dxhat, sum_dxhat_xhat)
+      for (int64_t j = 0; j < d; ++j) {
+        const float xhat = (xr[j] - m) * s;
+        const float dxhat = dyr[j] * g[j];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += dxhat * xhat;
+        pg[j] += dyr[j] * xhat;
+        pb[j] += dyr[j];
+      }
+      const float a = sum_dxhat / d, c = sum_dxhat_xhat / d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) {
+        const float xhat = (xr[j] - m) * s;
+        dxr[j] = s * (dyr[j] * g[j] - a - xhat * c);
+      }
+    }
+  });
+  for (int64_t j = 0; j < d; ++j) {
+    float sg = 0.0f, sb = 0.0f;
+    for (int t = 0; t < nt; ++t) {
+      sg += partial[static_cast<size_t>(t) * 2 * d + j];
+      sb += partial[static_cast<size_t>(t) * 2 * d + d + j];
+    }
+    dg[j] = sg;
+    db[j] = sb;
+  }
+  return 0;
+}
+
+}  // extern "C"

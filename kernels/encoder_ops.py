@@ -1,0 +1,35 @@
+"""The encoder's exact GELU and LayerNorm: gelu(x), layer_norm(x, weight, bias, eps).
+
+    gelu(x) = x * Phi(x) = x * (1 + erf(x / sqrt(2))) / 2          elementwise, computed in float32,
+                                                                     returned in x's dtype
+    layer_norm(x, weight, bias, eps) = (x - mean) / sqrt(var + eps) * weight + bias
+                                                                     over the last axis, float32
+Gradients reach x, weight and bias. The path (cpu: C++ kernels on the CPU device target; composite:
+MindSpore's own ops) comes from kernels.dispatch.resolve_encoder_path, which logs it.
+"""
+from mindspore import ops
+
+from kernels import dispatch
+
+
+@ops.constexpr
+def _check_norm(x_shape, weight_shape, bias_shape, eps):
+    d = x_shape[-1] if len(x_shape) else None
+    if tuple(weight_shape) != (d,) or tuple(bias_shape) != (d,):
+        raise ValueError(f"layer_norm: weight and bias must be [{d}] for x of shape {tuple(x_shape)}, got "
+                         f"{tuple(weight_shape)} and {tuple(bias_shape)}")
+    if not eps > 0:
+        raise ValueError(f"layer_norm: eps must be > 0, got {eps}")
+    return True
+
+
+def gelu(x):
+    """Exact (erf) GELU; see the module docstring."""
+    return dispatch.path_module(dispatch.resolve_encoder_path("gelu"), "gelu").gelu(x)
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last axis, in float32; see the module docstring."""
+    _check_norm(tuple(x.shape), tuple(weight.shape), tuple(bias.shape), float(eps))
+    return dispatch.path_module(dispatch.resolve_encoder_path("layer_norm"), "layer_norm").layer_norm(
+        x, weight, bias, float(eps))

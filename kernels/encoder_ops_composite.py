@@ -1,0 +1,24 @@
+"""Path ``composite`` of the encoder ops: MindSpore's own ops, gradients from autodiff."""
+import functools
+
+import mindspore as ms
+from mindspore import ops
+
+
+def gelu(x):
+    # exact GELU written out: the same function as ops.gelu(approximate="none"), whose CPU kernel holds
+    # about 5x its output in persistent memory per graph; in float32, as the cpu path (MindSpore's CPU
+    # Erf has no bfloat16 kernel)
+    x32 = x.astype(ms.float32)
+    return (0.5 * x32 * (1.0 + ops.erf(x32 * 0.7071067811865476))).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _norm(eps):
+    return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+
+def layer_norm(x, weight, bias, eps):
+    # the fused primitive, not mean/var/sub/div: MindSpore's CPU broadcasting binary ops keep index
+    # tables of about 4x their output for the life of a compiled graph (GBs per encoder graph)
+    return _norm(eps)(x.astype(ms.float32), weight, bias)[0]

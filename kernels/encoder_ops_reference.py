@@ -1,0 +1,50 @@
+"""Numpy reference of the encoder's exact GELU and LayerNorm, forward and backward, in float64. Tests only.
+
+    gelu(x) = x * Phi(x),   Phi(x) = (1 + erf(x / sqrt(2))) / 2,   d/dx = Phi(x) + x * phi(x)
+    layer_norm(x, w, b) = xhat * w + b over the last axis,  xhat = (x - mean) / sqrt(var + eps)
+        dx = (w * dy - mean(w * dy) - xhat * mean(w * dy * xhat)) / sqrt(var + eps)   (means over the axis)
+        dw = sum over rows of dy * xhat,   db = sum over rows of dy
+"""
+import math
+
+import numpy as np
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def gelu(x):
+    x = _f64(x)
+    return x * 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def gelu_backward(x, dy):
+    x = _f64(x)
+    cdf = 0.5 * (1.0 + _erf(x / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return _f64(dy) * (cdf + x * pdf)
+
+
+def _normalise(x, eps):
+    x = _f64(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+    return (x - mean) * rstd, rstd
+
+
+def layer_norm(x, weight, bias, eps):
+    xhat, _ = _normalise(x, eps)
+    return xhat * _f64(weight) + _f64(bias)
+
+
+def layer_norm_backward(x, weight, eps, dy):
+    """(dx, dweight, dbias)."""
+    xhat, rstd = _normalise(x, eps)
+    dy = _f64(dy)
+    dxhat = dy * _f64(weight)
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    rows = dy.reshape(-1, dy.shape[-1])
+    return dx, (rows * xhat.reshape(rows.shape)).sum(axis=0), rows.sum(axis=0)

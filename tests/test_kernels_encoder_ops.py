@@ -1,0 +1,208 @@
+"""The encoder ops (exact GELU, LayerNorm) on both paths against the float64 numpy reference, the
+reference against finite differences, the CPU kernel library's build, and which path runs."""
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn, ops
+
+from kernels import cpu_build, cpu_ops, dispatch, gelu, layer_norm, set_kernel_backend
+from kernels import encoder_ops_reference as ref
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+# absolute tolerance on values of order 1, per dtype the op computes in (float32 inside either path)
+ATOL = {"float32": 2e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+pytestmark = pytest.mark.usefixtures("clean_kernel_dispatch")
+
+
+def _use(path):
+    set_kernel_backend("composite" if path == "composite" else None)
+
+
+class GeluLoss(nn.Cell):
+    def construct(self, x, dy):
+        return (gelu(x).astype(ms.float32) * dy).sum()
+
+
+class LayerNormLoss(nn.Cell):
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def construct(self, x, weight, bias, dy):
+        return (layer_norm(x, weight, bias, self.eps) * dy).sum()
+
+
+class Grads(nn.Cell):
+    """(value, gradients of every input but the last) of a loss cell."""
+
+    def __init__(self, loss):
+        super().__init__()
+        self.loss = loss
+        self.grad = ops.GradOperation(get_all=True)
+
+    def construct(self, *args):
+        return self.loss(*args), self.grad(self.loss)(*args)[:-1]
+
+
+# ---- the reference itself -------------------------------------------------------------------------------
+
+def test_reference_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 6)) * 2
+    h = 1e-6
+    numeric = (ref.gelu(x + h) - ref.gelu(x - h)) / (2 * h)
+    np.testing.assert_allclose(ref.gelu_backward(x, np.ones_like(x)), numeric, rtol=1e-7, atol=1e-8)
+
+    w, b, dy, eps = rng.normal(size=6), rng.normal(size=6), rng.normal(size=(3, 6)), 1e-5
+    loss = lambda x_, w_, b_: (ref.layer_norm(x_, w_, b_, eps) * dy).sum()
+    dx, dw, db = ref.layer_norm_backward(x, w, eps, dy)
+    for value, grad in ((x, dx), (w, dw), (b, db)):
+        numeric = np.zeros_like(value)
+        for i in np.ndindex(value.shape):
+            saved = value[i]
+            value[i] = saved + h
+            up = loss(x, w, b)
+            value[i] = saved - h
+            down = loss(x, w, b)
+            value[i] = saved
+            numeric[i] = (up - down) / (2 * h)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
+
+
+# ---- both paths against the reference -------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["cpu", "composite"])
+@pytest.mark.parametrize("graph", [True, False])
+@pytest.mark.parametrize("shape,dtype", [((5,), "float32"), ((3, 7, 33), "float32"), ((300, 257), "float32"),
+                                         ((4, 64), "float16"), ((4, 64), "bfloat16")])
+def test_gelu_matches_reference(path, graph, shape, dtype):
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    _use(path)
+    rng = np.random.default_rng(1)
+    x = ms.Tensor((rng.normal(size=shape) * 3).astype(np.float32), MS_DTYPES[dtype])
+    x_seen = x.astype(ms.float32).asnumpy()  # the reference gets the rounded input
+    dy = rng.normal(size=shape).astype(np.float32)
+    y = gelu(x)
+    assert y.dtype == MS_DTYPES[dtype] and y.shape == shape
+    np.testing.assert_allclose(y.astype(ms.float32).asnumpy(), ref.gelu(x_seen), rtol=0, atol=ATOL[dtype] * 3)
+    _, (dx,) = Grads(GeluLoss())(x, ms.Tensor(dy))
+    np.testing.assert_allclose(dx.astype(ms.float32).asnumpy(), ref.gelu_backward(x_seen, dy),
+                               rtol=0, atol=ATOL[dtype] * 3 * np.abs(dy).max())
+
+
+def test_gelu_tails_and_zero_on_the_cpu_path():
+    x = np.array([-40.0, -12.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 12.0, 40.0], np.float32)
+    y = gelu(ms.Tensor(x)).asnumpy()
+    np.testing.assert_allclose(y, ref.gelu(x), rtol=1e-6, atol=1e-7)
+    dx = Grads(GeluLoss())(ms.Tensor(x), ms.Tensor(np.ones_like(x)))[1][0].asnumpy()
+    np.testing.assert_allclose(dx, ref.gelu_backward(x, np.ones_like(x)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["cpu", "composite"])
+@pytest.mark.parametrize("graph", [True, False])
+@pytest.mark.parametrize("shape,eps", [((2, 5), 1e-12), ((3, 7, 33), 1e-5), ((200, 384), 1e-12)])
+def test_layer_norm_matches_reference(path, graph, shape, eps):
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    _use(path)
+    rng = np.random.default_rng(2)
+    x = (rng.normal(size=shape) * 3 + 1).astype(np.float32)
+    w = (1 + 0.3 * rng.normal(size=shape[-1])).astype(np.float32)
+    b = (0.3 * rng.normal(size=shape[-1])).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    loss, (dx, dw, db) = Grads(LayerNormLoss(eps))(*map(ms.Tensor, (x, w, b, dy)))
+    y = layer_norm(ms.Tensor(x), ms.Tensor(w), ms.Tensor(b), eps).asnumpy()
+    np.testing.assert_allclose(y, ref.layer_norm(x, w, b, eps), rtol=0, atol=1e-5)
+    rdx, rdw, rdb = ref.layer_norm_backward(x, w, eps, dy)
+    np.testing.assert_allclose(dx.asnumpy(), rdx, rtol=0, atol=2e-5 * np.abs(rdx).max())
+    rows = int(np.prod(shape[:-1]))
+    for got, want in ((dw, rdw), (db, rdb)):  # sums over the rows: float32 rounding grows with them
+        np.testing.assert_allclose(got.asnumpy(), want, rtol=0, atol=1e-6 * rows * np.abs(dy).max() * 10)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_cpu_layer_norm_gradient_sums_are_the_same_over_any_thread_split(threads, request):
+    """Each thread sums its rows' dweight and dbias apart; the parts must add up to the reference."""
+    cpu_ops.set_cpu_threads(threads)
+    request.addfinalizer(lambda: cpu_ops.set_cpu_threads(0))
+    rng = np.random.default_rng(3)
+    x, dy = rng.normal(size=(4, 333, 128)).astype(np.float32), rng.normal(size=(4, 333, 128)).astype(np.float32)
+    w, b = rng.normal(size=128).astype(np.float32), rng.normal(size=128).astype(np.float32)
+    _, (dx, dw, db) = Grads(LayerNormLoss(1e-5))(*map(ms.Tensor, (x, w, b, dy)))
+    rdx, rdw, rdb = ref.layer_norm_backward(x, w, 1e-5, dy)
+    np.testing.assert_allclose(dx.asnumpy(), rdx, rtol=0, atol=2e-5 * np.abs(rdx).max())
+    np.testing.assert_allclose(dw.asnumpy(), rdw, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(db.asnumpy(), rdb, rtol=0, atol=1e-3)
+
+
+def test_layer_norm_refuses_bad_arguments_by_name():
+    x = ms.Tensor(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"weight and bias must be \[4\] .* got \(3,\) and \(4,\)"):
+        layer_norm(x, ms.Tensor(np.ones(3, np.float32)), ms.Tensor(np.zeros(4, np.float32)), 1e-5)
+    with pytest.raises(ValueError, match="eps must be > 0, got 0.0"):
+        layer_norm(x, ms.Tensor(np.ones(4, np.float32)), ms.Tensor(np.zeros(4, np.float32)), 0.0)
+
+
+# ---- which path runs -------------------------------------------------------------------------------------
+
+def test_cpu_is_the_default_on_cpu_and_composite_when_asked_for(caplog):
+    x = ms.Tensor(np.zeros((2, 3), np.float32))
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        gelu(x)
+        gelu(x)
+        set_kernel_backend("composite")
+        gelu(x)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kernels"]
+    assert lines == ["gelu: running the cpu path (chosen by device target CPU)",
+                     "gelu: running the composite path (chosen by set_kernel_backend)"]
+
+
+def test_without_a_compiler_the_composite_runs_and_a_warning_says_why(tmp_path):
+    """A fresh process: the library does not exist in its folder and CXX names no compiler."""
+    code = ("import logging, mindspore, numpy as np\n"
+            "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+            "from kernels import gelu\n"
+            "from kernels import encoder_ops_reference as ref\n"
+            "x = np.linspace(-3, 3, 7).astype(np.float32)\n"
+            "print('ERR', float(np.abs(gelu(mindspore.Tensor(x)).asnumpy() - ref.gelu(x)).max()))\n")
+    env = dict(os.environ, CXX="no-such-compiler", MS_DFKD_CPU_KERNELS_DIR=str(tmp_path))
+    env.pop(dispatch.ENV_VAR, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    text = out.stdout + out.stderr
+    assert "WARNING gelu: running the composite path (the cpu kernels cannot run here: no C++ compiler: " \
+           "'no-such-compiler' is not on PATH" in text, text[-3000:]
+    err = float(text.split("ERR ")[1].split()[0])
+    assert err < 1e-6
+    assert not list(tmp_path.iterdir())
+
+
+# ---- the build -------------------------------------------------------------------------------------------
+
+def test_build_names_the_library_by_source_and_refuses_a_broken_source(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_build.DIR_ENV, str(tmp_path / "lib"))
+    source = tmp_path / "encoder_ops.cc"
+    source.write_text(cpu_build.SOURCE.read_text())
+    monkeypatch.setattr(cpu_build, "SOURCE", source)
+    built = cpu_build.ensure_built()
+    assert built.is_file() and built.parent == tmp_path / "lib"
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(built)], capture_output=True, text=True).stdout
+    for name in ("MsDfkdGeluForward", "MsDfkdGeluBackward", "MsDfkdLayerNormForward",
+                 "MsDfkdLayerNormBackward", "MsDfkdCpuSetThreads"):
+        assert name in symbols
+    assert cpu_build.ensure_built() == built  # not rebuilt
+    assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]  # no temporary left
+
+    source.write_text(source.read_text() + "\nthis is not C++;\n")
+    assert cpu_build.library_path() != built  # an edited source is another library
+    with pytest.raises(cpu_build.BuildError, match=r"failed on .*encoder_ops.cc \(exit [1-9]"):
+        cpu_build.ensure_built()
+    assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]
