@@ -97,13 +97,16 @@ def instrument(d, clock):
 def profile(method, args, overrides):
     import mindspore as ms
     from ms_dfkd import build
-    from ms_dfkd.config import load_config, parse_overrides
+    from ms_dfkd.config import ConfigError, load_config, parse_overrides
     from ms_dfkd.train import Distiller
     ms.set_context(mode=ms.GRAPH_MODE)
     with tempfile.TemporaryDirectory(prefix="profile_round_") as tmp:
         ov = parse_overrides(overrides) + [("run.method", method), ("run.out_dir", f"{tmp}/run"),
                                            ("run.rounds", str(args.rounds + 1)), ("run.eval_every", "0")]
-        cfg = load_config(args.config, ov)
+        try:
+            cfg = load_config(args.config, ov)
+        except ConfigError as e:  # a bad override or config file: say which, no traceback
+            raise SystemExit(f"profile_round: {e}") from None
         if cfg.task.kind != "sequence":
             raise SystemExit(f"profile_round: task.kind {cfg.task.kind}: profiles sequence tasks only")
         if not args.trained_teacher and "teacher.checkpoint" not in dict(ov):

