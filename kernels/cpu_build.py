@@ -3,7 +3,7 @@
     python -m kernels.cpu_build            # builds if needed, prints the library's path
 
 The library's name carries a hash of the source and the compiler flags, so an edited source or another
-flag set builds a new file and a stale one is never loaded. Two processes building at once each write a
+flag set builds a new file (and removes the old ones) and a stale one is never loaded. Two processes building at once each write a
 temporary file and rename it into place: whichever lands last, both are the same library.
 
 Where: MS_DFKD_CPU_KERNELS_DIR, else kernels/build/ beside this file. The compiler: CXX, else g++.
@@ -65,6 +65,9 @@ def ensure_built():
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for old in lib.parent.glob("libdfkd_cpu_*.so"):  # built from an earlier source (a process that
+        if old != lib:                               # has one loaded keeps its mapping)
+            old.unlink(missing_ok=True)
     return lib
 
 

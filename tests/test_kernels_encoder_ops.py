@@ -201,8 +201,13 @@ def test_build_names_the_library_by_source_and_refuses_a_broken_source(tmp_path,
     assert cpu_build.ensure_built() == built  # not rebuilt
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]  # no temporary left
 
-    source.write_text(source.read_text() + "\nthis is not C++;\n")
+    original = source.read_text()
+    source.write_text(original + "\nthis is not C++;\n")
     assert cpu_build.library_path() != built  # an edited source is another library
     with pytest.raises(cpu_build.BuildError, match=r"failed on .*encoder_ops.cc \(exit [1-9]"):
         cpu_build.ensure_built()
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]
+
+    source.write_text(original + "\n// edited\n")
+    rebuilt = cpu_build.ensure_built()
+    assert rebuilt != built and [p.name for p in (tmp_path / "lib").iterdir()] == [rebuilt.name]

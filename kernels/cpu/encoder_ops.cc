@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -19,21 +20,27 @@ namespace {
 
 int g_threads = 1;  // set by MsDfkdCpuSetThreads (kernels/cpu_ops.py passes the process's cores)
 
-// f(part, begin, end) over [0, n) in at most g_threads parts of at least `grain` items each; part 0 runs
-// on the calling thread.
-template <class F>
-void parallel_for(int64_t n, int64_t grain, F f) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1)));
-  const int64_t size = (n + parts - 1) / parts;
-  std::vector<std::thread> workers;
-  for (int64_t p = 1; p < parts; ++p)
-    workers.emplace_back(f, static_cast<int>(p), p * size, std::min(n, (p + 1) * size));
-  f(0, 0, std::min(n, size));
-  for (auto &w : workers) w.join();
-}
-
 int parts_for(int64_t n, int64_t grain) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1))));
+}
+
+// f(part, begin, end) over [0, n) in parts_for(n, grain) parts; part 0 runs on the calling thread, and
+// so does any part whose thread cannot be started (an exception must not cross the C ABI)
+template <class F>
+void parallel_for(int64_t n, int64_t grain, F f) {
+  const int64_t parts = parts_for(n, grain);
+  const int64_t size = (n + parts - 1) / parts;
+  std::vector<std::thread> workers;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t begin = p * size, end = std::min(n, (p + 1) * size);
+    try {
+      workers.emplace_back(f, static_cast<int>(p), begin, end);
+    } catch (const std::system_error &) {
+      f(static_cast<int>(p), begin, end);
+    }
+  }
+  f(0, 0, std::min(n, size));
+  for (auto &w : workers) w.join();
 }
 
 // e^x for x <= 0, written so that GCC vectorises it: Cody-Waite reduction to |r| <= ln2/2, a degree-7
@@ -140,6 +147,7 @@ int MsDfkdLayerNormForward(int nparam, void **params, int *ndims, int64_t **shap
   float *mean_out = static_cast<float *>(params[5]);
   float *rstd_out = static_cast<float *>(params[6]);
   const int64_t d = shapes[0][ndims[0] - 1];
+  if (d == 0) return 0;
   const int64_t rows = numel(ndims[0], shapes[0]) / d;
   parallel_for(rows, kGrain / d + 1, [=](int, int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -175,6 +183,7 @@ int MsDfkdLayerNormBackward(int nparam, void **params, int *ndims, int64_t **sha
   float *dg = static_cast<float *>(params[6]);
   float *db = static_cast<float *>(params[7]);
   const int64_t d = shapes[1][ndims[1] - 1];
+  if (d == 0) return 0;
   const int64_t rows = numel(ndims[1], shapes[1]) / d;
   const int64_t grain = kGrain / d + 1;
   const int nt = parts_for(rows, grain);
