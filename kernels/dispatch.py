@@ -118,25 +118,23 @@ def path_module(path, op_name):
 
 @ops.constexpr(reuse_result=False)
 def resolve_encoder_path(op_name):
-    """The path of an encoder op (gelu, layer_norm): cpu | composite; logged once per op and path (see the
-    module docstring). A constexpr, like resolve_backend."""
+    """The path of an encoder op (gelu, layer_norm): cpu | composite; logged once per op and path, as a
+    warning when the cpu kernels cannot run (see the module docstring). A constexpr, like resolve_backend."""
     name, why = requested_backend()
-    if name == "composite" and not why.startswith("device target"):
+    target = _device_target()
+    level, message = logging.INFO, "%s: running the %s path (chosen by %s)"
+    if name == "composite" and not why.startswith("device target"):  # asked for by name
         path = "composite"
-    elif _device_target() == "CPU":
+    elif target != "CPU":
+        path, why = "composite", f"device target {target}"
+    else:
         from kernels import cpu_ops
         problem = cpu_ops.unavailable_reason()
-        path = "composite" if problem else "cpu"
+        path, why = ("composite", f"the cpu kernels cannot run here: {problem}") if problem else \
+            ("cpu", "device target CPU")
         if problem:
-            why = f"the cpu kernels cannot run here: {problem}"
-            if (op_name, path) not in _logged:
-                _logged.add((op_name, path))
-                logger.warning("%s: running the composite path (%s)", op_name, why)
-            return path
-        why = "device target CPU"
-    else:
-        path, why = "composite", f"device target {_device_target()}"
+            level, message = logging.WARNING, "%s: running the %s path (%s)"
     if (op_name, path) not in _logged:
         _logged.add((op_name, path))
-        logger.info("%s: running the %s path (chosen by %s)", op_name, path, why)
+        logger.log(level, message, op_name, path, why)
     return path
