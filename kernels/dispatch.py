@@ -45,8 +45,7 @@ _PATH_MODULES = {
     "aot": dict.fromkeys(OPS, "kernels.aot_ops"),
 }
 ENCODER_OPS = ("gelu", "layer_norm")
-for _op in ENCODER_OPS:
-    _PATH_MODULES["composite"][_op] = "kernels.encoder_ops_composite"
+_PATH_MODULES["composite"].update(dict.fromkeys(ENCODER_OPS, "kernels.encoder_ops_composite"))
 _PATH_MODULES["cpu"] = dict.fromkeys(ENCODER_OPS, "kernels.cpu_ops")
 
 _override = None

@@ -124,7 +124,7 @@ class LayerNorm(nn.Cell):
         self.eps = eps
 
     def construct(self, x):
-        return layer_norm(x.astype(ms.float32), self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class Embedding(nn.Cell):

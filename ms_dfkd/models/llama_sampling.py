@@ -106,36 +106,30 @@ class KVCacheDecoder:
     # steer (label vectors) and capture_layer are passed on only when given: models without them (the
     # mindformers backend, whose config refuses label vectors) keep their own prefill/decode_step signatures.
     # capture_layer > 0 adds a third output: the states entering that decoder layer (llama.LlamaModel).
-    def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
+    @staticmethod
+    def _call(fn, args, steer, steer_layer, capture_layer):
         if steer is None and not capture_layer:
-            out = self.model.model.prefill(ids, mask, cache_len)
-        else:
-            out = self.model.model.prefill(ids, mask, cache_len, steer, steer_layer, capture_layer)
-        logits = self.model.logits_from_hidden(out[0][:, -1:])[:, 0]  # left padding: last slot is real
-        return (logits, out[1], out[2]) if capture_layer else (logits, out[1])
+            return fn(*args)
+        return fn(*args, steer, steer_layer, capture_layer)
+
+    def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
+        out = self._call(self.model.model.prefill, (ids, mask, cache_len), steer, steer_layer, capture_layer)
+        return (self.model.logits_from_hidden(out[0][:, -1:])[:, 0],) + out[1:]  # left padding: last slot is real
 
     def _prefill_after(self, ids, positions, key_mask, prefix_caches, group, cache_len, steer=None,
                        steer_layer=0, capture_layer=0):
         # prefix_caches: one row per group; each row reads its group's (a gather inside the graph)
         past = tuple(ops.gather(c, group, 0) for c in prefix_caches)
-        if steer is None and not capture_layer:
-            out = self.model.model.prefill_after(ids, positions, key_mask, past, cache_len)
-        else:
-            out = self.model.model.prefill_after(ids, positions, key_mask, past, cache_len, steer, steer_layer,
-                                                 capture_layer)
-        logits = self.model.logits_from_hidden(out[0][:, -1:])[:, 0]
-        return (logits, out[1], out[2]) if capture_layer else (logits, out[1])
+        out = self._call(self.model.model.prefill_after, (ids, positions, key_mask, past, cache_len), steer,
+                         steer_layer, capture_layer)
+        return (self.model.logits_from_hidden(out[0][:, -1:])[:, 0],) + out[1:]
 
     def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0, capture_layer=0):
         # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time
         # constant for ms.jit and every new cache would recompile the step
-        if steer is None and not capture_layer:
-            out = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches)
-        else:
-            out = self.model.model.decode_step(ids, positions, key_mask, write_slot, caches, steer, steer_layer,
-                                               capture_layer)
-        logits = self.model.logits_from_hidden(out[0])[:, 0]
-        return (logits, out[1], out[2]) if capture_layer else (logits, out[1])
+        out = self._call(self.model.model.decode_step, (ids, positions, key_mask, write_slot, caches), steer,
+                         steer_layer, capture_layer)
+        return (self.model.logits_from_hidden(out[0])[:, 0],) + out[1:]
 
 
 def captures_states(model):
