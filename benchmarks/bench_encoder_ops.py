@@ -31,9 +31,9 @@ def main(argv=None):
     from mindspore import nn, ops
     ms.set_context(mode=ms.GRAPH_MODE)
     threads = args.threads or len(os.sched_getaffinity(0))
-    if ms.get_context("device_target") == "CPU":
-        ms.device_context.cpu.op_tuning.threads_num(threads)
     from kernels import dispatch, gelu, layer_norm, set_cpu_threads, set_kernel_backend
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime(threads)
     set_cpu_threads(threads)
 
     class Gelu(nn.Cell):

@@ -73,6 +73,8 @@ def worker(case):
         dispatch.set_kernel_backend(case["backend"])
     if case["device"]:
         ms.set_context(device_target=case["device"])
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime()
     n, v, h, op, variant = case["n"], case["v"], case["h"], case["op"], case["variant"]
     rng = np.random.default_rng(0)
     seed, tau, temperature = 7, 0.5, 2.0

@@ -49,6 +49,8 @@ def phase(arch, config, overrides, tmp, repeats, sample, out_file):
     from ms_dfkd.steps import soft_sequence_layout
     from ms_dfkd.train import Distiller
     ms.set_context(mode=ms.GRAPH_MODE)
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime()
     # no label vectors: the mindformers models have no steering input, and both backends must compute the same
     cfg = load_config(config, parse_overrides(overrides) + [("generator.arch", arch), ("run.method", "dfkd-t3"),
                                                             ("generator.label_vectors", "false"),

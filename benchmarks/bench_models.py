@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--no-backward", dest="backward", action="store_false")
     args = ap.parse_args()
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the timed functions are ms.jit graphs
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime()
     rows = []
     t0 = time.perf_counter()
     bench_generator(rows, args)

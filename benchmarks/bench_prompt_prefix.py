@@ -32,6 +32,8 @@ def main():
     from ms_dfkd.train import Distiller
 
     ms.set_context(mode=ms.GRAPH_MODE)
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime()
     cfg = load_config(args.config)
     g = cfg.generator
     tok = build.generator_tokenizer(cfg)

@@ -67,11 +67,9 @@ def worker(framework, case_path, threads):
     if framework == "ms":
         import mindspore as ms
         ms.set_context(mode=ms.GRAPH_MODE)
-        # as ms-dfkd's command line does (run.threads): MindSpore's default pool of 25 threads
-        # oversubscribes a small machine, and torch gets --threads
-        ms.device_context.cpu.op_tuning.threads_num(threads)
-        from kernels import set_cpu_threads
-        set_cpu_threads(threads)
+        # as ms-dfkd's command line sets it up (run.threads; torch gets --threads too)
+        from ms_dfkd.cpu_runtime import configure_runtime
+        configure_runtime(threads)
         from benchmarks.cases import MSSide
         side = MSSide(case)
     else:

@@ -100,6 +100,8 @@ def profile(method, args, overrides):
     from ms_dfkd.config import ConfigError, load_config, parse_overrides
     from ms_dfkd.train import Distiller
     ms.set_context(mode=ms.GRAPH_MODE)
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime()
     with tempfile.TemporaryDirectory(prefix="profile_round_") as tmp:
         ov = parse_overrides(overrides) + [("run.method", method), ("run.out_dir", f"{tmp}/run"),
                                            ("run.rounds", str(args.rounds + 1)), ("run.eval_every", "0")]

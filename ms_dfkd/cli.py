@@ -29,25 +29,9 @@ def _mode(cfg, device_target=None):
             raise ValueError(f"--device-target {device_target}: {str(e).splitlines()[0]}") from None
         if device_target != "CPU" and "DEVICE_ID" in os.environ:  # msrun and the standalone scripts set it
             ms.set_context(device_id=int(os.environ["DEVICE_ID"]))
+    from .cpu_runtime import configure_runtime  # before the first op: see there
+    configure_runtime(cfg.run.threads)
     ms.set_seed(cfg.run.seed)
-    _cpu_threads(cfg.run.threads)
-
-
-def _cpu_threads(n):
-    """MindSpore's CPU kernel thread pool: run.threads, or the cores this process may use. MindSpore's own
-    default (25 threads) oversubscribes a small machine, and two jobs on it slow each other far more
-    than twice; `taskset -c 0 ms-dfkd ...` then gives each job its own core and one thread."""
-    import mindspore as ms
-    if ms.get_context("device_target") != "CPU":
-        return
-    n = n or len(os.sched_getaffinity(0))
-    from kernels import set_cpu_threads  # the C++ kernels of the encoder ops: as many threads
-    set_cpu_threads(n)
-    try:
-        ms.device_context.cpu.op_tuning.threads_num(n)
-    except RuntimeError:  # set once per process (tests call main() many times)
-        return
-    log.debug(f"MindSpore CPU kernels: {n} threads")
 
 
 def _load_cfg(args, extra):

@@ -91,6 +91,8 @@ def main(argv=None):
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
     ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime(cfg.run.threads)
 
     tokenizer = build.student_tokenizer(cfg)
     rows = []

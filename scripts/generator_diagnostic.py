@@ -187,6 +187,8 @@ def main(argv=None):
     if cfg.task.kind != "sequence":
         raise SystemExit(f"generator_diagnostic: task.kind {cfg.task.kind}: follows sequence tasks only")
     ms.set_context(mode=ms.GRAPH_MODE if cfg.run.mode == "graph" else ms.PYNATIVE_MODE)
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime(cfg.run.threads)
     out.mkdir(parents=True, exist_ok=True)
     try:
         with RunLock(out):  # the diagnostic's own files; the run folder inside has its own lock

@@ -41,6 +41,8 @@ def main(argv=None):
     from ms_dfkd.config import load_config, parse_overrides
     ms.set_context(mode=ms.GRAPH_MODE)
     cfg = load_config(args.config, parse_overrides(rest))
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
+    configure_runtime(cfg.run.threads)
     if cfg.task.kind != "sequence":
         raise SystemExit(f"prompt_specificity: task.kind {cfg.task.kind}: scores sequence tasks only")
     templates = [t.replace("\\n", "\n") for t in args.template] or [cfg.task.prompt_template]

@@ -6,6 +6,10 @@ import pytest
 # before any test module is collected: tests/test_kernels_triton_process.py checks that none set it
 TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
+# as ms-dfkd's command line runs MindSpore on CPU (ms_dfkd/cpu_runtime.py); MindSpore reads it at its
+# first op, so it is set before any test module imports MindSpore
+os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
+
 
 def pytest_configure(config):
     # also declared in pyproject.toml; repeated here so a bare `pytest -c /dev/null` knows it
