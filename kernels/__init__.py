@@ -1,11 +1,11 @@
 """Fused ops of ms-dfkd: Gumbel-softmax soft embedding (plain and fused with the LM head) and KD loss; and
-the encoder's GELU and LayerNorm, with C++ kernels for the CPU.
+the encoder's GELU, LayerNorm and linear layer, with C++ kernels for the CPU.
 
 Each op has a numpy reference (tests only), a chunked MindSpore composite (row slabs; default on CPU and
 Ascend), and Triton kernels run either ahead-of-time compiled on GPU (``aot``) or by Triton's
 interpreter on CPU (``triton_interpret``). ``set_kernel_backend`` / MS_DFKD_KERNELS pick the path.
 
-The encoder ops (gelu, layer_norm) have a numpy reference, MindSpore's own ops (``composite``) and C++
+The encoder ops (gelu, layer_norm, linear) have a numpy reference, MindSpore's own ops (``composite``) and C++
 kernels for the CPU (``cpu``, the default there, built on first use by cpu_build).
 
 The public names are imported lazily so that the numpy-only modules (gumbel_noise, the references,
@@ -20,6 +20,7 @@ _EXPORTS = {
     "kd_loss": "kernels.kd_loss_op",
     "gelu": "kernels.encoder_ops",
     "layer_norm": "kernels.encoder_ops",
+    "linear": "kernels.encoder_ops",
     "set_cpu_threads": "kernels.cpu_ops",
     "set_kernel_backend": "kernels.dispatch",
     "resolve_backend": "kernels.dispatch",

@@ -22,6 +22,7 @@ DIR_ENV = "MS_DFKD_CPU_KERNELS_DIR"
 # -fno-trapping-math lets GCC vectorise the branch-free selects of the GELU loops, -fopenmp-simd the
 # "omp simd" reductions (no OpenMP runtime); no -march, so the library runs on any CPU of its architecture
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
+LIBS = ("-ldl",)  # dlopen: the linear backward's sgemm comes from MindSpore's libdnnl at run time
 
 
 class BuildError(RuntimeError):
@@ -37,7 +38,7 @@ def build_dir():
 
 
 def library_path():
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler(),) + FLAGS).encode()).hexdigest()[:12]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler(),) + FLAGS + LIBS).encode()).hexdigest()[:12]
     return build_dir() / f"libdfkd_cpu_{key}.so"
 
 
@@ -57,7 +58,7 @@ def ensure_built():
         raise BuildError(f"cannot write the library into {lib.parent}: {e.strerror} "
                          f"(set {DIR_ENV} to a writable folder)") from None
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
             raise BuildError(f"{cxx} failed on {SOURCE} (exit {done.returncode}):\n{tail}")

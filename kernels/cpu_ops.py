@@ -1,9 +1,11 @@
 """Path ``cpu`` of the encoder ops: the C++ kernels of kernels/cpu/encoder_ops.cc as MindSpore ``aot``
 custom ops with bprop (CPU device target only). The library is compiled on first use
-(kernels/cpu_build.py); ``unavailable_reason()`` says why it cannot run here, if it cannot.
+(kernels/cpu_build.py); ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
-also returns each row's mean and 1/std, which its backward takes rather than recomputing them.
+also returns each row's mean and 1/std, which its backward takes rather than recomputing them. The
+linear layer runs MindSpore's MatMul forward (as fast as a plain product gets here) and a C++ backward
+whose products are oneDNN's sgemm from the libdnnl in MindSpore's wheel.
 """
 import ctypes
 import functools
@@ -13,6 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from kernels import cpu_build
+from kernels.encoder_ops_composite import linear as composite_linear
 from kernels.utils import scalar_tensor, zero_grad
 
 _threads = {"n": 0}
@@ -38,9 +41,22 @@ def _library():
     return lib
 
 
+def _gemm_library():
+    return os.path.join(os.path.dirname(ms.__file__), "lib", "libdnnl.so.3")
+
+
 @functools.lru_cache(maxsize=None)
-def unavailable_reason():
-    """None if the cpu path can run here, else why not (builds the library if needed)."""
+def _gemm_problem():
+    """None once the library has oneDNN's sgemm, else why not."""
+    path = _gemm_library()
+    code = _library().MsDfkdCpuLoadGemm(path.encode())
+    return None if code == 0 else (f"cannot open {path}" if code == 1 else f"{path} has no dnnl_sgemm")
+
+
+@functools.lru_cache(maxsize=None)
+def unavailable_reason(op=None):
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear; None: the library) can run here, else why
+    not (builds the library if needed)."""
     target = ms.get_context("device_target")
     if target != "CPU":
         return f"the cpu kernels run on the CPU device target only, and it is {target}"
@@ -55,7 +71,7 @@ def unavailable_reason():
         _library()
     except OSError as e:
         return f"cannot load {lib}: {e}"
-    return None
+    return _gemm_problem() if op == "linear" else None
 
 
 def _aot(entry, out_shape, out_dtype, bprop=None):
@@ -102,6 +118,21 @@ class LayerNormOp(nn.Cell):
         return self.op(x, weight, bias, eps)
 
 
+class LinearOp(nn.Cell):
+    """(x f32 [..., k], weight [n, k], bias [n]) -> x weight^T + bias [..., n]; the C++ backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.backward_op = _aot("MsDfkdLinearBackward", lambda dy, x, w: (x, w, w[:1]),
+                                lambda dy, x, w: (x, w, w))
+
+    def construct(self, x, weight, bias):
+        return composite_linear(x, weight, bias)
+
+    def bprop(self, x, weight, bias, out, dout):
+        return self.backward_op(dout, x, weight)
+
+
 # ---- entry points called by kernels.encoder_ops (parsed in graph mode) ---------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -116,6 +147,18 @@ def _layer_norm_op():
 
 def gelu(x):
     return _gelu_op()(x.astype(ms.float32)).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _linear_op():
+    problem = unavailable_reason("linear")  # resolve_encoder_path checked it; loads the sgemm here too
+    if problem:
+        raise RuntimeError(f"linear: the cpu path cannot run: {problem}")
+    return LinearOp()
+
+
+def linear(x, weight, bias):
+    return _linear_op()(x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32)).astype(x.dtype)
 
 
 def layer_norm(x, weight, bias, eps):

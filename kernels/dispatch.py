@@ -12,7 +12,7 @@ Paths:
 Order of precedence: ``set_kernel_backend(name)``, then the environment variable MS_DFKD_KERNELS, then
 the device target. A path that was asked for but cannot run raises; nothing falls back silently.
 
-The encoder ops (gelu, layer_norm) have two paths of their own: ``cpu``, C++ kernels built on first use
+The encoder ops (gelu, layer_norm, linear) have two paths of their own: ``cpu``, C++ kernels built on first use
 (the default on the CPU device target, whatever path the fused ops take), and ``composite``, MindSpore's
 own ops (elsewhere, or when ``composite`` is asked for). Where the cpu kernels cannot be built or
 loaded, the encoder ops run the composite path and say so in a warning, with the reason.
@@ -22,7 +22,7 @@ Every path module has the same entry points with the same arguments, so an op ru
     soft_embedding(logits, tables, seed, tau, hard, ids, row_offset, grad_tables)
     fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids, row_offset)
     kd_loss_rows(student, teacher, temperature)              (kd_loss_op reduces the rows)
-    gelu(x);  layer_norm(x, weight, bias, eps)               (the encoder ops)
+    gelu(x);  layer_norm(x, weight, bias, eps);  linear(x, weight, bias)     (the encoder ops)
 """
 import functools
 import importlib
@@ -44,7 +44,7 @@ _PATH_MODULES = {
     "triton_interpret": dict.fromkeys(OPS, "kernels.triton_ops"),
     "aot": dict.fromkeys(OPS, "kernels.aot_ops"),
 }
-ENCODER_OPS = ("gelu", "layer_norm")
+ENCODER_OPS = ("gelu", "layer_norm", "linear")
 _PATH_MODULES["composite"].update(dict.fromkeys(ENCODER_OPS, "kernels.encoder_ops_composite"))
 _PATH_MODULES["cpu"] = dict.fromkeys(ENCODER_OPS, "kernels.cpu_ops")
 
@@ -117,7 +117,7 @@ def path_module(path, op_name):
 
 @ops.constexpr(reuse_result=False)
 def resolve_encoder_path(op_name):
-    """The path of an encoder op (gelu, layer_norm): cpu | composite; logged once per op and path, as a
+    """The path of an encoder op (gelu, layer_norm, linear): cpu | composite; logged once per op and path, as a
     warning when the cpu kernels cannot run (see the module docstring). A constexpr, like resolve_backend."""
     name, why = requested_backend()
     target = _device_target()
@@ -128,7 +128,7 @@ def resolve_encoder_path(op_name):
         path, why = "composite", f"device target {target}"
     else:
         from kernels import cpu_ops
-        problem = cpu_ops.unavailable_reason()
+        problem = cpu_ops.unavailable_reason(op_name)
         path, why = ("composite", f"the cpu kernels cannot run here: {problem}") if problem else \
             ("cpu", "device target CPU")
         if problem:

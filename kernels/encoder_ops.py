@@ -1,9 +1,14 @@
-"""The encoder's exact GELU and LayerNorm: gelu(x), layer_norm(x, weight, bias, eps).
+"""The encoder's exact GELU, LayerNorm and linear layer: gelu(x), layer_norm(x, weight, bias, eps),
+linear(x, weight, bias).
 
     gelu(x) = x * Phi(x) = x * (1 + erf(x / sqrt(2))) / 2          elementwise, computed in float32,
                                                                      returned in x's dtype
     layer_norm(x, weight, bias, eps) = (x - mean) / sqrt(var + eps) * weight + bias
                                                                      over the last axis, float32
+    linear(x, weight, bias) = x weight^T + bias                      weight [n, k] (torch's layout) on
+                                                                     x's last axis k; in x's dtype on the
+                                                                     composite path, float32 on the cpu
+                                                                     path (returned in x's dtype)
 Gradients reach x, weight and bias. The path (cpu: C++ kernels on the CPU device target; composite:
 MindSpore's own ops) comes from kernels.dispatch.resolve_encoder_path, which logs it.
 """
@@ -23,6 +28,15 @@ def _check_norm(x_shape, weight_shape, bias_shape, eps):
     return True
 
 
+@ops.constexpr
+def _check_linear(x_shape, weight_shape, bias_shape):
+    k = x_shape[-1] if len(x_shape) else None
+    if len(weight_shape) != 2 or weight_shape[1] != k or tuple(bias_shape) != (weight_shape[0],):
+        raise ValueError(f"linear: weight must be [n, {k}] and bias [n] for x of shape {tuple(x_shape)}, got "
+                         f"{tuple(weight_shape)} and {tuple(bias_shape)}")
+    return True
+
+
 def gelu(x):
     """Exact (erf) GELU; see the module docstring."""
     return dispatch.path_module(dispatch.resolve_encoder_path("gelu"), "gelu").gelu(x)
@@ -33,3 +47,9 @@ def layer_norm(x, weight, bias, eps):
     _check_norm(tuple(x.shape), tuple(weight.shape), tuple(bias.shape), float(eps))
     return dispatch.path_module(dispatch.resolve_encoder_path("layer_norm"), "layer_norm").layer_norm(
         x, weight, bias, float(eps))
+
+
+def linear(x, weight, bias):
+    """x weight^T + bias over x's last axis; see the module docstring."""
+    _check_linear(tuple(x.shape), tuple(weight.shape), tuple(bias.shape))
+    return dispatch.path_module(dispatch.resolve_encoder_path("linear"), "linear").linear(x, weight, bias)

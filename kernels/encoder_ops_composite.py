@@ -13,6 +13,13 @@ def gelu(x):
     return (0.5 * x32 * (1.0 + ops.erf(x32 * 0.7071067811865476))).astype(x.dtype)
 
 
+def linear(x, weight, bias):
+    # a 2-D MatMul and BiasAdd rather than ops.dense(x, w, b): the latter adds the bias with a broadcasting
+    # Add, whose CPU kernel keeps index tables of about 4x its output for the life of the compiled graph
+    y = ops.bias_add(ops.dense(x.reshape(-1, x.shape[-1]), weight), bias)
+    return y.reshape(x.shape[:-1] + (y.shape[-1],))
+
+
 @functools.lru_cache(maxsize=None)
 def _norm(eps):
     return ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)

@@ -1,9 +1,11 @@
-"""Numpy reference of the encoder's exact GELU and LayerNorm, forward and backward, in float64. Tests only.
+"""Numpy reference of the encoder's exact GELU, LayerNorm and linear layer, forward and backward, in float64.
+Tests only.
 
     gelu(x) = x * Phi(x),   Phi(x) = (1 + erf(x / sqrt(2))) / 2,   d/dx = Phi(x) + x * phi(x)
     layer_norm(x, w, b) = xhat * w + b over the last axis,  xhat = (x - mean) / sqrt(var + eps)
         dx = (w * dy - mean(w * dy) - xhat * mean(w * dy * xhat)) / sqrt(var + eps)   (means over the axis)
         dw = sum over rows of dy * xhat,   db = sum over rows of dy
+    linear(x, w, b) = x w^T + b:  dx = dy w,  dw = dy^T x,  db = sum over rows of dy   (rows: all but the last axis)
 """
 import math
 
@@ -48,3 +50,14 @@ def layer_norm_backward(x, weight, eps, dy):
     dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True) - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
     rows = dy.reshape(-1, dy.shape[-1])
     return dx, (rows * xhat.reshape(rows.shape)).sum(axis=0), rows.sum(axis=0)
+
+
+def linear(x, weight, bias):
+    return _f64(x) @ _f64(weight).T + _f64(bias)
+
+
+def linear_backward(x, weight, dy):
+    """(dx, dweight, dbias)."""
+    x, dy = _f64(x), _f64(dy)
+    rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    return dy @ _f64(weight), rows_dy.T @ rows_x, rows_dy.sum(axis=0)

@@ -1,4 +1,4 @@
-"""The encoder ops (exact GELU, LayerNorm) on both paths against the float64 numpy reference, the
+"""The encoder ops (exact GELU, LayerNorm, linear layer) on both paths against the float64 numpy reference, the
 reference against finite differences, the CPU kernel library's build, and which path runs."""
 import logging
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mindspore import nn, ops
 
-from kernels import cpu_build, cpu_ops, dispatch, gelu, layer_norm, set_kernel_backend
+from kernels import cpu_build, cpu_ops, dispatch, gelu, layer_norm, linear, set_kernel_backend
 from kernels import encoder_ops_reference as ref
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -151,6 +151,87 @@ def test_layer_norm_refuses_bad_arguments_by_name():
         layer_norm(x, ms.Tensor(np.ones(4, np.float32)), ms.Tensor(np.zeros(4, np.float32)), 0.0)
 
 
+class LinearLoss(nn.Cell):
+    def construct(self, x, weight, bias, dy):
+        return (linear(x, weight, bias).astype(ms.float32) * dy).sum()
+
+
+@pytest.mark.parametrize("path", ["cpu", "composite"])
+@pytest.mark.parametrize("graph", [True, False])
+@pytest.mark.parametrize("shape,n,dtype", [((5, 7), 3, "float32"), ((3, 41, 64), 96, "float32"),
+                                           ((2, 48, 384), 1536, "float32"), ((70, 1536), 384, "float32"),
+                                           ((4, 9, 32), 48, "float16"), ((4, 9, 32), 48, "bfloat16")])
+def test_linear_matches_reference(path, graph, shape, n, dtype):
+    if path == "composite" and dtype == "bfloat16" and ms.get_context("device_target") == "CPU":
+        pytest.skip("MindSpore's CPU MatMul has no bfloat16 kernel (the cpu path computes in float32)")
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    _use(path)
+    rng = np.random.default_rng(4)
+    k = shape[-1]
+    cast = lambda a: ms.Tensor(a.astype(np.float32), MS_DTYPES[dtype])
+    x, w, b = cast(rng.normal(size=shape)), cast(rng.normal(size=(n, k)) / np.sqrt(k)), cast(rng.normal(size=n))
+    seen = [t.astype(ms.float32).asnumpy() for t in (x, w, b)]  # the reference gets the rounded inputs
+    dy = rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
+    y = linear(x, w, b)
+    assert y.dtype == MS_DTYPES[dtype] and y.shape == shape[:-1] + (n,)
+    # float32 products: rounding grows with the sum's length k; float16/bfloat16 results round once more
+    atol = max(ATOL[dtype] * 4, 3e-7 * np.sqrt(k) * 4)
+    np.testing.assert_allclose(y.astype(ms.float32).asnumpy(), ref.linear(*seen), rtol=0, atol=atol)
+    _, (dx, dw, db) = Grads(LinearLoss())(x, w, b, ms.Tensor(dy))
+    rows = int(np.prod(shape[:-1]))
+    for got, want, length in zip((dx, dw, db), ref.linear_backward(seen[0], seen[1], dy), (n, rows, rows)):
+        scale = np.abs(want).max() / np.sqrt(length) + 1  # the size of one term of the sum, roughly
+        tol = (ATOL[dtype] * 8 if dtype != "float32" else 1e-6) * np.sqrt(length) * scale
+        np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_cpu_linear_gradients_are_the_same_over_any_thread_split(threads, request):
+    """The products split over rows or columns, the bias gradient over columns: every split must add up."""
+    cpu_ops.set_cpu_threads(threads)
+    request.addfinalizer(lambda: cpu_ops.set_cpu_threads(0))
+    rng = np.random.default_rng(5)
+    for shape, n in (((3, 111, 40), 200), ((7, 500), 33)):  # more rows than columns, and fewer
+        x, w = rng.normal(size=shape).astype(np.float32), rng.normal(size=(n, shape[-1])).astype(np.float32)
+        b, dy = rng.normal(size=n).astype(np.float32), rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
+        _, grads = Grads(LinearLoss())(*map(ms.Tensor, (x, w, b, dy)))
+        for got, want in zip(grads, ref.linear_backward(x, w, dy)):
+            np.testing.assert_allclose(got.asnumpy(), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_linear_refuses_bad_arguments_by_name():
+    x = ms.Tensor(np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"weight must be \[n, 4\] and bias \[n\] .* got \(3, 5\) and \(3,\)"):
+        linear(x, ms.Tensor(np.zeros((3, 5), np.float32)), ms.Tensor(np.zeros(3, np.float32)))
+    with pytest.raises(ValueError, match=r"got \(3, 4\) and \(2,\)"):
+        linear(x, ms.Tensor(np.zeros((3, 4), np.float32)), ms.Tensor(np.zeros(2, np.float32)))
+
+
+def test_the_linear_backward_takes_onednn_from_mindspores_wheel():
+    assert cpu_ops.unavailable_reason("linear") is None
+    assert os.path.isfile(cpu_ops._gemm_library())
+
+
+def test_without_onednn_the_linear_runs_the_composite_and_a_warning_says_why():
+    """A fresh process whose oneDNN path names no file: gelu keeps its cpu path, linear says why not."""
+    code = ("import logging, mindspore, numpy as np\n"
+            "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+            "from kernels import cpu_ops, gelu, linear\n"
+            "cpu_ops._gemm_library = lambda: '/no/such/libdnnl.so.3'\n"
+            "x, w, b = np.ones((2, 3), np.float32), np.full((4, 3), 0.5, np.float32), np.arange(4, dtype=np.float32)\n"
+            "gelu(mindspore.Tensor(x))\n"
+            "print('Y', linear(*map(mindspore.Tensor, (x, w, b))).asnumpy().tolist())\n")
+    env = dict(os.environ)
+    env.pop(dispatch.ENV_VAR, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    text = out.stdout + out.stderr
+    assert "INFO gelu: running the cpu path (chosen by device target CPU)" in text, text[-3000:]
+    assert "WARNING linear: running the composite path (the cpu kernels cannot run here: cannot open " \
+           "/no/such/libdnnl.so.3)" in text, text[-3000:]
+    assert "Y [[1.5, 2.5, 3.5, 4.5], [1.5, 2.5, 3.5, 4.5]]" in text
+
+
 # ---- which path runs -------------------------------------------------------------------------------------
 
 def test_cpu_is_the_default_on_cpu_and_composite_when_asked_for(caplog):
@@ -196,7 +277,7 @@ def test_build_names_the_library_by_source_and_refuses_a_broken_source(tmp_path,
     assert built.is_file() and built.parent == tmp_path / "lib"
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(built)], capture_output=True, text=True).stdout
     for name in ("MsDfkdGeluForward", "MsDfkdGeluBackward", "MsDfkdLayerNormForward",
-                 "MsDfkdLayerNormBackward", "MsDfkdCpuSetThreads"):
+                 "MsDfkdLayerNormBackward", "MsDfkdLinearBackward", "MsDfkdCpuSetThreads", "MsDfkdCpuLoadGemm"):
         assert name in symbols
     assert cpu_build.ensure_built() == built  # not rebuilt
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]  # no temporary left

@@ -1,5 +1,5 @@
-// The encoder's GELU and LayerNorm on CPU, forward and backward, as MindSpore `aot` custom ops
-// (kernels/cpu_ops.py; built by kernels/cpu_build.py with g++ -fopenmp).
+// The encoder's GELU and LayerNorm on CPU, forward and backward, and its linear layers' backward, as
+// MindSpore `aot` custom ops (kernels/cpu_ops.py; built by kernels/cpu_build.py).
 //
 // Why: MindSpore's CPU Erf, and the elementwise ops around it, run one element at a time, and its
 // LayerNormGrad is slow on narrow rows; a BERT step spends a quarter of its time in them. These loops
@@ -8,7 +8,13 @@
 // it returns. Not OpenMP: its idle workers spin after every parallel region (libgomp's default wait
 // policy), taking the cores from MindSpore's own kernels; that made a BERT step slower, not faster.
 //
+// The linear backward's products go to oneDNN's sgemm, from the libdnnl that MindSpore's wheel ships
+// (MsDfkdCpuLoadGemm; kernels/cpu_ops.py passes its path): MindSpore's own backward of a matmul
+// transposes its operands first and sums the bias gradient in a separate op.
+//
 // C ABI of MindSpore's aot ops: params holds the inputs, then the outputs; float32 only.
+#include <dlfcn.h>
+
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -91,6 +97,29 @@ inline float gelu_slope(float x) {
   return cdf + x * 0.3989422804014327f * e;
 }
 
+// oneDNN's C sgemm: row-major C[M,N] = alpha op(A) op(B) + beta C; sequential when called outside an
+// oneDNN threadpool, so each of parallel_for's threads runs its own block
+using SgemmFn = int (*)(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                        int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+SgemmFn g_sgemm = nullptr;
+
+// C[M,N] = op(A) op(B), split over the rows of C (or its columns where it has fewer rows than columns)
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb,
+          float *C, int64_t ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  constexpr int64_t kRows = 32;  // below this many rows or columns a part a thread is not worth it
+  if (M >= N) {
+    parallel_for(M, kRows, [=](int, int64_t begin, int64_t end) {
+      g_sgemm(a, b, end - begin, N, K, 1.0f, ta ? A + begin : A + begin * lda, lda, B, ldb, 0.0f, C + begin * ldc,
+              ldc);
+    });
+  } else {
+    parallel_for(N, kRows, [=](int, int64_t begin, int64_t end) {
+      g_sgemm(a, b, M, end - begin, K, 1.0f, A, lda, tb ? B + begin * ldb : B + begin, ldb, 0.0f, C + begin, ldc);
+    });
+  }
+}
+
 int64_t numel(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; ++i) n *= shape[i];
@@ -111,6 +140,43 @@ void gelu_backward_range(const float *__restrict x, const float *__restrict dy, 
 extern "C" {
 
 void MsDfkdCpuSetThreads(int n) { g_threads = n > 0 ? n : 1; }
+
+// 0 once dnnl_sgemm is found in the library at path (opened once; a later call changes nothing);
+// 1 if the library cannot be opened, 2 if it has no dnnl_sgemm
+int MsDfkdCpuLoadGemm(const char *path) {
+  if (g_sgemm) return 0;
+  void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!handle) return 1;
+  g_sgemm = reinterpret_cast<SgemmFn>(dlsym(handle, "dnnl_sgemm"));
+  return g_sgemm ? 0 : 2;
+}
+
+// y = x w^T + b; its backward: dx = dy w, dw = dy^T x, db = sum of dy's rows
+//                                                params: dy [.., n], x [.., k], w [n, k], dx, dw, db [n]
+int MsDfkdLinearBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                         void *stream, void *extra) {
+  if (nparam != 6 || !g_sgemm) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float *w = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  float *dw = static_cast<float *>(params[4]);
+  float *db = static_cast<float *>(params[5]);
+  const int64_t n = shapes[2][0], k = shapes[2][1];
+  const int64_t rows = numel(ndims[1], shapes[1]) / k;
+  gemm(false, false, rows, k, n, dy, n, w, k, dx, k);
+  gemm(true, false, n, k, rows, dy, n, x, k, dw, k);
+  parallel_for(n, 64, [=](int, int64_t begin, int64_t end) {
+    float *__restrict out = db + begin;
+    const int64_t width = end - begin;
+    for (int64_t j = 0; j < width; ++j) out[j] = 0.0f;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float *__restrict row = dy + i * n + begin;
+      for (int64_t j = 0; j < width; ++j) out[j] += row[j];
+    }
+  });
+  return 0;
+}
 
 // y = x * Phi(x)    (exact GELU)                 params: x, y
 int MsDfkdGeluForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,

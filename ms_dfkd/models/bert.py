@@ -10,10 +10,12 @@ path of DFKD-T3 feeds e_t = y_t . E in place of the word-embedding lookup, and
 position/type embeddings plus LayerNorm are still added on top.
 
 Mixed precision: ``compute_dtype`` "float16"/"bfloat16" runs the matmuls in
-that dtype; parameters, the residual stream, LayerNorm and softmax stay float32.
+that dtype (on GPU and Ascend; the CPU kernels compute the linear layers in float32); parameters, the
+residual stream, LayerNorm and softmax stay float32.
 
-GELU and LayerNorm come from kernels/ (kernels.encoder_ops): on CPU, C++ kernels that run several times
-faster than MindSpore's own CPU ops; elsewhere MindSpore's ops. The path is logged.
+GELU, LayerNorm and the linear layers come from kernels/ (kernels.encoder_ops): on CPU, C++ kernels
+(GELU and LayerNorm several times faster than MindSpore's own CPU ops; the linear layers' backward
+without MindSpore's transposes); elsewhere MindSpore's ops. The path is logged.
 """
 import json
 import math
@@ -24,7 +26,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter
 from mindspore.common.initializer import initializer, Normal
 
-from kernels.encoder_ops import gelu, layer_norm  # by name: graph mode cannot see kernels' lazy __getattr__
+from kernels.encoder_ops import gelu, layer_norm, linear  # by name: graph mode cannot see kernels' lazy __getattr__
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
@@ -106,12 +108,8 @@ class Linear(nn.Cell):
         self.compute_dtype = compute_dtype
 
     def construct(self, x):
-        # 2-D matmul + BiasAdd rather than ops.dense(x, w, b): the latter adds the bias with a
-        # broadcasting Add, which on MindSpore's CPU backend keeps index tables of about 4x its
-        # output for the life of the compiled graph (see LayerNorm)
-        y = ops.dense(x.reshape(-1, x.shape[-1]).astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
-        y = ops.bias_add(y, self.bias.astype(self.compute_dtype))
-        return y.reshape(x.shape[:-1] + (y.shape[-1],))
+        cdt = self.compute_dtype
+        return linear(x.astype(cdt), self.weight.astype(cdt), self.bias.astype(cdt))
 
 
 class LayerNorm(nn.Cell):
