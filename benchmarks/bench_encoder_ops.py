@@ -31,10 +31,9 @@ def main(argv=None):
     from mindspore import nn, ops
     ms.set_context(mode=ms.GRAPH_MODE)
     threads = args.threads or len(os.sched_getaffinity(0))
-    from kernels import dispatch, gelu, layer_norm, set_cpu_threads, set_kernel_backend
-    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up
-    configure_runtime(threads)
-    set_cpu_threads(threads)
+    from kernels import dispatch, gelu, layer_norm, set_kernel_backend
+    from ms_dfkd.cpu_runtime import configure_runtime  # as ms-dfkd's command line sets it up: both
+    configure_runtime(threads)                           # MindSpore's and the C++ kernels' threads
 
     class Gelu(nn.Cell):
         def construct(self, x):

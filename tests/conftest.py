@@ -6,9 +6,11 @@ import pytest
 # before any test module is collected: tests/test_kernels_triton_process.py checks that none set it
 TRITON_INTERPRET_AT_START = os.environ.get("TRITON_INTERPRET")
 
-# as ms-dfkd's command line runs MindSpore on CPU (ms_dfkd/cpu_runtime.py); MindSpore reads it at its
-# first op, so it is set before any test module imports MindSpore
-os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
+# as ms-dfkd's command line runs MindSpore on CPU (ms_dfkd/cpu_runtime.py, which imports no MindSpore);
+# MindSpore reads it at its first op, so it is set before any test module imports MindSpore
+from ms_dfkd.cpu_runtime import BLOCKING_RUN_ENV  # noqa: E402
+
+os.environ.setdefault(BLOCKING_RUN_ENV, "1")
 
 
 def pytest_configure(config):
