@@ -7,6 +7,8 @@ interpreter on CPU (``triton_interpret``). ``set_kernel_backend`` / MS_DFKD_KERN
 
 The encoder ops (gelu, layer_norm, linear) have a numpy reference, MindSpore's own ops (``composite``) and C++
 kernels for the CPU (``cpu``, the default there, built on first use by cpu_build).
+``cpu_ops.llama_decode_layer`` runs one decoder layer of the sampler's one-token steps as one C++ op (CPU,
+float32, no gradient); its numpy reference is llama_decode_reference.
 
 The public names are imported lazily so that the numpy-only modules (gumbel_noise, the references,
 triton_config, triton_runtime, aot_build, cpu_build) load without MindSpore. Graph mode cannot see this lazy

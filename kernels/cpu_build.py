@@ -1,8 +1,9 @@
-"""Build the CPU kernel library (kernels/cpu/encoder_ops.cc) with the system's C++ compiler, on demand.
+"""Build the CPU kernel library (kernels/cpu/*.cc: the encoder ops, the sampler's decoder layer) with the
+system's C++ compiler, on demand.
 
     python -m kernels.cpu_build            # builds if needed, prints the library's path
 
-The library's name carries a hash of the source and the compiler flags, so an edited source or another
+The library's name carries a hash of the sources and the compiler flags, so an edited source or another
 flag set builds a new file (and removes the old ones) and a stale one is never loaded. Two processes building at once each write a
 temporary file and rename it into place: whichever lands last, both are the same library.
 
@@ -17,12 +18,14 @@ import subprocess
 import sys
 import tempfile
 
-SOURCE = pathlib.Path(__file__).with_name("cpu") / "encoder_ops.cc"
+SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
+SOURCES = tuple(SOURCE_DIR / name for name in ("encoder_ops.cc", "llama_decode.cc"))
+HEADERS = (SOURCE_DIR / "common.h",)
 DIR_ENV = "MS_DFKD_CPU_KERNELS_DIR"
 # -fno-trapping-math lets GCC vectorise the branch-free selects of the GELU loops, -fopenmp-simd the
 # "omp simd" reductions (no OpenMP runtime); no -march, so the library runs on any CPU of its architecture
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
-LIBS = ("-ldl",)  # dlopen: the linear backward's sgemm comes from MindSpore's libdnnl at run time
+LIBS = ("-ldl",)  # dlopen: the sgemm comes from MindSpore's libdnnl at run time
 
 
 class BuildError(RuntimeError):
@@ -38,7 +41,8 @@ def build_dir():
 
 
 def library_path():
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler(),) + FLAGS + LIBS).encode()).hexdigest()[:12]
+    text = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(text + " ".join((compiler(),) + FLAGS + LIBS).encode()).hexdigest()[:12]
     return build_dir() / f"libdfkd_cpu_{key}.so"
 
 
@@ -58,10 +62,10 @@ def ensure_built():
         raise BuildError(f"cannot write the library into {lib.parent}: {e.strerror} "
                          f"(set {DIR_ENV} to a writable folder)") from None
     try:
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", tmp, *LIBS], capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-            raise BuildError(f"{cxx} failed on {SOURCE} (exit {done.returncode}):\n{tail}")
+            raise BuildError(f"{cxx} failed on {SOURCE_DIR} (exit {done.returncode}):\n{tail}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):

@@ -1,5 +1,6 @@
 """Path ``cpu`` of the encoder ops: the C++ kernels of kernels/cpu/encoder_ops.cc as MindSpore ``aot``
-custom ops with bprop (CPU device target only). The library is compiled on first use
+custom ops with bprop (CPU device target only); and the sampler's one-token decoder layer
+(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only). The library is compiled on first use
 (kernels/cpu_build.py); ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
@@ -55,7 +56,7 @@ def _gemm_problem():
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(op=None):
-    """None if the cpu path of ``op`` (gelu, layer_norm, linear; None: the library) can run here, else why
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode; None: the library) can run here, else why
     not (builds the library if needed)."""
     target = ms.get_context("device_target")
     if target != "CPU":
@@ -71,7 +72,7 @@ def unavailable_reason(op=None):
         _library()
     except OSError as e:
         return f"cannot load {lib}: {e}"
-    return _gemm_problem() if op == "linear" else None
+    return _gemm_problem() if op in ("linear", "llama_decode") else None
 
 
 def _aot(entry, out_shape, out_dtype, bprop=None):
@@ -164,3 +165,26 @@ def linear(x, weight, bias):
 def layer_norm(x, weight, bias, eps):
     return _layer_norm_op()(x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32),
                             scalar_tensor(float(eps), ms.float32))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_decode_op():
+    problem = unavailable_reason("llama_decode")
+    if problem:
+        raise RuntimeError(f"llama_decode_layer: the cpu kernel cannot run: {problem}")
+    return _aot("MsDfkdLlamaDecodeLayer", lambda *shapes: (shapes[0], shapes[5], shapes[6]),
+                lambda *dtypes: (dtypes[0], dtypes[0], dtypes[0]))
+
+
+def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
+                       post_norm, w_gate, w_up, w_down, eps):
+    """One Llama decoder layer for one new token per row, against a KV cache (float32, no gradient):
+    x [B, H]; cos, sin [B, D] (rotate-half layout); key_mask [B, S] (1 = readable, the written slot
+    included); write_slot [S] (1 at the slot of the new key/value); cache_k, cache_v [B, n_kv, S, D];
+    weights [out, in] as in models/llama.py, biases [out] (zeros where the model has none); eps a float.
+    Returns (x [B, H], cache_k, cache_v) with the new key/value written. See kernels/cpu/llama_decode.cc;
+    the numpy reference is kernels/llama_decode_reference.py."""
+    f32 = ms.float32
+    return _llama_decode_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
+                              write_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
+                              wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))

@@ -105,6 +105,8 @@ class GeneratorConfig:
     # sampling computes a prompt start that rows share (template and label) once per group of rows
     # (models/llama_sampling.py); false: every prompt row in full
     share_prompt_prefix: bool = True
+    # on CPU, a decode step runs each decoder layer as one C++ op (models/llama_sampling.py); false: MindSpore's ops
+    fused_decode: bool = True
     # dfkd-t3: a trainable vector per label added to the states entering the first trainable layer
     # (steps.GeneratorLoss); it trains at its own learning rate
     label_vectors: bool = False

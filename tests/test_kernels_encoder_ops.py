@@ -3,6 +3,7 @@ reference against finite differences, the CPU kernel library's build, and which 
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -270,22 +271,30 @@ def test_without_a_compiler_the_composite_runs_and_a_warning_says_why(tmp_path):
 
 def test_build_names_the_library_by_source_and_refuses_a_broken_source(tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_build.DIR_ENV, str(tmp_path / "lib"))
-    source = tmp_path / "encoder_ops.cc"
-    source.write_text(cpu_build.SOURCE.read_text())
-    monkeypatch.setattr(cpu_build, "SOURCE", source)
+    src = tmp_path / "cpu"
+    shutil.copytree(cpu_build.SOURCE_DIR, src)
+    monkeypatch.setattr(cpu_build, "SOURCE_DIR", src)
+    monkeypatch.setattr(cpu_build, "SOURCES", tuple(src / p.name for p in cpu_build.SOURCES))
+    monkeypatch.setattr(cpu_build, "HEADERS", tuple(src / p.name for p in cpu_build.HEADERS))
     built = cpu_build.ensure_built()
     assert built.is_file() and built.parent == tmp_path / "lib"
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(built)], capture_output=True, text=True).stdout
     for name in ("MsDfkdGeluForward", "MsDfkdGeluBackward", "MsDfkdLayerNormForward",
-                 "MsDfkdLayerNormBackward", "MsDfkdLinearBackward", "MsDfkdCpuSetThreads", "MsDfkdCpuLoadGemm"):
+                 "MsDfkdLayerNormBackward", "MsDfkdLinearBackward", "MsDfkdCpuSetThreads", "MsDfkdCpuLoadGemm",
+                 "MsDfkdLlamaDecodeLayer"):
         assert name in symbols
     assert cpu_build.ensure_built() == built  # not rebuilt
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]  # no temporary left
 
+    header = src / "common.h"
+    header.write_text(header.read_text() + "\n// edited\n")
+    assert cpu_build.library_path() != built  # an edited header is another library too
+
+    source = src / "encoder_ops.cc"
     original = source.read_text()
     source.write_text(original + "\nthis is not C++;\n")
     assert cpu_build.library_path() != built  # an edited source is another library
-    with pytest.raises(cpu_build.BuildError, match=r"failed on .*encoder_ops.cc \(exit [1-9]"):
+    with pytest.raises(cpu_build.BuildError, match=r"(?s)failed on .*cpu \(exit [1-9].*encoder_ops.cc"):
         cpu_build.ensure_built()
     assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]
 

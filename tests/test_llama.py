@@ -192,10 +192,11 @@ def full_reforward_greedy(model, rows, steps):
 
 
 @pytest.mark.parametrize("graph", [False, True])
-def test_kv_cache_greedy_equals_full_reforward(tiny, graph):
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_cache_greedy_equals_full_reforward(tiny, graph, fused):
     _, model, _ = tiny
     ids, mask = left_pad(ROWS)
-    new, new_mask = sample(model, ids, mask, 20, greedy=True, eos_id=-1, graph=graph)
+    new, new_mask = sample(model, ids, mask, 20, greedy=True, eos_id=-1, graph=graph, fused_decode=fused)
     ref = full_reforward_greedy(model, ROWS, 20)
     np.testing.assert_array_equal(new, ref)
     assert new.dtype == np.int32 and new_mask.dtype == np.int32 and new_mask.all()
@@ -480,17 +481,19 @@ def test_top_p_prefilter_gives_the_nucleus_of_a_full_sort(tiny, prefilter):
 
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("steer_layer", [0, 1])
-def test_kv_cache_sampling_with_label_vectors_matches_numpy(tiny, graph, steer_layer):
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_cache_sampling_with_label_vectors_matches_numpy(tiny, graph, steer_layer, fused):
     """sample(steer=v, steer_layer=s): the logits each token was drawn from equal the float64 numpy forward
-    of [prompt; tokens so far] with v added to the states entering layer s, per row, with left padding."""
+    of [prompt; tokens so far] with v added to the states entering layer s, per row, with left padding;
+    with the decode steps' layers as one C++ op each (fused) and as MindSpore's ops."""
     cfg, model, w = tiny
     rng = np.random.default_rng(5)
     steer = (rng.normal(size=(len(ROWS), cfg.hidden_size)) * 0.5).astype(np.float32)
     ids, mask = left_pad(ROWS)
     T = 6
     new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, return_logits=True,
-                            steer=steer, steer_layer=steer_layer)
-    plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph)
+                            steer=steer, steer_layer=steer_layer, fused_decode=fused)
+    plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, fused_decode=fused)
     assert (new != plain).any()  # the vectors change what is written
     for b, row in enumerate(ROWS):
         for t in range(T):
@@ -550,7 +553,8 @@ def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_
 
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("share", [False, True])
-def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, fused, monkeypatch):
     """capture_layer=k: the states entering layer k over [prompt; new tokens], in the prompt's own left
     padding, equal the float64 numpy forward's where the sequence is real (the last token's state is
     never computed: zeros, as the padding); label vectors (added at layer k, after) do not enter them but
@@ -564,7 +568,7 @@ def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, monk
     v = (np.random.default_rng(5).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
     steer = v[[0, 0, 1, 0, 1, 1]]
     T, P = 4, ids.shape[1]
-    kw = dict(greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1, share_prefix=share)
+    kw = dict(greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1, share_prefix=share, fused_decode=fused)
     new, new_mask, states = sample(model, ids, mask, T, capture_layer=1, **kw)
     assert states.shape == (len(rows), P + T, cfg.hidden_size)
     for b, row in enumerate(rows):
@@ -578,3 +582,30 @@ def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, monk
     np.testing.assert_array_equal(new_mask, plain_mask)
     with pytest.raises(ValueError, match="capture_layer 2"):
         sample(model, ids, mask, T, capture_layer=cfg.num_hidden_layers, **kw)
+
+
+def test_the_decode_steps_say_which_path_ran_and_run_it(tiny, monkeypatch, caplog):
+    """On CPU at float32 each decoder layer of a decode step is one C++ op (logged, and called once per
+    layer and step); fused_decode=False, or a compute dtype the op does not take, runs MindSpore's ops and
+    says why."""
+    import logging
+    from kernels import cpu_ops
+    from ms_dfkd.models.llama_sampling import fused_decode_problem
+    cfg, model, _ = tiny
+    calls = []
+    real = cpu_ops.llama_decode_layer
+    monkeypatch.setattr(cpu_ops, "llama_decode_layer", lambda *a: calls.append(1) or real(*a))
+    ids, mask = left_pad(ROWS)
+    T = 4
+    with caplog.at_level(logging.INFO, logger="ms_dfkd"):
+        fused = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False)[0]
+    assert len(calls) == cfg.num_hidden_layers * (T - 1)  # PyNative: every call runs
+    assert "decode steps: each decoder layer as one C++ op" in caplog.text
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="ms_dfkd"):
+        plain = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False, fused_decode=False)[0]
+    assert not calls and "decode steps: MindSpore's ops (fused_decode is off)" in caplog.text
+    np.testing.assert_array_equal(fused, plain)
+    assert fused_decode_problem(model) is None
+    half = LlamaForCausalLM(LlamaConfig(**{**TINY, "compute_dtype": "float16"}), seed=3)
+    assert "float16" in fused_decode_problem(half)

@@ -4,9 +4,7 @@
 // Why: MindSpore's CPU Erf, and the elementwise ops around it, run one element at a time, and its
 // LayerNormGrad is slow on narrow rows; a BERT step spends a quarter of its time in them. These loops
 // are written so that GCC vectorises them at -O3 (no calls, no branches: compile with
-// -fno-trapping-math), and each call splits its rows over short-lived threads that are joined before
-// it returns. Not OpenMP: its idle workers spin after every parallel region (libgomp's default wait
-// policy), taking the cores from MindSpore's own kernels; that made a BERT step slower, not faster.
+// -fno-trapping-math), and each call splits its rows over threads (common.h).
 //
 // The linear backward's products go to oneDNN's sgemm, from the libdnnl that MindSpore's wheel ships
 // (MsDfkdCpuLoadGemm; kernels/cpu_ops.py passes its path): MindSpore's own backward of a matmul
@@ -18,36 +16,15 @@
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
-#include <system_error>
-#include <thread>
 #include <vector>
+
+#include "common.h"
 
 namespace {
 
-int g_threads = 1;  // set by MsDfkdCpuSetThreads (kernels/cpu_ops.py passes the process's cores)
-
-int parts_for(int64_t n, int64_t grain) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1))));
-}
-
-// f(part, begin, end) over [0, n) in parts_for(n, grain) parts; part 0 runs on the calling thread, and
-// so does any part whose thread cannot be started (an exception must not cross the C ABI)
-template <class F>
-void parallel_for(int64_t n, int64_t grain, F f) {
-  const int64_t parts = parts_for(n, grain);
-  const int64_t size = (n + parts - 1) / parts;
-  std::vector<std::thread> workers;
-  for (int64_t p = 1; p < parts; ++p) {
-    const int64_t begin = p * size, end = std::min(n, (p + 1) * size);
-    try {
-      workers.emplace_back(f, static_cast<int>(p), begin, end);
-    } catch (const std::system_error &) {
-      f(static_cast<int>(p), begin, end);
-    }
-  }
-  f(0, 0, std::min(n, size));
-  for (auto &w : workers) w.join();
-}
+using msdfkd::gemm;
+using msdfkd::parallel_for;
+using msdfkd::parts_for;
 
 // e^x for x <= 0, written so that GCC vectorises it: Cody-Waite reduction to |r| <= ln2/2, a degree-7
 // Taylor polynomial (relative error < 2e-8 there), and 2^n built in the exponent bits.
@@ -97,29 +74,6 @@ inline float gelu_slope(float x) {
   return cdf + x * 0.3989422804014327f * e;
 }
 
-// oneDNN's C sgemm: row-major C[M,N] = alpha op(A) op(B) + beta C; sequential when called outside an
-// oneDNN threadpool, so each of parallel_for's threads runs its own block
-using SgemmFn = int (*)(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
-                        int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
-SgemmFn g_sgemm = nullptr;
-
-// C[M,N] = op(A) op(B), split over the rows of C (or its columns where it has fewer rows than columns)
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B, int64_t ldb,
-          float *C, int64_t ldc) {
-  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
-  constexpr int64_t kRows = 32;  // below this many rows or columns a part a thread is not worth it
-  if (M >= N) {
-    parallel_for(M, kRows, [=](int, int64_t begin, int64_t end) {
-      g_sgemm(a, b, end - begin, N, K, 1.0f, ta ? A + begin : A + begin * lda, lda, B, ldb, 0.0f, C + begin * ldc,
-              ldc);
-    });
-  } else {
-    parallel_for(N, kRows, [=](int, int64_t begin, int64_t end) {
-      g_sgemm(a, b, M, end - begin, K, 1.0f, A, lda, tb ? B + begin * ldb : B + begin, ldb, 0.0f, C + begin, ldc);
-    });
-  }
-}
-
 int64_t numel(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; ++i) n *= shape[i];
@@ -139,15 +93,16 @@ void gelu_backward_range(const float *__restrict x, const float *__restrict dy, 
 
 extern "C" {
 
-void MsDfkdCpuSetThreads(int n) { g_threads = n > 0 ? n : 1; }
+void MsDfkdCpuSetThreads(int n) { msdfkd::g_threads = n > 0 ? n : 1; }
 
 // 0 once dnnl_sgemm is found in the library at path (opened once; a later call changes nothing);
 // 1 if the library cannot be opened, 2 if it has no dnnl_sgemm
 int MsDfkdCpuLoadGemm(const char *path) {
+  using msdfkd::g_sgemm;
   if (g_sgemm) return 0;
   void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
   if (!handle) return 1;
-  g_sgemm = reinterpret_cast<SgemmFn>(dlsym(handle, "dnnl_sgemm"));
+  g_sgemm = reinterpret_cast<msdfkd::SgemmFn>(dlsym(handle, "dnnl_sgemm"));
   return g_sgemm ? 0 : 2;
 }
 
@@ -155,7 +110,7 @@ int MsDfkdCpuLoadGemm(const char *path) {
 //                                                params: dy [.., n], x [.., k], w [n, k], dx, dw, db [n]
 int MsDfkdLinearBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
-  if (nparam != 6 || !g_sgemm) return 1;
+  if (nparam != 6 || !msdfkd::g_sgemm) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
   const float *w = static_cast<const float *>(params[2]);

@@ -34,6 +34,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
+from kernels import cpu_ops
+
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 _MASK_VALUE = -1e9  # finite, so a fully masked (padded) query row gives no NaN
 # Transposed-operand kernels: on CPU `x @ w.T` (ops.matmul / ops.dense) copies the
@@ -256,6 +258,19 @@ class LlamaDecoderLayer(nn.Cell):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
+    def decode_fused(self, x, cos, sin, key_mask, write_slot, cache_k, cache_v):
+        """``construct``'s one-token step with a cache as one C++ op (kernels.cpu_ops.llama_decode_layer: CPU,
+        float32, no gradient): x [B, H], cos/sin [B, D], key_mask [B, S] float, write_slot [S] int ->
+        (x [B, H], cache_k, cache_v)."""
+        attn, mlp = self.self_attn, self.mlp
+        biases = tuple(ops.zeros((p.weight.shape[0],), ms.float32) if p.bias is None else p.bias
+                       for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        return cpu_ops.llama_decode_layer(
+            x, cos, sin, key_mask, write_slot, cache_k, cache_v, self.input_layernorm.weight, attn.q_proj.weight,
+            attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, biases[0], biases[1], biases[2],
+            self.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+            self.input_layernorm.eps)
+
 
 class LlamaModel(nn.Cell):
     """Embedding, decoder layers and the final norm."""
@@ -353,10 +368,14 @@ class LlamaModel(nn.Cell):
         return self.norm(x), caches
 
     def decode_step(self, input_ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0,
-                    capture_layer=0):
+                    capture_layer=0, fused=False):
         """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
         including the slot being written); write_slot [S] bool; ``steer`` and ``capture_layer`` as in
-        ``prefill``. Returns (hidden [B, 1, H], caches[, the states entering capture_layer [B, 1, H]])."""
+        ``prefill``. ``fused``: each layer as one C++ op (LlamaDecoderLayer.decode_fused; CPU, float32).
+        Returns (hidden [B, 1, H], caches[, the states entering capture_layer [B, 1, H]])."""
+        if fused:
+            return self._decode_step_fused(input_ids, positions, key_mask, write_slot, caches, steer, steer_layer,
+                                           capture_layer)
         rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         bias = attention_bias(key_mask.expand_dims(1) > 0, self.n_kv, self.n_heads // self.n_kv)
         slot = write_slot.reshape(1, 1, -1, 1)
@@ -373,6 +392,29 @@ class LlamaModel(nn.Cell):
         if capture_layer:
             return self.norm(x), new, captured
         return self.norm(x), new
+
+
+    def _decode_step_fused(self, input_ids, positions, key_mask, write_slot, caches, steer, steer_layer,
+                           capture_layer):
+        b = input_ids.shape[0]
+        angles = positions.astype(ms.float32) * self.inv_freq              # [B, D/2], as rope_cos_sin
+        angles = ops.concat((angles, angles), -1)
+        cos, sin = ops.cos(angles), ops.sin(angles)
+        key_mask = key_mask.astype(ms.float32)
+        write_slot = write_slot.astype(ms.int32)
+        x = self.embed(input_ids).reshape(b, -1)
+        new = ()
+        captured = None
+        for i, layer in enumerate(self.layers):
+            if capture_layer and i == capture_layer:
+                captured = x.expand_dims(1)
+            if steer is not None and i == steer_layer:
+                x = x + cast(steer, x.dtype).reshape(b, -1)
+            x, k, v = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1])
+            new = new + (k, v)
+        if capture_layer:
+            return self.norm(x.expand_dims(1)), new, captured
+        return self.norm(x.expand_dims(1)), new
 
 
 class LlamaForCausalLM(nn.Cell):

@@ -37,6 +37,14 @@ The driver's generator step needs exactly these (``LlamaForCausalLM.trunk_states
 to float rounding: a cached decode sums in another order than a full forward), so it need not run the
 lower layers again.
 
+The decode steps on CPU: with ``fused_decode`` (the default) each decoder layer of a one-token step runs as
+one C++ op (llama.LlamaDecoderLayer.decode_fused, kernels/cpu/llama_decode.cc) in place of about 30
+MindSpore ops, whose launches took most of a step. Float32 only, no gradient (sampling needs none); the
+prefill and every other graph keep MindSpore's ops. Its sums run in another order, so the logits equal
+the MindSpore ops' up to float rounding, and a rare near-tie of the Gumbel-max can pick another token.
+Which path runs is logged once a model; other device targets, other compute dtypes and the mindformers
+backend use MindSpore's ops.
+
 Stopping and masks: a row stops at the first token that is ``eos_id`` or in ``stop_ids``.
 new_mask is 1 for the tokens before the stop and 0 from the stop token on; new_ids keeps
 the stop token itself (so callers can see why a row ended) and holds ``pad_id`` after it.
@@ -90,6 +98,12 @@ def pick_tokens(logits, seed, rows, inv_temp, top_p, greedy, prefilter=256):
     return out
 
 
+def _one_row(logits):
+    """[B, 1, V] -> [B, V] by a reshape: MindSpore's CPU StridedSlice (logits[:, 0]) took 9 ms on these 1.5 MB,
+    a tenth of a decode step."""
+    return logits.reshape(logits.shape[0], logits.shape[-1])
+
+
 class KVCacheDecoder:
     """Prefill and one-token step functions for one model (jitted when graph=True); they return the
     logits of the next token, and the caches."""
@@ -114,7 +128,7 @@ class KVCacheDecoder:
 
     def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
         out = self._call(self.model.model.prefill, (ids, mask, cache_len), steer, steer_layer, capture_layer)
-        return (self.model.logits_from_hidden(out[0][:, -1:])[:, 0],) + out[1:]  # left padding: last slot is real
+        return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]  # left padding: last slot is real
 
     def _prefill_after(self, ids, positions, key_mask, prefix_caches, group, cache_len, steer=None,
                        steer_layer=0, capture_layer=0):
@@ -122,14 +136,31 @@ class KVCacheDecoder:
         past = tuple(ops.gather(c, group, 0) for c in prefix_caches)
         out = self._call(self.model.model.prefill_after, (ids, positions, key_mask, past, cache_len), steer,
                          steer_layer, capture_layer)
-        return (self.model.logits_from_hidden(out[0][:, -1:])[:, 0],) + out[1:]
+        return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]
 
-    def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0, capture_layer=0):
+    def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0, capture_layer=0,
+              fused=False):
         # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time
         # constant for ms.jit and every new cache would recompile the step
-        out = self._call(self.model.model.decode_step, (ids, positions, key_mask, write_slot, caches), steer,
-                         steer_layer, capture_layer)
-        return (self.model.logits_from_hidden(out[0])[:, 0],) + out[1:]
+        args = (ids, positions, key_mask, write_slot, caches)
+        if fused:
+            out = self.model.model.decode_step(*args, steer, steer_layer, capture_layer, True)
+        else:
+            out = self._call(self.model.model.decode_step, args, steer, steer_layer, capture_layer)
+        return (_one_row(self.model.logits_from_hidden(out[0])),) + out[1:]
+
+
+def fused_decode_problem(model):
+    """None if the decode steps can run each layer as one C++ op here (module docstring), else why not."""
+    target = ms.get_context("device_target")
+    if target != "CPU":
+        return f"the fused decoder layer runs on the CPU device target only, and it is {target}"
+    if "fused" not in inspect.signature(model.model.decode_step).parameters:
+        return f"{type(model.model).__name__} has no fused decode step"
+    if model.config.compute_dtype != "float32":
+        return f"the fused decoder layer is float32 and generator's compute dtype is {model.config.compute_dtype}"
+    from kernels import cpu_ops
+    return cpu_ops.unavailable_reason("llama_decode")
 
 
 def captures_states(model):
@@ -178,7 +209,8 @@ def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
 
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
-           prompt_bucket=16, prefilter=256, steer=None, steer_layer=0, share_prefix=True, capture_layer=0):
+           prompt_bucket=16, prefilter=256, steer=None, steer_layer=0, share_prefix=True, capture_layer=0,
+           fused_decode=True):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
@@ -195,6 +227,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     last new token (its state is never computed) and at steps not run after every row stopped. Where the
     mask of [prompt; new] is 1 (the last token aside) they are ``trunk_states`` of those ids up to float
     rounding; ``steer`` is added after them, as in ``prefill``.
+    fused_decode: run each decoder layer of a decode step as one C++ op where that can run (module
+    docstring); the path is logged once a model. False: MindSpore's ops.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
     mask = np.asarray(prompt_mask.asnumpy() if isinstance(prompt_mask, Tensor) else prompt_mask, np.int32)
@@ -220,11 +254,14 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     lengths = mask.sum(1).astype(np.int32)
     use_prefix = share_prefix and dec.prefill_after is not None
     shared = shared_prefix(ids, mask, steer) if use_prefix else None
-    if not dec.said_which_path:
-        dec.said_which_path = True
-        log.info("KV-cache sampling: " + ("a prompt start that rows share is computed once per group"
-                 if use_prefix else
-                 "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else "")))
+    problem = fused_decode_problem(model) if fused_decode else "fused_decode is off"
+    fused = problem is None
+    paths = (("a prompt start that rows share is computed once per group" if use_prefix else
+              "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else ""))
+             + "; decode steps: " + ("each decoder layer as one C++ op" if fused else f"MindSpore's ops ({problem})"))
+    if dec.said_which_path != paths:
+        dec.said_which_path = paths
+        log.info("KV-cache sampling: %s", paths)
     if shared:
         # the cache: [shared prefix (n) | the rest of each prompt, left-padded (c) | new tokens (T)]
         n, group, first = shared
@@ -282,7 +319,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
                 write[slot] = True
                 logits, caches, *captured = dec.step(
                     Tensor(new_ids[:, t - 1:t]), Tensor((lengths + t - 1)[:, None]), Tensor(key_mask),
-                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), *cap)
+                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), capture_layer, fused)
                 step_states += captured
             step_logits = logits.asnumpy()
             z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, prefilter)

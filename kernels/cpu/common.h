@@ -1,0 +1,64 @@
+// What every kernel of the CPU library shares: the thread count, the row splitter, oneDNN's sgemm.
+//
+// Each call splits its rows over short-lived threads that are joined before it returns. Not OpenMP: its
+// idle workers spin after every parallel region (libgomp's default wait policy), taking the cores from
+// MindSpore's own kernels; that made a BERT step slower, not faster.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+namespace msdfkd {
+
+inline int g_threads = 1;  // set by MsDfkdCpuSetThreads (kernels/cpu_ops.py passes the process's cores)
+
+inline int parts_for(int64_t n, int64_t grain) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1))));
+}
+
+// f(part, begin, end) over [0, n) in parts_for(n, grain) parts; part 0 runs on the calling thread, and
+// so does any part whose thread cannot be started (an exception must not cross the C ABI)
+template <class F>
+void parallel_for(int64_t n, int64_t grain, F f) {
+  const int64_t parts = parts_for(n, grain);
+  const int64_t size = (n + parts - 1) / parts;
+  std::vector<std::thread> workers;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t begin = p * size, end = std::min(n, (p + 1) * size);
+    try {
+      workers.emplace_back(f, static_cast<int>(p), begin, end);
+    } catch (const std::system_error &) {
+      f(static_cast<int>(p), begin, end);
+    }
+  }
+  f(0, 0, std::min(n, size));
+  for (auto &w : workers) w.join();
+}
+
+// oneDNN's C sgemm: row-major C[M,N] = alpha op(A) op(B) + beta C; sequential when called outside an
+// oneDNN threadpool, so each thread runs its own block. Opened by MsDfkdCpuLoadGemm (encoder_ops.cc).
+using SgemmFn = int (*)(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha, const float *A,
+                        int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
+inline SgemmFn g_sgemm = nullptr;
+
+// C[M,N] = op(A) op(B), split over the rows of C (or its columns where it has fewer rows than columns)
+inline void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
+                 int64_t ldb, float *C, int64_t ldc) {
+  const char a = ta ? 'T' : 'N', b = tb ? 'T' : 'N';
+  constexpr int64_t kRows = 32;  // below this many rows or columns a part a thread is not worth it
+  if (M >= N) {
+    parallel_for(M, kRows, [=](int, int64_t begin, int64_t end) {
+      g_sgemm(a, b, end - begin, N, K, 1.0f, ta ? A + begin : A + begin * lda, lda, B, ldb, 0.0f, C + begin * ldc,
+              ldc);
+    });
+  } else {
+    parallel_for(N, kRows, [=](int, int64_t begin, int64_t end) {
+      g_sgemm(a, b, M, end - begin, K, 1.0f, A, lda, tb ? B + begin * ldb : B + begin, ldb, 0.0f, C + begin, ldc);
+    });
+  }
+}
+
+}  // namespace msdfkd

@@ -1,0 +1,236 @@
+// One decoder layer of a Llama-family model (SmolLM2, Qwen2) for one new token per row, against a KV
+// cache, as one MindSpore `aot` op (kernels/cpu_ops.py): RMSNorm, the q/k/v projections (and Qwen2's
+// biases), rotary embedding ("rotate half"), the cache write, grouped-query attention over the cache,
+// the output projection, RMSNorm and the SwiGLU MLP, with both residuals. Forward only (sampling).
+//
+// Why: a decode step of SmolLM2 at 8 rows is about 900 small MindSpore ops, whose launches and
+// broadcasts took two thirds of the step; the products themselves (oneDNN's sgemm from MindSpore's
+// wheel, as encoder_ops.cc) are a third. Here a layer is one op, its threads are started once per layer
+// and meet at spin barriers between the phases (each phase is tens of microseconds to a millisecond:
+// starting threads per phase would cost more).
+//
+// The arithmetic follows models/llama.py in float32: x * rsqrt(mean(x^2) + eps) * w; q * cos +
+// rotate_half(q) * sin; softmax(q k / sqrt(D)) over the readable slots (the masked ones get exactly zero
+// weight there too); silu(g) * u = g / (1 + exp(-g)) * u. Sums run in another order than MindSpore's.
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// the threads of one call: part 0 is the caller; they meet at wait()
+class Team {
+ public:
+  explicit Team(int parts) : parts_(parts) {}
+  int parts() const { return parts_; }
+  void wait() {
+    const int gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == parts_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    } else {
+      while (generation_.load(std::memory_order_acquire) == gen) cpu_relax();
+    }
+  }
+
+ private:
+  int parts_;
+  std::atomic<int> arrived_{0}, generation_{0};
+};
+
+// f(team, part) on `parts` threads, part 0 on the caller. The team's size is fixed before any part runs:
+// a thread that cannot be started shrinks it (the barriers count the threads that run)
+template <class F>
+void run_team(int parts, F f) {
+  std::atomic<int> go{0};
+  std::vector<std::thread> workers;
+  std::atomic<Team *> team_slot{nullptr};
+  for (int p = 1; p < parts; ++p) {
+    try {
+      workers.emplace_back([&, p] {
+        while (!go.load(std::memory_order_acquire)) cpu_relax();
+        Team *team = team_slot.load(std::memory_order_acquire);
+        if (p < team->parts()) f(*team, p);
+      });
+    } catch (const std::system_error &) {
+      break;
+    }
+  }
+  Team team(static_cast<int>(workers.size()) + 1);
+  team_slot.store(&team, std::memory_order_release);
+  go.store(1, std::memory_order_release);
+  f(team, 0);
+  for (auto &w : workers) w.join();
+}
+
+// [begin, end) of part p of n items in `parts` near-equal parts
+inline void split(int64_t n, int p, int parts, int64_t &begin, int64_t &end) {
+  const int64_t size = (n + parts - 1) / parts;
+  begin = std::min(n, p * size);
+  end = std::min(n, begin + size);
+}
+
+void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * d;
+    float ss = 0.0f;
+    for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
+    const float s = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * s * w[j];
+  }
+}
+
+// out[:, begin:end] = a [rows, k] w[begin:end, :]^T (w [n, k]); out has n columns
+inline void project(const float *a, const float *w, float *out, int64_t rows, int64_t n, int64_t k, int64_t begin,
+                    int64_t end) {
+  if (end > begin)
+    msdfkd::g_sgemm('N', 'T', rows, end - begin, k, 1.0f, a, k, w + begin * k, k, 0.0f, out + begin, n);
+}
+
+// x*cos + rotate_half(x)*sin for one head of D values
+inline void rope(float *x, const float *cos, const float *sin, int64_t d) {
+  const int64_t half = d / 2;
+  float tmp[512];
+  for (int64_t j = 0; j < d; ++j) tmp[j] = x[j];
+  for (int64_t j = 0; j < half; ++j) x[j] = tmp[j] * cos[j] + (-tmp[half + j]) * sin[j];
+  for (int64_t j = half; j < d; ++j) x[j] = tmp[j] * cos[j] + tmp[j - half] * sin[j];
+}
+
+}  // namespace
+
+extern "C" {
+
+// params: x [B, H], cos [B, D], sin [B, D], key_mask [B, S] f32 (1 = readable, the written slot included),
+//         write_slot [S] int32 (1 at the slot the new key/value goes to), cache_k [B, n_kv, S, D], cache_v,
+//         input_norm [H], wq [n_heads*D, H], wk [n_kv*D, H], wv [n_kv*D, H], wo [H, n_heads*D],
+//         bq [n_heads*D], bk [n_kv*D], bv [n_kv*D] (zeros without biases), post_norm [H],
+//         w_gate [I, H], w_up [I, H], w_down [H, I], eps [1];
+//         outputs x_out [B, H], cache_k_out, cache_v_out
+int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                           void *stream, void *extra) {
+  if (nparam != 23 || !msdfkd::g_sgemm) return 1;
+  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const float *x = in(0), *cos = in(1), *sin = in(2), *key_mask = in(3);
+  const int32_t *write_slot = static_cast<const int32_t *>(params[4]);
+  const float *cache_k = in(5), *cache_v = in(6), *input_norm = in(7);
+  const float *wq = in(8), *wk = in(9), *wv = in(10), *wo = in(11), *bq = in(12), *bk = in(13), *bv = in(14);
+  const float *post_norm = in(15), *w_gate = in(16), *w_up = in(17), *w_down = in(18);
+  const float eps = *in(19);
+  float *x_out = static_cast<float *>(params[20]);
+  float *k_out = static_cast<float *>(params[21]);
+  float *v_out = static_cast<float *>(params[22]);
+
+  const int64_t B = shapes[0][0], H = shapes[0][1];
+  const int64_t n_kv = shapes[5][1], S = shapes[5][2], D = shapes[5][3];
+  const int64_t nq = shapes[8][0], nk = shapes[9][0], I = shapes[16][0];
+  const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
+  if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D) return 1;
+  int64_t slot = -1;
+  for (int64_t s = 0; s < S; ++s)
+    if (write_slot[s]) slot = s;
+  if (slot < 0) return 1;
+
+  std::vector<float> buf(B * (H + nq + 2 * nk + nq + H + H + H + 2 * I + H));
+  float *h = buf.data(), *q = h + B * H, *k = q + B * nq, *v = k + B * nk, *attn = v + B * nk, *o = attn + B * nq;
+  float *x1 = o + B * H, *h2 = x1 + B * H, *g = h2 + B * H, *u = g + B * I, *d = u + B * I;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t n_qkv = nq + 2 * nk;
+  constexpr int64_t kMinRowsPerPart = 64;  // a part of a product below this many weight rows is not worth a thread
+  const int parts = msdfkd::parts_for(H, kMinRowsPerPart);
+
+  run_team(parts, [&](Team &team, int p) {
+    const int np = team.parts();
+    int64_t b0, b1;
+    if (p == 0) rms_norm(x, input_norm, eps, h, B, H);
+    team.wait();
+    // q, k, v: this part's slice of their stacked rows
+    split(n_qkv, p, np, b0, b1);
+    project(h, wq, q, B, nq, H, std::min(b0, nq), std::min(b1, nq));
+    project(h, wk, k, B, nk, H, std::clamp(b0 - nq, int64_t{0}, nk), std::clamp(b1 - nq, int64_t{0}, nk));
+    project(h, wv, v, B, nk, H, std::clamp(b0 - nq - nk, int64_t{0}, nk), std::clamp(b1 - nq - nk, int64_t{0}, nk));
+    team.wait();
+    // per (row, kv head): biases, rotary, the cache copied with the new key/value, attention of its q heads
+    split(B * n_kv, p, np, b0, b1);
+    std::vector<float> scores(S);
+    for (int64_t unit = b0; unit < b1; ++unit) {
+      const int64_t b = unit / n_kv, kv = unit % n_kv;
+      const float *cb = cos + b * D, *sb = sin + b * D;
+      float *kr = k + b * nk + kv * D, *vr = v + b * nk + kv * D;
+      for (int64_t j = 0; j < D; ++j) {
+        kr[j] += bk[kv * D + j];
+        vr[j] += bv[kv * D + j];
+      }
+      rope(kr, cb, sb, D);
+      const int64_t plane = (b * n_kv + kv) * S * D;
+      std::memcpy(k_out + plane, cache_k + plane, S * D * sizeof(float));
+      std::memcpy(v_out + plane, cache_v + plane, S * D * sizeof(float));
+      std::memcpy(k_out + plane + slot * D, kr, D * sizeof(float));
+      std::memcpy(v_out + plane + slot * D, vr, D * sizeof(float));
+      const float *keys = k_out + plane, *values = v_out + plane, *mask = key_mask + b * S;
+      for (int64_t r = 0; r < n_rep; ++r) {
+        const int64_t head = kv * n_rep + r;
+        float *qr = q + b * nq + head * D;
+        for (int64_t j = 0; j < D; ++j) qr[j] += bq[head * D + j];
+        rope(qr, cb, sb, D);
+        float top = -INFINITY;
+        for (int64_t s = 0; s < S; ++s) {
+          if (mask[s] <= 0.0f) continue;
+          float dot = 0.0f;
+          for (int64_t j = 0; j < D; ++j) dot += qr[j] * keys[s * D + j];
+          scores[s] = dot * scale;
+          top = std::max(top, scores[s]);
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < S; ++s) {
+          if (mask[s] <= 0.0f) continue;
+          scores[s] = std::exp(scores[s] - top);
+          total += scores[s];
+        }
+        float *out = attn + b * nq + head * D;
+        for (int64_t j = 0; j < D; ++j) out[j] = 0.0f;
+        for (int64_t s = 0; s < S; ++s) {
+          if (mask[s] <= 0.0f) continue;
+          const float weight = scores[s] / total;
+          for (int64_t j = 0; j < D; ++j) out[j] += weight * values[s * D + j];
+        }
+      }
+    }
+    team.wait();
+    split(H, p, np, b0, b1);
+    project(attn, wo, o, B, H, nq, b0, b1);
+    team.wait();
+    if (p == 0) {
+      for (int64_t i = 0; i < B * H; ++i) x1[i] = x[i] + o[i];
+      rms_norm(x1, post_norm, eps, h2, B, H);
+    }
+    team.wait();
+    split(I, p, np, b0, b1);
+    project(h2, w_gate, g, B, I, H, b0, b1);
+    project(h2, w_up, u, B, I, H, b0, b1);
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t j = b0; j < b1; ++j) {
+        const float gj = g[r * I + j];
+        g[r * I + j] = gj / (1.0f + std::exp(-gj)) * u[r * I + j];
+      }
+    team.wait();
+    split(H, p, np, b0, b1);
+    project(g, w_down, d, B, H, I, b0, b1);
+    for (int64_t r = 0; r < B; ++r)
+      for (int64_t j = b0; j < b1; ++j) x_out[r * H + j] = x1[r * H + j] + d[r * H + j];
+  });
+  return 0;
+}
+
+}  // extern "C"

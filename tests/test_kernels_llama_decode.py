@@ -1,0 +1,93 @@
+"""The sampler's one-token decoder layer as one C++ op (kernels.cpu_ops.llama_decode_layer) against the float64
+numpy reference (kernels/llama_decode_reference.py), over shapes, biases, masks and thread counts."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor
+
+from kernels import cpu_ops
+from kernels import llama_decode_reference as reference
+
+pytestmark = pytest.mark.skipif(cpu_ops.unavailable_reason("llama_decode") is not None,
+                                reason=f"the cpu kernels cannot run here: {cpu_ops.unavailable_reason('llama_decode')}")
+
+
+def make_case(rng, b, h, n_heads, n_kv, d, s, inter, bias, slot):
+    def r(*shape, scale=0.1):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    positions = rng.integers(0, 60, b)
+    angles = positions[:, None] * (1.0 / 10000 ** (np.arange(0, d, 2) / d))[None]
+    angles = np.concatenate([angles, angles], -1)
+    key_mask = (rng.random((b, s)) > 0.4).astype(np.float32)
+    key_mask[:, slot] = 1
+    write_slot = np.zeros(s, np.int32)
+    write_slot[slot] = 1
+
+    def maybe_bias(n):
+        return r(n) if bias else np.zeros(n, np.float32)
+
+    return [r(b, h, scale=1.0), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32), key_mask,
+            write_slot, r(b, n_kv, s, d, scale=1.0), r(b, n_kv, s, d, scale=1.0), 1 + r(h), r(n_heads * d, h),
+            r(n_kv * d, h), r(n_kv * d, h), r(h, n_heads * d), maybe_bias(n_heads * d), maybe_bias(n_kv * d),
+            maybe_bias(n_kv * d), 1 + r(h), r(inter, h), r(inter, h), r(h, inter)]
+
+
+def _layer(*args):
+    return cpu_ops.llama_decode_layer(*args, 1e-5)
+
+
+SHAPES = [  # b, h, n_heads, n_kv, d, s, inter, bias, slot
+    (8, 576, 9, 3, 64, 104, 1536, False, 80),   # SmolLM2's layer at the offline default's batch
+    (3, 64, 4, 2, 16, 9, 96, True, 8),          # Qwen2's q/k/v biases, the last slot
+    (1, 32, 2, 1, 16, 5, 40, True, 0),          # one row, one KV head, the first slot
+    (5, 96, 6, 6, 16, 12, 64, False, 6),        # no grouping (n_heads == n_kv)
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_decode_layer_matches_the_numpy_reference(shape, threads, mode):
+    ms.set_context(mode=mode)
+    cpu_ops.set_cpu_threads(threads)
+    try:
+        args = make_case(np.random.default_rng(sum(shape[:7])), *shape)
+        want = reference.llama_decode_layer(*args, 1e-5)
+        if mode == ms.GRAPH_MODE:
+            got = ms.jit(_layer)(*map(Tensor, args))
+        else:
+            got = cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)
+    finally:
+        cpu_ops.set_cpu_threads(0)
+    for name, g, w in zip(("x", "cache_k", "cache_v"), got, want):
+        g = g.asnumpy()
+        assert g.shape == w.shape and g.dtype == np.float32
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * np.abs(w).max(), err_msg=name)
+    # the cache is the input one with the new key/value at the slot, nothing else written
+    slot = shape[-1]
+    cache_k = args[5]
+    got_k = got[1].asnumpy()
+    np.testing.assert_array_equal(np.delete(got_k, slot, 2), np.delete(cache_k, slot, 2))
+
+
+def test_masked_slots_take_no_part():
+    """A readable slot's key decides the output; an unreadable slot's does not, whatever it holds."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    args = make_case(np.random.default_rng(0), *SHAPES[1])
+    args[3][:, 2] = 0                                   # slot 2 unreadable
+    base = cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)[0].asnumpy()
+    args[5][:, :, 2] += 100.0
+    args[6][:, :, 2] += 100.0
+    np.testing.assert_array_equal(cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)[0].asnumpy(), base)
+    args[3][:, 2] = 1                                   # now readable
+    assert np.abs(cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)[0].asnumpy() - base).max() > 1.0
+
+
+def test_a_step_without_a_write_slot_is_refused():
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    args = make_case(np.random.default_rng(0), *SHAPES[2])
+    args[4][:] = 0
+    with pytest.raises(RuntimeError):
+        cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)[0].asnumpy()
