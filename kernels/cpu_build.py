@@ -1,4 +1,5 @@
-"""Build the CPU kernel library (kernels/cpu/*.cc: the encoder ops, the sampler's decoder layer) with the
+"""Build the CPU kernel library (kernels/cpu/*.cc: the encoder ops, the sampler's decoder layer and
+GGUF-block products) with the
 system's C++ compiler, on demand.
 
     python -m kernels.cpu_build            # builds if needed, prints the library's path
@@ -19,8 +20,8 @@ import sys
 import tempfile
 
 SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
-SOURCES = tuple(SOURCE_DIR / name for name in ("encoder_ops.cc", "llama_decode.cc"))
-HEADERS = (SOURCE_DIR / "common.h",)
+SOURCES = tuple(SOURCE_DIR / name for name in ("encoder_ops.cc", "llama_decode.cc", "gguf_linear.cc"))
+HEADERS = (SOURCE_DIR / "common.h", SOURCE_DIR / "gguf_blocks.h")
 DIR_ENV = "MS_DFKD_CPU_KERNELS_DIR"
 # -fno-trapping-math lets GCC vectorise the branch-free selects of the GELU loops, -fopenmp-simd the
 # "omp simd" reductions (no OpenMP runtime); no -march, so the library runs on any CPU of its architecture

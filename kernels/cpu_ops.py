@@ -1,6 +1,7 @@
 """Path ``cpu`` of the encoder ops: the C++ kernels of kernels/cpu/encoder_ops.cc as MindSpore ``aot``
 custom ops with bprop (CPU device target only); and the sampler's one-token decoder layer
-(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only). The library is compiled on first use
+(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only) and a linear layer read from a GGUF file's
+Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc, ``gguf_linear``, forward only), for its LM head. The library is compiled on first use
 (kernels/cpu_build.py); ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
@@ -56,7 +57,8 @@ def _gemm_problem():
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(op=None):
-    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode; None: the library) can run here, else why
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear; None: the library) can run
+    here, else why
     not (builds the library if needed)."""
     target = ms.get_context("device_target")
     if target != "CPU":
@@ -181,10 +183,33 @@ def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, inpu
     """One Llama decoder layer for one new token per row, against a KV cache (float32, no gradient):
     x [B, H]; cos, sin [B, D] (rotate-half layout); key_mask [B, S] (1 = readable, the written slot
     included); write_slot [S] (1 at the slot of the new key/value); cache_k, cache_v [B, n_kv, S, D];
-    weights [out, in] as in models/llama.py, biases [out] (zeros where the model has none); eps a float.
+    weights [out, in] as in models/llama.py, float32 or as GGUF blocks uint8 [out, in / 32, 20 | 34]
+    (gguf_linear), each matrix either way; biases [out] (zeros where the model has none); eps a float.
     Returns (x [B, H], cache_k, cache_v) with the new key/value written. See kernels/cpu/llama_decode.cc;
     the numpy reference is kernels/llama_decode_reference.py."""
     f32 = ms.float32
     return _llama_decode_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
                               write_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
                               wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_linear_op():
+    return _aot("MsDfkdGgufLinear", lambda x, blocks: x[:-1] + [blocks[0]], lambda x, blocks: x)
+
+
+def gguf_linear(x, blocks):
+    """x [..., K] W^T -> float32 [..., N], W from a GGUF file's blocks: uint8 [N, K / 32, 20] (Q4_1) or
+    [N, K / 32, 34] (Q8_0), ggml's layout; W is what gguf's dequantiser gives for them, to the bit
+    (kernels/gguf_blocks_reference.py). No gradient."""
+    return _gguf_linear_op()(x.astype(ms.float32), blocks)
+
+
+def gguf_loops():
+    """The loops of the GGUF-block products on this CPU: 'avx512' or 'portable'."""
+    return "avx512" if _library().MsDfkdGgufUsesAvx512() else "portable"
+
+
+def force_portable_gguf_loops(on):
+    """Tests: run the portable loops of the GGUF-block products even where the CPU has AVX-512."""
+    _library().MsDfkdGgufForcePortable(int(bool(on)))

@@ -1,6 +1,7 @@
 """Numpy reference of kernels.cpu_ops.llama_decode_layer, in float64. Tests only.
 
-One Llama decoder layer (models/llama.py) for one new token per row against a KV cache:
+One Llama decoder layer (models/llama.py) for one new token per row against a KV cache (each weight
+matrix float32, or GGUF blocks, dequantised by gguf_blocks_reference):
     h = rms_norm(x) * input_norm;   q, k, v = h Wq^T + bq, h Wk^T + bk, h Wv^T + bv
     q, k = rope(q), rope(k)          rope(t) = t * cos + [-t2, t1] * sin per head of D (t1, t2 its halves)
     cache[:, :, slot] = k, v;        query head j reads key/value head j // (n_heads / n_kv)
@@ -8,6 +9,8 @@ One Llama decoder layer (models/llama.py) for one new token per row against a KV
     x1 = x + a Wo^T;                 x_out = x1 + (silu(h2 Wg^T) * (h2 Wu^T)) Wd^T,  h2 = rms_norm(x1) * post_norm
 """
 import numpy as np
+
+from kernels.gguf_blocks_reference import dequantize
 
 
 def _rms_norm(x, w, eps):
@@ -23,7 +26,10 @@ def _rope(t, cos, sin):
 
 def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
                        post_norm, w_gate, w_up, w_down, eps):
-    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    def f(a):  # float64; GGUF blocks (uint8 [out, in / 32, bytes]) as the weights they stand for
+        a = np.asarray(a)
+        return dequantize(a).astype(np.float64) if a.dtype == np.uint8 and a.ndim == 3 else a.astype(np.float64)
+
     x, cos, sin, cache_k, cache_v = f(x), f(cos), f(sin), f(cache_k).copy(), f(cache_v).copy()
     b, n_kv, s, d = cache_k.shape
     n_heads = wq.shape[0] // d

@@ -609,3 +609,53 @@ def test_the_decode_steps_say_which_path_ran_and_run_it(tiny, monkeypatch, caplo
     assert fused_decode_problem(model) is None
     half = LlamaForCausalLM(LlamaConfig(**{**TINY, "compute_dtype": "float16"}), seed=3)
     assert "float16" in fused_decode_problem(half)
+
+
+def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, caplog):
+    """A model whose weights came from GGUF blocks (here random Q4_1 / Q8_0 blocks, the weights set to their
+    dequantisation): the fused decode steps read the frozen layers and the LM head from the blocks, the
+    trained layer from its float32 weights; the logits equal the float64 numpy forward, and the tokens
+    those of the float32 weights."""
+    import logging
+    from kernels import cpu_ops
+    from kernels.gguf_blocks_reference import BLOCK_BYTES, dequantize
+    from ms_dfkd.models.llama_sampling import LAYER_MATRICES
+    cfg = LlamaConfig(**{**TINY, "intermediate_size": 64})
+    model = LlamaForCausalLM(cfg, seed=4)
+    rng = np.random.default_rng(0)
+    params = dict(model.parameters_and_names())
+    names = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in LAYER_MATRICES] + ["model.embed_tokens.weight"]
+    model.gguf_blocks = {}
+    for j, name in enumerate(names):
+        n, k = params[name].shape
+        kind = ("Q4_1", "Q8_0")[j % 2]
+        blocks = rng.integers(0, 256, (n, k // 32, BLOCK_BYTES[kind]), dtype=np.uint8)
+        blocks[..., 0:2] = (rng.standard_normal((n, k // 32)) * 0.02).astype(np.float16).view(np.uint8).reshape(
+            n, k // 32, 2)
+        if kind == "Q4_1":
+            blocks[..., 2:4] = (rng.standard_normal((n, k // 32)) * 0.1).astype(np.float16).view(np.uint8).reshape(
+                n, k // 32, 2)
+        params[name].set_data(Tensor(dequantize(blocks)))
+        model.gguf_blocks[name] = blocks
+    set_trainable(model, "top_k", 1)
+    w = {k: v.astype(np.float64) for k, v in state_of(model).items()}
+    kinds = []
+    real_layer, real_head = cpu_ops.llama_decode_layer, cpu_ops.gguf_linear
+    monkeypatch.setattr(cpu_ops, "llama_decode_layer", lambda *a: kinds.append(str(a[8].dtype)) or real_layer(*a))
+    monkeypatch.setattr(cpu_ops, "gguf_linear", lambda *a: kinds.append("head") or real_head(*a))
+    ids, mask = left_pad(ROWS)
+    T = 5
+    with caplog.at_level(logging.INFO, logger="ms_dfkd"):
+        new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False, return_logits=True)
+    assert "each decoder layer as one C++ op, layers 0-0 and the LM head from the GGUF blocks; layers 1-1 from " \
+           "float32 weights" in caplog.text
+    assert kinds[:3] == ["UInt8", "Float32", "head"] and len(kinds) == 3 * (T - 1)
+    for b, row in enumerate(ROWS):
+        for t in range(T):
+            ref = np_forward(w, cfg, np.array(row + list(new[b, :t])))[-1]
+            np.testing.assert_allclose(logits[b, t], ref, rtol=1e-4, atol=1e-4, err_msg=f"row {b} step {t}")
+    monkeypatch.undo()  # graph mode cannot parse the counting lambdas
+    for graph in (False, True):
+        floats = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, gguf_blocks=False)[0]
+        np.testing.assert_array_equal(sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph)[0], floats)
+    np.testing.assert_array_equal(new, floats)

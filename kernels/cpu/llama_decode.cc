@@ -9,6 +9,9 @@
 // and meet at spin barriers between the phases (each phase is tens of microseconds to a millisecond:
 // starting threads per phase would cost more).
 //
+// Each weight matrix comes either as float32 [out, in] or as a GGUF file's Q4_1 / Q8_0 blocks
+// [out, in / 32, 20 or 34] (gguf_blocks.h; the sampler passes blocks for the layers that do not train).
+//
 // The arithmetic follows models/llama.py in float32: x * rsqrt(mean(x^2) + eps) * w; q * cos +
 // rotate_half(q) * sin; softmax(q k / sqrt(D)) over the readable slots (the masked ones get exactly zero
 // weight there too); silu(g) * u = g / (1 + exp(-g)) * u. Sums run in another order than MindSpore's.
@@ -19,6 +22,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gguf_blocks.h"
 
 namespace {
 
@@ -92,11 +96,22 @@ void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows,
   }
 }
 
-// out[:, begin:end] = a [rows, k] w[begin:end, :]^T (w [n, k]); out has n columns
-inline void project(const float *a, const float *w, float *out, int64_t rows, int64_t n, int64_t k, int64_t begin,
+// a weight matrix [n, k]: float32, or GGUF blocks of block_bytes each
+struct Matrix {
+  const void *data;
+  int64_t block_bytes;  // 0: float32
+};
+
+// out[:, begin:end] = a [rows, k] w[begin:end, :]^T; out has n columns
+inline void project(const float *a, Matrix w, float *out, int64_t rows, int64_t n, int64_t k, int64_t begin,
                     int64_t end) {
-  if (end > begin)
-    msdfkd::g_sgemm('N', 'T', rows, end - begin, k, 1.0f, a, k, w + begin * k, k, 0.0f, out + begin, n);
+  if (end <= begin) return;
+  if (w.block_bytes) {
+    msdfkd::gguf_rows(a, static_cast<const uint8_t *>(w.data), w.block_bytes, out, n, rows, k, begin, end);
+  } else {
+    msdfkd::g_sgemm('N', 'T', rows, end - begin, k, 1.0f, a, k, static_cast<const float *>(w.data) + begin * k, k,
+                    0.0f, out + begin, n);
+  }
 }
 
 // x*cos + rotate_half(x)*sin for one head of D values
@@ -114,7 +129,8 @@ extern "C" {
 
 // params: x [B, H], cos [B, D], sin [B, D], key_mask [B, S] f32 (1 = readable, the written slot included),
 //         write_slot [S] int32 (1 at the slot the new key/value goes to), cache_k [B, n_kv, S, D], cache_v,
-//         input_norm [H], wq [n_heads*D, H], wk [n_kv*D, H], wv [n_kv*D, H], wo [H, n_heads*D],
+//         input_norm [H], wq [n_heads*D, H], wk [n_kv*D, H], wv [n_kv*D, H], wo [H, n_heads*D] (each
+//         matrix float32 [out, in] or uint8 GGUF blocks [out, in / 32, 20 | 34]),
 //         bq [n_heads*D], bk [n_kv*D], bv [n_kv*D] (zeros without biases), post_norm [H],
 //         w_gate [I, H], w_up [I, H], w_down [H, I], eps [1];
 //         outputs x_out [B, H], cache_k_out, cache_v_out
@@ -125,8 +141,7 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   const float *x = in(0), *cos = in(1), *sin = in(2), *key_mask = in(3);
   const int32_t *write_slot = static_cast<const int32_t *>(params[4]);
   const float *cache_k = in(5), *cache_v = in(6), *input_norm = in(7);
-  const float *wq = in(8), *wk = in(9), *wv = in(10), *wo = in(11), *bq = in(12), *bk = in(13), *bv = in(14);
-  const float *post_norm = in(15), *w_gate = in(16), *w_up = in(17), *w_down = in(18);
+  const float *bq = in(12), *bk = in(13), *bv = in(14), *post_norm = in(15);
   const float eps = *in(19);
   float *x_out = static_cast<float *>(params[20]);
   float *k_out = static_cast<float *>(params[21]);
@@ -137,6 +152,18 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   const int64_t nq = shapes[8][0], nk = shapes[9][0], I = shapes[16][0];
   const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
   if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D) return 1;
+  // the matrices and the width each takes: float32 [out, in] or blocks [out, in / 32, bytes]
+  const int64_t widths[] = {H, H, H, nq, H, H, I};
+  Matrix m[7];
+  for (int i = 0; i < 7; ++i) {
+    const int p = i < 4 ? 8 + i : 12 + i;  // wq wk wv wo, then w_gate w_up w_down
+    const bool blocks = ndims[p] == 3;
+    const int64_t width = blocks ? shapes[p][1] * msdfkd::kBlockValues : shapes[p][1];
+    if (width != widths[i] || (blocks && shapes[p][2] != msdfkd::kQ41Bytes && shapes[p][2] != msdfkd::kQ80Bytes))
+      return 1;
+    m[i] = Matrix{params[p], blocks ? shapes[p][2] : 0};
+  }
+  const Matrix wq = m[0], wk = m[1], wv = m[2], wo = m[3], w_gate = m[4], w_up = m[5], w_down = m[6];
   int64_t slot = -1;
   for (int64_t s = 0; s < S; ++s)
     if (write_slot[s]) slot = s;

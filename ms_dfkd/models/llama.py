@@ -258,18 +258,21 @@ class LlamaDecoderLayer(nn.Cell):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
-    def decode_fused(self, x, cos, sin, key_mask, write_slot, cache_k, cache_v):
+    def decode_fused(self, x, cos, sin, key_mask, write_slot, cache_k, cache_v, blocks=None):
         """``construct``'s one-token step with a cache as one C++ op (kernels.cpu_ops.llama_decode_layer: CPU,
         float32, no gradient): x [B, H], cos/sin [B, D], key_mask [B, S] float, write_slot [S] int ->
-        (x [B, H], cache_k, cache_v)."""
+        (x [B, H], cache_k, cache_v). ``blocks``: the 7 matrices (q, k, v, o, gate, up, down) as GGUF blocks
+        in place of the float32 weights, or None."""
         attn, mlp = self.self_attn, self.mlp
         biases = tuple(ops.zeros((p.weight.shape[0],), ms.float32) if p.bias is None else p.bias
                        for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        if blocks is None:
+            blocks = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+                      mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
         return cpu_ops.llama_decode_layer(
-            x, cos, sin, key_mask, write_slot, cache_k, cache_v, self.input_layernorm.weight, attn.q_proj.weight,
-            attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight, biases[0], biases[1], biases[2],
-            self.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
-            self.input_layernorm.eps)
+            x, cos, sin, key_mask, write_slot, cache_k, cache_v, self.input_layernorm.weight, blocks[0], blocks[1],
+            blocks[2], blocks[3], biases[0], biases[1], biases[2], self.post_attention_layernorm.weight, blocks[4],
+            blocks[5], blocks[6], self.input_layernorm.eps)
 
 
 class LlamaModel(nn.Cell):
@@ -368,14 +371,15 @@ class LlamaModel(nn.Cell):
         return self.norm(x), caches
 
     def decode_step(self, input_ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0,
-                    capture_layer=0, fused=False):
+                    capture_layer=0, fused=False, blocks=()):
         """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
         including the slot being written); write_slot [S] bool; ``steer`` and ``capture_layer`` as in
-        ``prefill``. ``fused``: each layer as one C++ op (LlamaDecoderLayer.decode_fused; CPU, float32).
+        ``prefill``. ``fused``: each layer as one C++ op (LlamaDecoderLayer.decode_fused; CPU, float32), the
+        first len(blocks) / 7 layers with their matrices from ``blocks`` (GGUF blocks, 7 a layer).
         Returns (hidden [B, 1, H], caches[, the states entering capture_layer [B, 1, H]])."""
         if fused:
             return self._decode_step_fused(input_ids, positions, key_mask, write_slot, caches, steer, steer_layer,
-                                           capture_layer)
+                                           capture_layer, blocks)
         rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         bias = attention_bias(key_mask.expand_dims(1) > 0, self.n_kv, self.n_heads // self.n_kv)
         slot = write_slot.reshape(1, 1, -1, 1)
@@ -395,7 +399,7 @@ class LlamaModel(nn.Cell):
 
 
     def _decode_step_fused(self, input_ids, positions, key_mask, write_slot, caches, steer, steer_layer,
-                           capture_layer):
+                           capture_layer, blocks):
         b = input_ids.shape[0]
         angles = positions.astype(ms.float32) * self.inv_freq              # [B, D/2], as rope_cos_sin
         angles = ops.concat((angles, angles), -1)
@@ -410,7 +414,11 @@ class LlamaModel(nn.Cell):
                 captured = x.expand_dims(1)
             if steer is not None and i == steer_layer:
                 x = x + cast(steer, x.dtype).reshape(b, -1)
-            x, k, v = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1])
+            if 7 * i < len(blocks):  # python ints: resolved while the graph compiles
+                x, k, v = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1],
+                                             blocks[7 * i:7 * i + 7])
+            else:
+                x, k, v = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1])
             new = new + (k, v)
         if capture_layer:
             return self.norm(x.expand_dims(1)), new, captured

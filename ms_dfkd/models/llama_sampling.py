@@ -45,6 +45,14 @@ the MindSpore ops' up to float rounding, and a rare near-tie of the Gumbel-max c
 Which path runs is logged once a model; other device targets, other compute dtypes and the mindformers
 backend use MindSpore's ops.
 
+GGUF blocks in the fused decode steps: a model loaded from a GGUF file keeps the file's Q4_1 / Q8_0
+matrices (``model.gguf_blocks``), and with ``gguf_blocks`` (the default) the fused steps read the weights
+that do not train from them: the leading layers whose 7 matrices are all frozen, and the LM head if it
+is (SmolLM2: 96 MB of blocks where the float32 weights are 538 MB; each block is expanded in registers and
+used by every row). The blocks give the float32 weights to the bit (both are gguf's dequantisation), so
+the logits again equal the other paths' up to the order of the sums. The trained layers, the prefill and
+every gradient graph keep the float32 weights.
+
 Stopping and masks: a row stops at the first token that is ``eos_id`` or in ``stop_ids``.
 new_mask is 1 for the tokens before the stop and 0 from the stop token on; new_ids keeps
 the stop token itself (so callers can see why a row ended) and holds ``pad_id`` after it.
@@ -57,6 +65,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from kernels import cpu_ops
 from kernels.gumbel_noise import gumbel_np
 
 log = logging.getLogger("ms_dfkd")
@@ -139,15 +148,17 @@ class KVCacheDecoder:
         return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]
 
     def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0, capture_layer=0,
-              fused=False):
-        # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time
+              fused=False, blocks=(), head_blocks=None):
+        # callers pass caches (and blocks) as ms.mutable(tuple): a plain tuple input is a compile-time
         # constant for ms.jit and every new cache would recompile the step
         args = (ids, positions, key_mask, write_slot, caches)
         if fused:
-            out = self.model.model.decode_step(*args, steer, steer_layer, capture_layer, True)
+            out = self.model.model.decode_step(*args, steer, steer_layer, capture_layer, True, blocks)
         else:
             out = self._call(self.model.model.decode_step, args, steer, steer_layer, capture_layer)
-        return (_one_row(self.model.logits_from_hidden(out[0])),) + out[1:]
+        if head_blocks is None:
+            return (_one_row(self.model.logits_from_hidden(out[0])),) + out[1:]
+        return (_one_row(cpu_ops.gguf_linear(out[0], head_blocks)),) + out[1:]
 
 
 def fused_decode_problem(model):
@@ -161,6 +172,46 @@ def fused_decode_problem(model):
         return f"the fused decoder layer is float32 and generator's compute dtype is {model.config.compute_dtype}"
     from kernels import cpu_ops
     return cpu_ops.unavailable_reason("llama_decode")
+
+
+LAYER_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # the order decode_fused takes blocks in
+
+
+def decode_blocks(model):
+    """(blocks, head, message): the GGUF blocks the fused decode steps can read in place of float32 weights,
+    as Tensors: ``blocks`` 7 a layer for the leading layers whose matrices all have blocks and none of which
+    trains; ``head`` the LM head's (None if it trains or has none); ``message`` says which (for the log)."""
+    per_name = getattr(model, "gguf_blocks", None) or {}
+    if not per_name:
+        return (), None, "float32 weights (the model has no GGUF blocks)"
+    frozen = {name for name, p in model.parameters_and_names() if not p.requires_grad}
+    cache = model.__dict__.setdefault("_gguf_block_tensors", {})  # one Tensor per matrix for the model's life
+
+    def tensor(name):
+        if name not in cache:
+            cache[name] = Tensor(per_name[name])
+        return cache[name]
+
+    def usable(name):
+        return name in per_name and name in frozen
+
+    blocks, n = (), 0
+    for i in range(model.config.num_hidden_layers):
+        names = [f"model.layers.{i}.{m}.weight" for m in LAYER_MATRICES]
+        if not all(map(usable, names)):
+            break
+        blocks += tuple(map(tensor, names))
+        n += 1
+    head_name = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
+    head = tensor(head_name) if usable(head_name) else None
+    last = model.config.num_hidden_layers - 1
+    from_blocks = ([f"layers 0-{n - 1}"] if n else []) + (["the LM head"] if head is not None else [])
+    from_floats = ([f"layers {n}-{last}"] if n <= last else []) + (["the LM head"] if head is None else [])
+    message = "; ".join(
+        ([" and ".join(from_blocks) + " from the GGUF blocks"] if from_blocks else [])
+        + ([" and ".join(from_floats) + " from float32 weights (they train, or have no blocks)"] if from_floats else []))
+    return blocks, head, message
 
 
 def captures_states(model):
@@ -210,7 +261,7 @@ def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
            prompt_bucket=16, prefilter=256, steer=None, steer_layer=0, share_prefix=True, capture_layer=0,
-           fused_decode=True):
+           fused_decode=True, gguf_blocks=True):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
@@ -229,6 +280,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     rounding; ``steer`` is added after them, as in ``prefill``.
     fused_decode: run each decoder layer of a decode step as one C++ op where that can run (module
     docstring); the path is logged once a model. False: MindSpore's ops.
+    gguf_blocks: the fused decode steps read the frozen weights from the model's GGUF blocks (module
+    docstring). False: the float32 weights.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
     mask = np.asarray(prompt_mask.asnumpy() if isinstance(prompt_mask, Tensor) else prompt_mask, np.int32)
@@ -256,9 +309,16 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     shared = shared_prefix(ids, mask, steer) if use_prefix else None
     problem = fused_decode_problem(model) if fused_decode else "fused_decode is off"
     fused = problem is None
+    blocks, head_blocks, weights = (), None, ""
+    if fused:
+        if gguf_blocks:
+            blocks, head_blocks, weights = decode_blocks(model)
+        else:
+            weights = "float32 weights (gguf_blocks is off)"
     paths = (("a prompt start that rows share is computed once per group" if use_prefix else
               "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else ""))
-             + "; decode steps: " + ("each decoder layer as one C++ op" if fused else f"MindSpore's ops ({problem})"))
+             + "; decode steps: " + (f"each decoder layer as one C++ op, {weights}" if fused
+                                     else f"MindSpore's ops ({problem})"))
     if dec.said_which_path != paths:
         dec.said_which_path = paths
         log.info("KV-cache sampling: %s", paths)
@@ -319,7 +379,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
                 write[slot] = True
                 logits, caches, *captured = dec.step(
                     Tensor(new_ids[:, t - 1:t]), Tensor((lengths + t - 1)[:, None]), Tensor(key_mask),
-                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), capture_layer, fused)
+                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), capture_layer, fused,
+                    ms.mutable(blocks) if blocks else (), head_blocks)
                 step_states += captured
             step_logits = logits.asnumpy()
             z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, prefilter)

@@ -22,6 +22,9 @@ from .gguf_file import GGUFError, read_gguf
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
+# the quantisation types whose blocks the sampler's kernels read (kernels/cpu/gguf_blocks.h): bytes per block
+GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+
 # GGUF tensor name (after "blk.N.") -> HF / llama.py name (after "model.layers.N.")
 _BLOCK_NAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -178,6 +181,12 @@ def load_gguf_llama(path, compute_dtype="float32"):
     file's tensor table, each type on one row) before the first parameter is assigned;
     then the tensors are dequantised one at a time into the model, so that the peak memory
     is the float32 model plus one tensor (Qwen2.5-Coder-0.5B: 2.5 GB + 0.5 GB), not twice the model.
+
+    ``model.gguf_blocks`` keeps the file's Q4_1 and Q8_0 matrices as they are ({llama.py name: uint8
+    [out, in / 32, bytes per block]}, rows in llama.py's order; 96 MB for SmolLM2): the sampler's decode
+    steps read the weights that do not train from them (models/llama_sampling.py). They stand for the
+    float32 weights only while those keep the file's values: nothing in ms-dfkd writes a weight that does
+    not train.
     """
     import mindspore as ms
     reader = read_gguf(path)
@@ -192,8 +201,14 @@ def load_gguf_llama(path, compute_dtype="float32"):
         raise GGUFError(str(e)) from None
     for t in tensors.values():
         _check_dequantisable(t, path)
+    blocks = {}
     for name, t in tensors.items():
         params[name].set_data(ms.Tensor(_fix_rows(name, _dequantize(t, path), cfg, arch), dtype=ms.float32))
+        size = GGUF_BLOCK_BYTES.get(getattr(t.tensor_type, "name", None))
+        if size and len(t.shape) == 2:
+            raw = np.array(t.data, np.uint8).reshape(_hf_shape(t)[0], -1, size)
+            blocks[name] = np.ascontiguousarray(_fix_rows(name, raw, cfg, arch))  # rows move as the weights'
+    model.gguf_blocks = blocks
     return cfg, model
 
 

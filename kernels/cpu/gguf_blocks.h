@@ -1,0 +1,200 @@
+// Products with weights read from a GGUF file's quantised blocks as they are (Q4_1, Q8_0): the LM head
+// of the sampler's decode steps (gguf_linear.cc) and the frozen layers' matrices in its decoder layer
+// (llama_decode.cc).
+//
+// Why: a decode step multiplies 8 rows by every weight of the model. SmolLM2's float32 weights are 538
+// MB a step; its blocks 96 MB. Each block is expanded once, in registers, and used by every row.
+//
+// Exactness: a Q4_1 weight is d*q + m (d, m float16, q in 0..15), a Q8_0 weight d*q (q int8), each in
+// float32 as gguf's numpy dequantiser computes it. d*q is exact in float32 (11 x 8 significant bits at
+// most), so d*q + m rounds once, fused or not: the weights are gguf's to the bit, and so the float32
+// weights the model loaded from the same file. Only the order of the sums differs.
+//
+// Layout (ggml): Q4_1 = d, m, 16 bytes (weight j: the low nibble of byte j, weight 16 + j: its high
+// nibble); Q8_0 = d, 32 int8. A row of K weights is K / 32 blocks; a matrix is uint8 [N, K / 32, 20 or
+// 34], so the bytes per block say the type.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace msdfkd {
+
+constexpr int64_t kQ41Bytes = 20, kQ80Bytes = 34, kBlockValues = 32;
+
+inline int g_gguf_portable = 0;  // MsDfkdGgufForcePortable: the tests run the portable loops on any CPU
+
+// IEEE half to float, exact (subnormals included)
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: shift the mantissa up to a normal float
+    int shift = -1;
+    do {
+      man <<= 1;
+      ++shift;
+    } while (!(man & 0x400u));
+    bits = sign | static_cast<uint32_t>(112 - shift) << 23 | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t load_u16(const uint8_t *p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return v;
+}
+
+template <int64_t BlockBytes>
+inline void dequantize_block(const uint8_t *blk, float *w) {
+  const float d = half_to_float(load_u16(blk));
+  if constexpr (BlockBytes == kQ41Bytes) {
+    const float m = half_to_float(load_u16(blk + 2));
+    for (int j = 0; j < 16; ++j) {
+      w[j] = d * static_cast<float>(blk[4 + j] & 0x0f) + m;
+      w[16 + j] = d * static_cast<float>(blk[4 + j] >> 4) + m;
+    }
+  } else {
+    for (int j = 0; j < 32; ++j) w[j] = d * static_cast<float>(static_cast<int8_t>(blk[2 + j]));
+  }
+}
+
+// any CPU: columns [n0, n1) of y [M, ldy] = x [M, K] W^T, one block at a time
+template <int64_t BlockBytes>
+void gguf_rows_portable(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                        int64_t n1) {
+  const int64_t nb = K / kBlockValues;
+  float wb[kBlockValues];
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      dequantize_block<BlockBytes>(w + (n * nb + b) * BlockBytes, wb);
+      for (int64_t m = 0; m < M; ++m) {
+        const float *xr = x + m * K + b * kBlockValues;
+        float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+        for (int j = 0; j < kBlockValues; ++j) s += xr[j] * wb[j];
+        y[m * ldy + n] += s;
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+#define MSDFKD_AVX512 __attribute__((target("avx512f,f16c")))
+
+template <int64_t BlockBytes>
+MSDFKD_AVX512 inline void block_registers(const uint8_t *blk, __m512 &lo, __m512 &hi) {
+  const __m512 d = _mm512_set1_ps(_cvtsh_ss(load_u16(blk)));
+  if constexpr (BlockBytes == kQ41Bytes) {
+    const __m512 m = _mm512_set1_ps(_cvtsh_ss(load_u16(blk + 2)));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 4));
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m128i q_lo = _mm_and_si128(raw, nibble), q_hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+    lo = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q_lo)), d), m);
+    hi = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q_hi)), d), m);
+  } else {
+    lo = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 2)))), d);
+    hi = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 18)))), d);
+  }
+}
+
+// R weight rows from n against M (<= 8) rows of x
+template <int64_t BlockBytes, int M, int R>
+MSDFKD_AVX512 void gguf_tile_avx512(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K, int64_t n) {
+  const int64_t nb = K / kBlockValues;
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 lo[R], hi[R];
+    for (int r = 0; r < R; ++r) block_registers<BlockBytes>(w + ((n + r) * nb + b) * BlockBytes, lo[r], hi[r]);
+    const float *xb = x + b * kBlockValues;
+    for (int m = 0; m < M; ++m) {
+      const __m512 x_lo = _mm512_loadu_ps(xb + m * K), x_hi = _mm512_loadu_ps(xb + m * K + 16);
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(x_hi, hi[r], _mm512_fmadd_ps(x_lo, lo[r], acc[r][m]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * ldy + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+template <int64_t BlockBytes, int M>
+MSDFKD_AVX512 void gguf_rows_avx512_m(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K, int64_t n0,
+                                      int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) gguf_tile_avx512<BlockBytes, M, 2>(x, w, y, ldy, K, n);
+  for (; n < n1; ++n) gguf_tile_avx512<BlockBytes, M, 1>(x, w, y, ldy, K, n);
+}
+
+// rows of x in groups of 8; each group reads the weights again
+template <int64_t BlockBytes>
+void gguf_rows_avx512(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                      int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const float *xg = x + m0 * K;
+    float *yg = y + m0 * ldy;
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: gguf_rows_avx512_m<BlockBytes, 1>(xg, w, yg, ldy, K, n0, n1); break;
+      case 2: gguf_rows_avx512_m<BlockBytes, 2>(xg, w, yg, ldy, K, n0, n1); break;
+      case 3: gguf_rows_avx512_m<BlockBytes, 3>(xg, w, yg, ldy, K, n0, n1); break;
+      case 4: gguf_rows_avx512_m<BlockBytes, 4>(xg, w, yg, ldy, K, n0, n1); break;
+      case 5: gguf_rows_avx512_m<BlockBytes, 5>(xg, w, yg, ldy, K, n0, n1); break;
+      case 6: gguf_rows_avx512_m<BlockBytes, 6>(xg, w, yg, ldy, K, n0, n1); break;
+      case 7: gguf_rows_avx512_m<BlockBytes, 7>(xg, w, yg, ldy, K, n0, n1); break;
+      default: gguf_rows_avx512_m<BlockBytes, 8>(xg, w, yg, ldy, K, n0, n1); break;
+    }
+  }
+}
+
+inline bool have_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#endif
+
+inline bool gguf_uses_avx512() {
+#if defined(__x86_64__)
+  return have_avx512() && !g_gguf_portable;
+#else
+  return false;
+#endif
+}
+
+// columns [n0, n1) of y [M, ldy] = x [M, K] W^T, W as blocks of block_bytes (20: Q4_1, 34: Q8_0); false
+// for another block size
+inline bool gguf_rows(const float *x, const uint8_t *w, int64_t block_bytes, float *y, int64_t ldy, int64_t M,
+                      int64_t K, int64_t n0, int64_t n1) {
+  if (block_bytes != kQ41Bytes && block_bytes != kQ80Bytes) return false;
+#if defined(__x86_64__)
+  if (gguf_uses_avx512()) {
+    if (block_bytes == kQ41Bytes)
+      gguf_rows_avx512<kQ41Bytes>(x, w, y, ldy, M, K, n0, n1);
+    else
+      gguf_rows_avx512<kQ80Bytes>(x, w, y, ldy, M, K, n0, n1);
+    return true;
+  }
+#endif
+  if (block_bytes == kQ41Bytes)
+    gguf_rows_portable<kQ41Bytes>(x, w, y, ldy, M, K, n0, n1);
+  else
+    gguf_rows_portable<kQ80Bytes>(x, w, y, ldy, M, K, n0, n1);
+  return true;
+}
+
+}  // namespace msdfkd

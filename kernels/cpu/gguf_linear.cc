@@ -1,0 +1,39 @@
+// y = x W^T with W read from a GGUF file's Q4_1 / Q8_0 blocks (gguf_blocks.h), as a MindSpore `aot` op:
+// the LM head of the sampler's decode steps (kernels/cpu_ops.py gguf_linear).
+#include <cstdint>
+
+#include "common.h"
+#include "gguf_blocks.h"
+
+namespace {
+// multiply-adds a thread is worth: starting one costs about what 8M of them take
+constexpr int64_t kGrainMacs = int64_t{1} << 23;
+}  // namespace
+
+extern "C" {
+
+void MsDfkdGgufForcePortable(int on) { msdfkd::g_gguf_portable = on; }
+
+// 1 where the AVX-512 loops run (the tests say which loops they checked)
+int MsDfkdGgufUsesAvx512() { return msdfkd::gguf_uses_avx512(); }
+
+// params: x float32 [.., K], blocks uint8 [N, K / 32, 20 (Q4_1) or 34 (Q8_0)], y float32 [.., N]
+int MsDfkdGgufLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+                     void *extra) {
+  if (nparam != 3 || ndims[1] != 3) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const uint8_t *w = static_cast<const uint8_t *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t N = shapes[1][0], K = shapes[1][1] * msdfkd::kBlockValues, block_bytes = shapes[1][2];
+  if (shapes[0][ndims[0] - 1] != K) return 1;
+  int64_t M = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) M *= shapes[0][i];
+  if (block_bytes != msdfkd::kQ41Bytes && block_bytes != msdfkd::kQ80Bytes) return 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainMacs / std::max<int64_t>(1, M * K));
+  msdfkd::parallel_for(N, grain, [=](int, int64_t begin, int64_t end) {
+    msdfkd::gguf_rows(x, w, block_bytes, y, N, M, K, begin, end);
+  });
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,135 @@
+"""Products with weights read from GGUF Q4_1 / Q8_0 blocks (kernels/cpu/gguf_blocks.h): the numpy reference
+against the gguf package, the LM-head op (kernels.cpu_ops.gguf_linear) and the decoder layer with block
+weights against the reference, both loops (AVX-512 and portable), and the real SmolLM2 blocks against its
+float32 weights."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor
+
+from kernels import cpu_ops
+from kernels import gguf_blocks_reference as reference
+from kernels import llama_decode_reference
+
+pytestmark = pytest.mark.skipif(cpu_ops.unavailable_reason("llama_decode") is not None,
+                                reason=f"the cpu kernels cannot run here: {cpu_ops.unavailable_reason('llama_decode')}")
+
+
+def random_blocks(rng, n, k, kind):
+    """uint8 [n, k / 32, bytes]: random quants and float16 scales (and Q4_1 minimums) of realistic size."""
+    size = reference.BLOCK_BYTES[kind]
+    blocks = rng.integers(0, 256, (n, k // 32, size), dtype=np.uint8)
+    blocks[..., 0:2] = (rng.standard_normal((n, k // 32)) * 0.01).astype(np.float16).view(np.uint8).reshape(
+        n, k // 32, 2)
+    if kind == "Q4_1":
+        blocks[..., 2:4] = (rng.standard_normal((n, k // 32)) * 0.05).astype(np.float16).view(np.uint8).reshape(
+            n, k // 32, 2)
+    return blocks
+
+
+@pytest.fixture(params=["avx512", "portable"])
+def loops(request):
+    if request.param == "avx512" and cpu_ops.gguf_loops() != "avx512":
+        pytest.skip("this CPU has no AVX-512: the portable loops run")
+    cpu_ops.force_portable_gguf_loops(request.param == "portable")
+    yield request.param
+    cpu_ops.force_portable_gguf_loops(False)
+
+
+def test_the_reference_dequantises_as_the_gguf_package():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    rng = np.random.default_rng(0)
+    for kind in ("Q4_1", "Q8_0"):
+        blocks = random_blocks(rng, 7, 96, kind)
+        want = dequantize(blocks.reshape(7, -1), getattr(GGMLQuantizationType, kind)).astype(np.float32)
+        assert np.array_equal(reference.dequantize(blocks).view(np.int32), want.reshape(7, 96).view(np.int32))
+
+
+def _head(x, blocks):
+    return cpu_ops.gguf_linear(x, blocks)
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("m, n, k", [(8, 576, 576), (1, 37, 64), (3, 100, 160), (13, 65, 96), (33, 130, 32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gguf_linear_matches_the_reference(loops, kind, m, n, k, threads):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    rng = np.random.default_rng(m * n + k)
+    blocks = random_blocks(rng, n, k, kind)
+    x = rng.standard_normal((m, 1, k)).astype(np.float32)
+    cpu_ops.set_cpu_threads(threads)
+    try:
+        got = ms.jit(_head)(Tensor(x), Tensor(blocks)).asnumpy()
+    finally:
+        cpu_ops.set_cpu_threads(0)
+    want = reference.gguf_linear(x, blocks)
+    assert got.shape == (m, 1, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_the_weights_are_the_references_to_the_bit(loops, kind):
+    """x = the identity: each output is one weight times one, plus zeros, so no rounding: W itself (a sum
+    of zeros is +0 where a Q8_0 weight d * 0 is -0 for d < 0: compared as numbers, not bits)."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    blocks = random_blocks(np.random.default_rng(1), 40, 64, kind)
+    got = cpu_ops.gguf_linear(Tensor(np.eye(64, dtype=np.float32)), Tensor(blocks)).asnumpy()
+    assert np.array_equal(got.T, reference.dequantize(blocks))
+
+
+def test_every_float16_scale_is_read_exactly(loops):
+    """Q8_0 blocks whose scale runs over all 63,488 finite float16 values (subnormals included), one quant
+    of 1 each: the outputs are the scales."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    halves = halves[np.isfinite(halves.view(np.float16))]
+    blocks = np.zeros((len(halves), 1, 34), np.uint8)
+    blocks[:, 0, 0:2] = halves.view(np.uint8).reshape(-1, 2)
+    blocks[:, 0, 2] = 1
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0] = 1.0
+    got = cpu_ops.gguf_linear(Tensor(x), Tensor(blocks)).asnumpy()[0]
+    assert np.array_equal(got, halves.view(np.float16).astype(np.float32))
+
+
+def test_the_decoder_layer_takes_blocks_for_any_of_its_matrices(loops):
+    """SmolLM2's layer shapes at 8 rows, the q/k/v/gate as Q4_1 blocks, o and down as Q8_0, up in float32:
+    the layer equals the float64 reference on the dequantised weights."""
+    from test_kernels_llama_decode import make_case
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(3)
+    args = make_case(rng, 8, 576, 9, 3, 64, 104, 1536, False, 80)
+    for index, kind in ((8, "Q4_1"), (9, "Q4_1"), (10, "Q4_1"), (11, "Q8_0"), (16, "Q4_1"), (18, "Q8_0")):
+        n, k = args[index].shape
+        args[index] = random_blocks(rng, n, k, kind)
+    want = llama_decode_reference.llama_decode_layer(*args, 1e-5)
+    got = cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)
+    for name, g, w in zip(("x", "cache_k", "cache_v"), got, want):
+        np.testing.assert_allclose(g.asnumpy(), w, rtol=2e-5, atol=2e-5 * np.abs(w).max(), err_msg=name)
+
+
+def test_blocks_of_the_wrong_width_are_refused():
+    from test_kernels_llama_decode import make_case
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    rng = np.random.default_rng(4)
+    args = make_case(rng, 2, 64, 4, 2, 16, 9, 96, False, 3)
+    args[8] = random_blocks(rng, 64, 32, "Q4_1")   # wq should take 64 values a row, these blocks hold 32
+    with pytest.raises(RuntimeError):
+        cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)[0].asnumpy()
+
+
+@pytest.mark.real
+def test_smollm2_blocks_are_its_float32_weights():
+    """The loader keeps SmolLM2's Q4_1 / Q8_0 matrices in llama.py's row order (q and k un-permuted as the
+    weights): dequantised, they equal the model's float32 parameters to the bit."""
+    from ms_dfkd.assets import asset_path
+    from ms_dfkd.models.llama_weights import load_gguf_llama
+    _, model = load_gguf_llama(asset_path("smollm2_gguf"))
+    params = dict(model.parameters_and_names())
+    assert len(model.gguf_blocks) == 30 * 7 + 1
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
+                 "model.layers.29.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        weights = params[name].asnumpy()
+        assert np.array_equal(reference.dequantize(model.gguf_blocks[name]).view(np.int32), weights.view(np.int32))
