@@ -636,7 +636,7 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
             blocks[..., 2:4] = (rng.standard_normal((n, k // 32)) * 0.1).astype(np.float16).view(np.uint8).reshape(
                 n, k // 32, 2)
         params[name].set_data(Tensor(dequantize(blocks)))
-        model.gguf_blocks[name] = blocks
+        model.gguf_blocks[name] = Tensor(blocks)
     set_trainable(model, "top_k", 1)
     w = {k: v.astype(np.float64) for k, v in state_of(model).items()}
     kinds = []

@@ -34,6 +34,8 @@ inline void cpu_relax() {
 #endif
 }
 
+constexpr int kSpins = 1 << 14;  // about 0.1-0.5 ms of pause instructions
+
 // the threads of one call: part 0 is the caller; they meet at wait()
 class Team {
  public:
@@ -45,7 +47,14 @@ class Team {
       arrived_.store(0, std::memory_order_relaxed);
       generation_.fetch_add(1, std::memory_order_release);
     } else {
-      while (generation_.load(std::memory_order_acquire) == gen) cpu_relax();
+      // spin a while (a phase takes microseconds to a millisecond), then yield: where another process holds
+      // the core the partner needs (two jobs on two cores), spinning would only hold it up
+      for (int spins = 0; generation_.load(std::memory_order_acquire) == gen; ++spins) {
+        if (spins < kSpins)
+          cpu_relax();
+        else
+          std::this_thread::yield();
+      }
     }
   }
 
@@ -64,7 +73,7 @@ void run_team(int parts, F f) {
   for (int p = 1; p < parts; ++p) {
     try {
       workers.emplace_back([&, p] {
-        while (!go.load(std::memory_order_acquire)) cpu_relax();
+        while (!go.load(std::memory_order_acquire)) std::this_thread::yield();
         Team *team = team_slot.load(std::memory_order_acquire);
         if (p < team->parts()) f(*team, p);
       });

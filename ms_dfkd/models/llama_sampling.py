@@ -179,19 +179,14 @@ LAYER_MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 
 
 def decode_blocks(model):
-    """(blocks, head, message): the GGUF blocks the fused decode steps can read in place of float32 weights,
-    as Tensors: ``blocks`` 7 a layer for the leading layers whose matrices all have blocks and none of which
-    trains; ``head`` the LM head's (None if it trains or has none); ``message`` says which (for the log)."""
+    """(blocks, head, message): the GGUF blocks (``model.gguf_blocks``, uint8 Tensors) that the fused decode
+    steps can read in place of float32 weights: ``blocks`` 7 a layer for the leading layers whose matrices
+    all have blocks and none of which trains; ``head`` the LM head's (None if it trains or has none);
+    ``message`` says which (for the log)."""
     per_name = getattr(model, "gguf_blocks", None) or {}
     if not per_name:
         return (), None, "float32 weights (the model has no GGUF blocks)"
     frozen = {name for name, p in model.parameters_and_names() if not p.requires_grad}
-    cache = model.__dict__.setdefault("_gguf_block_tensors", {})  # one Tensor per matrix for the model's life
-
-    def tensor(name):
-        if name not in cache:
-            cache[name] = Tensor(per_name[name])
-        return cache[name]
 
     def usable(name):
         return name in per_name and name in frozen
@@ -201,10 +196,10 @@ def decode_blocks(model):
         names = [f"model.layers.{i}.{m}.weight" for m in LAYER_MATRICES]
         if not all(map(usable, names)):
             break
-        blocks += tuple(map(tensor, names))
+        blocks += tuple(per_name[name] for name in names)
         n += 1
     head_name = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
-    head = tensor(head_name) if usable(head_name) else None
+    head = per_name[head_name] if usable(head_name) else None
     last = model.config.num_hidden_layers - 1
     from_blocks = ([f"layers 0-{n - 1}"] if n else []) + (["the LM head"] if head is not None else [])
     from_floats = ([f"layers {n}-{last}"] if n <= last else []) + (["the LM head"] if head is None else [])
