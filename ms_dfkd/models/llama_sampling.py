@@ -169,8 +169,7 @@ def fused_decode_problem(model):
     if "fused" not in inspect.signature(model.model.decode_step).parameters:
         return f"{type(model.model).__name__} has no fused decode step"
     if model.config.compute_dtype != "float32":
-        return f"the fused decoder layer is float32 and generator's compute dtype is {model.config.compute_dtype}"
-    from kernels import cpu_ops
+        return f"the fused decoder layer is float32 and the model's compute dtype is {model.config.compute_dtype}"
     return cpu_ops.unavailable_reason("llama_decode")
 
 
