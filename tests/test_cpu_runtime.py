@@ -64,12 +64,14 @@ def _probe(value, tmp_path):
 
 
 def test_the_caller_sleeps_while_a_graph_runs(tmp_path):
-    # MindSpore's default (0): the caller spins in its queue wait and takes most of a core; the control
+    # MindSpore's default (0): the caller spins in its queue wait and takes most of a core (0.6-0.7 on a
+    # quiet machine, 0.24 beside another test process: a spinner gets a share of a busy core); the control
     # shows the probe sees it
     spinning = _probe("0", tmp_path)
-    assert spinning > 0.3, f"the control: the caller's CPU/wall was {spinning:.2f}; expected a busy wait"
+    assert spinning > 0.15, f"the control: the caller's CPU/wall was {spinning:.2f}; expected a busy wait"
     sleeping = _probe("1", tmp_path)
-    assert sleeping < 0.15, f"with MS_DEV_HOST_BLOCKING_RUN=1 the caller's CPU/wall was {sleeping:.2f}"
+    assert sleeping < min(0.15, spinning / 3), \
+        f"with MS_DEV_HOST_BLOCKING_RUN=1 the caller's CPU/wall was {sleeping:.2f} (without: {spinning:.2f})"
 
 
 def test_configure_runtime_sets_the_variable_and_keeps_the_users(monkeypatch):

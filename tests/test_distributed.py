@@ -230,7 +230,7 @@ def _wait_for(cond, proc, timeout, what):
         if proc.poll() is not None:
             raise AssertionError(f"the job ended (rc {proc.returncode}) before {what}: "
                                  f"{proc.stderr.read()[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -264,6 +264,10 @@ def test_killed_rank_leaves_loadable_checkpoint_and_one_process_resume(teacher, 
     state = json.loads(safetensors_metadata(ck)["state"])
     assert state["world_size"] == 2 and state["counters"]["round"] >= 1 and arrays
     done_steps = state["counters"]["gen_steps"]
+    # rank 1's samples past that checkpoint (none where the next checkpoint was saved between the poll and
+    # the kill: a smoke round can take less than the poll); a line cut by the kill counts as one
+    lines = shard1.read_text().splitlines()
+    past = [line for line in lines if line.strip() and (not line.endswith("}") or json.loads(line)["step"] >= done_steps)]
 
     # a 1-process resume from the 2-process checkpoint continues to the end
     r = subprocess.run([sys.executable, "-m", "ms_dfkd.cli", "distill", "--config", SMOKE, *map(str, args)],
@@ -277,7 +281,7 @@ def test_killed_rank_leaves_loadable_checkpoint_and_one_process_resume(teacher, 
     for rank in (0, 1):
         kept = _records(out / f"generated.rank{rank}.jsonl")
         assert len(kept) == 4 * done_steps and all(x["step"] < done_steps for x in kept)
-    assert list(out.glob("generated.rank1.jsonl.*.orphaned"))
+    assert bool(list(out.glob("generated.rank1.jsonl.*.orphaned"))) == bool(past)
     new = _records(out / "generated.jsonl")
     assert len(new) == 4 * (6 - done_steps) and min(x["step"] for x in new) == done_steps
     assert all(np.isfinite(m["loss_g"]) for m in _records(out / "metrics.jsonl"))
