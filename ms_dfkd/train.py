@@ -678,11 +678,14 @@ def distill_from_texts(cfg, records, steps):
 
 
 def _perplexity(logits, ids, mask):
-    """exp(mean NLL) of ids under logits [B, T, V] over mask."""
-    lo = logits.reshape(ids.shape[0], ids.shape[1], -1).astype(np.float64)
-    lo = lo - lo.max(-1, keepdims=True)
-    logp = lo - np.log(np.exp(lo).sum(-1, keepdims=True))
-    nll = -np.take_along_axis(logp, ids[..., None].astype(np.int64), -1)[..., 0]
+    """exp(mean NLL) of ids under logits [B, T, V] over mask. NLL = logsumexp - the id's logit, with the
+    exponentials in float32 and their sums in float64: a float64 log-softmax of the whole [8, 24, 49152]
+    took a quarter of a second a batch, about 5% of a dfkd-t3 round."""
+    b, t = ids.shape
+    lo = np.asarray(logits, np.float32).reshape(b, t, -1)
+    top = lo.max(-1, keepdims=True)
+    lse = top[..., 0].astype(np.float64) + np.log(np.exp(lo - top).sum(-1, dtype=np.float64))
+    nll = lse - np.take_along_axis(lo, ids[..., None].astype(np.int64), -1)[..., 0].astype(np.float64)
     m = mask.astype(np.float64)
     return float(np.exp((nll * m).sum() / max(m.sum(), 1.0)))
 

@@ -133,3 +133,20 @@ def test_degenerate_samples_are_flagged():
         assert not is_degenerate(good), good
     assert degenerate_share(["- - - - -", "a fine film", "N.B - - - -", "dull"]) == 0.5
     assert degenerate_share([]) == 0.0
+
+
+def test_generator_perplexity_matches_a_float64_log_softmax():
+    """The driver's perplexity_g0 (logsumexp from float32 exponentials summed in float64) against the float64
+    log-softmax written out, on logits of the sampler's size, with a mask."""
+    from ms_dfkd.train import _perplexity
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((4, 6, 49152)) * 4).astype(np.float32)
+    ids = rng.integers(0, 49152, (4, 6))
+    mask = (rng.random((4, 6)) > 0.3).astype(np.int32)
+    lo = logits.astype(np.float64)
+    logp = lo - lo.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
+    want = np.exp((nll * mask).sum() / mask.sum())
+    assert abs(_perplexity(logits.reshape(24, -1), ids, mask) / want - 1) < 1e-6
+    assert _perplexity(logits, ids, np.zeros_like(mask)) == 1.0  # nothing to score
