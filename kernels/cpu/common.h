@@ -19,22 +19,31 @@ inline int parts_for(int64_t n, int64_t grain) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_threads, n / std::max<int64_t>(grain, 1))));
 }
 
+// [begin, end) of part p of n items in `parts` near-equal parts
+inline void split_range(int64_t n, int64_t p, int64_t parts, int64_t &begin, int64_t &end) {
+  const int64_t size = (n + parts - 1) / parts;
+  begin = std::min(n, p * size);
+  end = std::min(n, begin + size);
+}
+
 // f(part, begin, end) over [0, n) in parts_for(n, grain) parts; part 0 runs on the calling thread, and
 // so does any part whose thread cannot be started (an exception must not cross the C ABI)
 template <class F>
 void parallel_for(int64_t n, int64_t grain, F f) {
   const int64_t parts = parts_for(n, grain);
-  const int64_t size = (n + parts - 1) / parts;
   std::vector<std::thread> workers;
   for (int64_t p = 1; p < parts; ++p) {
-    const int64_t begin = p * size, end = std::min(n, (p + 1) * size);
+    int64_t begin, end;
+    split_range(n, p, parts, begin, end);
     try {
       workers.emplace_back(f, static_cast<int>(p), begin, end);
     } catch (const std::system_error &) {
       f(static_cast<int>(p), begin, end);
     }
   }
-  f(0, 0, std::min(n, size));
+  int64_t begin, end;
+  split_range(n, 0, parts, begin, end);
+  f(0, begin, end);
   for (auto &w : workers) w.join();
 }
 

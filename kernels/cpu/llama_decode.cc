@@ -88,12 +88,7 @@ void run_team(int parts, F f) {
   for (auto &w : workers) w.join();
 }
 
-// [begin, end) of part p of n items in `parts` near-equal parts
-inline void split(int64_t n, int p, int parts, int64_t &begin, int64_t &end) {
-  const int64_t size = (n + parts - 1) / parts;
-  begin = std::min(n, p * size);
-  end = std::min(n, begin + size);
-}
+using msdfkd::split_range;
 
 void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows, int64_t d) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -192,13 +187,13 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
     if (p == 0) rms_norm(x, input_norm, eps, h, B, H);
     team.wait();
     // q, k, v: this part's slice of their stacked rows
-    split(n_qkv, p, np, b0, b1);
+    split_range(n_qkv, p, np, b0, b1);
     project(h, wq, q, B, nq, H, std::min(b0, nq), std::min(b1, nq));
     project(h, wk, k, B, nk, H, std::clamp(b0 - nq, int64_t{0}, nk), std::clamp(b1 - nq, int64_t{0}, nk));
     project(h, wv, v, B, nk, H, std::clamp(b0 - nq - nk, int64_t{0}, nk), std::clamp(b1 - nq - nk, int64_t{0}, nk));
     team.wait();
     // per (row, kv head): biases, rotary, the cache copied with the new key/value, attention of its q heads
-    split(B * n_kv, p, np, b0, b1);
+    split_range(B * n_kv, p, np, b0, b1);
     std::vector<float> scores(S);
     for (int64_t unit = b0; unit < b1; ++unit) {
       const int64_t b = unit / n_kv, kv = unit % n_kv;
@@ -244,7 +239,7 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
       }
     }
     team.wait();
-    split(H, p, np, b0, b1);
+    split_range(H, p, np, b0, b1);
     project(attn, wo, o, B, H, nq, b0, b1);
     team.wait();
     if (p == 0) {
@@ -252,7 +247,7 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
       rms_norm(x1, post_norm, eps, h2, B, H);
     }
     team.wait();
-    split(I, p, np, b0, b1);
+    split_range(I, p, np, b0, b1);
     project(h2, w_gate, g, B, I, H, b0, b1);
     project(h2, w_up, u, B, I, H, b0, b1);
     for (int64_t r = 0; r < B; ++r)
@@ -261,7 +256,7 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
         g[r * I + j] = gj / (1.0f + std::exp(-gj)) * u[r * I + j];
       }
     team.wait();
-    split(H, p, np, b0, b1);
+    split_range(H, p, np, b0, b1);
     project(g, w_down, d, B, H, I, b0, b1);
     for (int64_t r = 0; r < B; ++r)
       for (int64_t j = b0; j < b1; ++j) x_out[r * H + j] = x1[r * H + j] + d[r * H + j];

@@ -144,6 +144,13 @@ class RMSNorm(nn.Cell):
         return cast(x32 * scale * ops.broadcast_to(self.weight, x32.shape), self.compute_dtype)
 
 
+def rope_angles(positions, inv_freq):
+    """cos, sin [B, L, D] of integer positions [B, L] ("rotate half" layout: both halves share a frequency)."""
+    angles = positions.astype(ms.float32).expand_dims(-1) * inv_freq  # [B, L, D/2]
+    angles = ops.concat((angles, angles), -1)
+    return ops.cos(angles), ops.sin(angles)
+
+
 def rope_cos_sin(positions, inv_freq, n_heads, n_kv):
     """cos, sin for integer positions [B, L] ("rotate half" layout: both halves share a frequency),
     already broadcast to the query heads [B, n_heads, L, D] and the key heads [B, n_kv, L, D].
@@ -152,9 +159,8 @@ def rope_cos_sin(positions, inv_freq, n_heads, n_kv):
     a broadcasting multiply inside each layer costs persistent memory on MindSpore's CPU backend
     (see RMSNorm)."""
     b, l = positions.shape
-    angles = positions.astype(ms.float32).expand_dims(-1) * inv_freq  # [B, L, D/2]
-    angles = ops.concat((angles, angles), -1).expand_dims(1)          # [B, 1, L, D]
-    cos, sin = ops.cos(angles), ops.sin(angles)
+    cos, sin = rope_angles(positions, inv_freq)
+    cos, sin = cos.expand_dims(1), sin.expand_dims(1)                   # [B, 1, L, D]
     d = cos.shape[-1]
     q_shape, k_shape = (b, n_heads, l, d), (b, n_kv, l, d)
     return (ops.broadcast_to(cos, q_shape), ops.broadcast_to(sin, q_shape),
@@ -397,13 +403,11 @@ class LlamaModel(nn.Cell):
             return self.norm(x), new, captured
         return self.norm(x), new
 
-
     def _decode_step_fused(self, input_ids, positions, key_mask, write_slot, caches, steer, steer_layer,
                            capture_layer, blocks):
         b = input_ids.shape[0]
-        angles = positions.astype(ms.float32) * self.inv_freq              # [B, D/2], as rope_cos_sin
-        angles = ops.concat((angles, angles), -1)
-        cos, sin = ops.cos(angles), ops.sin(angles)
+        cos, sin = rope_angles(positions, self.inv_freq)                   # [B, 1, D]
+        cos, sin = cos.reshape(b, -1), sin.reshape(b, -1)
         key_mask = key_mask.astype(ms.float32)
         write_slot = write_slot.astype(ms.int32)
         x = self.embed(input_ids).reshape(b, -1)
