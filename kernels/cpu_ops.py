@@ -205,11 +205,22 @@ def gguf_linear(x, blocks):
     return _gguf_linear_op()(x.astype(ms.float32), blocks)
 
 
+GGUF_LOOPS = ("portable", "avx2", "avx512")  # the loops of the GGUF-block products, by the library's number
+
+
 def gguf_loops():
-    """The loops of the GGUF-block products on this CPU: 'avx512' or 'portable'."""
-    return "avx512" if _library().MsDfkdGgufUsesAvx512() else "portable"
+    """The loops the GGUF-block products run now: 'avx512', 'avx2' or 'portable'."""
+    return GGUF_LOOPS[_library().MsDfkdGgufLoops()]
 
 
-def force_portable_gguf_loops(on):
-    """Tests: run the portable loops of the GGUF-block products even where the CPU has AVX-512."""
-    _library().MsDfkdGgufForcePortable(int(bool(on)))
+def available_gguf_loops():
+    """The loops this CPU can run, best first (the portable loops run everywhere)."""
+    return GGUF_LOOPS[:_library().MsDfkdGgufBestLoops() + 1][::-1]
+
+
+def use_gguf_loops(name=None):
+    """Tests and benchmarks: run the GGUF-block products with these loops ('avx512', 'avx2', 'portable');
+    None: the best this CPU has (the default)."""
+    if name is not None and name not in available_gguf_loops():
+        raise ValueError(f"GGUF loops {name!r}: this CPU runs {', '.join(available_gguf_loops())}")
+    _library().MsDfkdGgufSetLoops(-1 if name is None else GGUF_LOOPS.index(name))

@@ -1,7 +1,7 @@
 """Products with weights read from GGUF Q4_1 / Q8_0 blocks (kernels/cpu/gguf_blocks.h): the numpy reference
 against the gguf package, the LM-head op (kernels.cpu_ops.gguf_linear) and the decoder layer with block
-weights against the reference, both loops (AVX-512 and portable), and the real SmolLM2 blocks against its
-float32 weights."""
+weights against the reference, with each loop variant the CPU has (AVX-512, AVX2, portable), and the real
+SmolLM2 blocks against its float32 weights."""
 import numpy as np
 import pytest
 
@@ -28,13 +28,13 @@ def random_blocks(rng, n, k, kind):
     return blocks
 
 
-@pytest.fixture(params=["avx512", "portable"])
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def loops(request):
-    if request.param == "avx512" and cpu_ops.gguf_loops() != "avx512":
-        pytest.skip("this CPU has no AVX-512: the portable loops run")
-    cpu_ops.force_portable_gguf_loops(request.param == "portable")
+    if request.param not in cpu_ops.available_gguf_loops():
+        pytest.skip(f"this CPU has no {request.param} (it runs {', '.join(cpu_ops.available_gguf_loops())})")
+    cpu_ops.use_gguf_loops(request.param)
     yield request.param
-    cpu_ops.force_portable_gguf_loops(False)
+    cpu_ops.use_gguf_loops(None)
 
 
 def test_the_reference_dequantises_as_the_gguf_package():

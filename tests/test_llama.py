@@ -620,6 +620,8 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
     from kernels import cpu_ops
     from kernels.gguf_blocks_reference import BLOCK_BYTES, dequantize
     from ms_dfkd.models.llama_sampling import LAYER_MATRICES
+    if cpu_ops.gguf_loops() == "portable":
+        pytest.skip("this CPU runs only the portable block loops, so the sampler keeps float32 weights (next test)")
     cfg = LlamaConfig(**{**TINY, "intermediate_size": 64})
     model = LlamaForCausalLM(cfg, seed=4)
     rng = np.random.default_rng(0)
@@ -647,8 +649,8 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
     T = 5
     with caplog.at_level(logging.INFO, logger="ms_dfkd"):
         new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False, return_logits=True)
-    assert "each decoder layer as one C++ op, layers 0-0 and the LM head from the GGUF blocks; layers 1-1 from " \
-           "float32 weights" in caplog.text
+    assert f"each decoder layer as one C++ op, layers 0-0 and the LM head from the GGUF blocks " \
+           f"({cpu_ops.gguf_loops()} loops); layers 1-1 from float32 weights" in caplog.text
     assert kinds[:3] == ["UInt8", "Float32", "head"] and len(kinds) == 3 * (T - 1)
     for b, row in enumerate(ROWS):
         for t in range(T):
@@ -659,3 +661,18 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
         floats = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, gguf_blocks=False)[0]
         np.testing.assert_array_equal(sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph)[0], floats)
     np.testing.assert_array_equal(new, floats)
+
+
+def test_the_sampler_keeps_float32_weights_where_only_the_portable_block_loops_run():
+    """The portable block loops are slower than float32 weights: where they are all the CPU runs, the fused
+    steps read no blocks, and the reason is given."""
+    from kernels import cpu_ops
+    from ms_dfkd.models.llama_sampling import decode_blocks
+    model = LlamaForCausalLM(LlamaConfig(**TINY), seed=4)
+    model.gguf_blocks = {"model.embed_tokens.weight": Tensor(np.zeros((TINY["vocab_size"], 1, 34), np.uint8))}
+    cpu_ops.use_gguf_loops("portable")
+    try:
+        blocks, head, message = decode_blocks(model)
+    finally:
+        cpu_ops.use_gguf_loops(None)
+    assert blocks == () and head is None and "portable loops" in message

@@ -27,8 +27,6 @@ namespace msdfkd {
 
 constexpr int64_t kQ41Bytes = 20, kQ80Bytes = 34, kBlockValues = 32;
 
-inline int g_gguf_portable = 0;  // MsDfkdGgufForcePortable: the tests run the portable loops on any CPU
-
 // IEEE half to float, exact (subnormals included)
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -166,34 +164,126 @@ inline bool have_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("f16c");
   return yes;
 }
+
+// AVX2 (most x86 CPUs without AVX-512, e.g. AMD Zen 1-3): 8 lanes, 16 registers, so one weight row at a
+// time against up to 8 rows of x (8 accumulators, the block's 4 registers, one for x)
+#define MSDFKD_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <int64_t BlockBytes>
+MSDFKD_AVX2 inline void block_registers_avx2(const uint8_t *blk, __m256 w[4]) {
+  const __m256 d = _mm256_set1_ps(_cvtsh_ss(load_u16(blk)));
+  if constexpr (BlockBytes == kQ41Bytes) {
+    // d*q is exact in float32, so the fused multiply-add rounds d*q + m once, as mul then add does
+    const __m256 m = _mm256_set1_ps(_cvtsh_ss(load_u16(blk + 2)));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i *>(blk + 4));
+    const __m128i nibble = _mm_set1_epi8(0x0f);
+    const __m128i q_lo = _mm_and_si128(raw, nibble), q_hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nibble);
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q_lo)), d, m);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q_lo, 8))), d, m);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q_hi)), d, m);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(q_hi, 8))), d, m);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                               _mm_loadl_epi64(reinterpret_cast<const __m128i *>(blk + 2 + 8 * i)))),
+                           d);
+  }
+}
+
+MSDFKD_AVX2 inline float reduce_add_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int64_t BlockBytes, int M>
+MSDFKD_AVX2 void gguf_rows_avx2_m(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t K, int64_t n0,
+                                  int64_t n1) {
+  const int64_t nb = K / kBlockValues;
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+    const uint8_t *wn = w + n * nb * BlockBytes;
+    for (int64_t b = 0; b < nb; ++b) {
+      __m256 wb[4];
+      block_registers_avx2<BlockBytes>(wn + b * BlockBytes, wb);
+      const float *xb = x + b * kBlockValues;
+      for (int m = 0; m < M; ++m) {
+        const float *xr = xb + m * K;
+        __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(xr), wb[0], acc[m]);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), wb[1], a);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 16), wb[2], a);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 24), wb[3], a);
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = reduce_add_avx2(acc[m]);
+  }
+}
+
+template <int64_t BlockBytes>
+void gguf_rows_avx2(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                    int64_t n1) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const float *xg = x + m0 * K;
+    float *yg = y + m0 * ldy;
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: gguf_rows_avx2_m<BlockBytes, 1>(xg, w, yg, ldy, K, n0, n1); break;
+      case 2: gguf_rows_avx2_m<BlockBytes, 2>(xg, w, yg, ldy, K, n0, n1); break;
+      case 3: gguf_rows_avx2_m<BlockBytes, 3>(xg, w, yg, ldy, K, n0, n1); break;
+      case 4: gguf_rows_avx2_m<BlockBytes, 4>(xg, w, yg, ldy, K, n0, n1); break;
+      case 5: gguf_rows_avx2_m<BlockBytes, 5>(xg, w, yg, ldy, K, n0, n1); break;
+      case 6: gguf_rows_avx2_m<BlockBytes, 6>(xg, w, yg, ldy, K, n0, n1); break;
+      case 7: gguf_rows_avx2_m<BlockBytes, 7>(xg, w, yg, ldy, K, n0, n1); break;
+      default: gguf_rows_avx2_m<BlockBytes, 8>(xg, w, yg, ldy, K, n0, n1); break;
+    }
+  }
+}
+
+inline bool have_avx2() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
 #endif
 
-inline bool gguf_uses_avx512() {
+enum GgufLoops { kPortableLoops = 0, kAvx2Loops = 1, kAvx512Loops = 2 };
+
+// the best loops this CPU runs
+inline int best_gguf_loops() {
 #if defined(__x86_64__)
-  return have_avx512() && !g_gguf_portable;
-#else
-  return false;
+  if (have_avx512()) return kAvx512Loops;
+  if (have_avx2()) return kAvx2Loops;
 #endif
+  return kPortableLoops;
+}
+
+inline int g_gguf_loops = -1;  // MsDfkdGgufSetLoops: the tests run each variant this CPU has; -1: the best
+
+inline int gguf_loops() { return g_gguf_loops < 0 ? best_gguf_loops() : g_gguf_loops; }
+
+template <int64_t BlockBytes>
+void gguf_rows_typed(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                     int64_t n1) {
+  switch (gguf_loops()) {
+#if defined(__x86_64__)
+    case kAvx512Loops: gguf_rows_avx512<BlockBytes>(x, w, y, ldy, M, K, n0, n1); return;
+    case kAvx2Loops: gguf_rows_avx2<BlockBytes>(x, w, y, ldy, M, K, n0, n1); return;
+#endif
+    default: gguf_rows_portable<BlockBytes>(x, w, y, ldy, M, K, n0, n1);
+  }
 }
 
 // columns [n0, n1) of y [M, ldy] = x [M, K] W^T, W as blocks of block_bytes (20: Q4_1, 34: Q8_0); false
 // for another block size
 inline bool gguf_rows(const float *x, const uint8_t *w, int64_t block_bytes, float *y, int64_t ldy, int64_t M,
                       int64_t K, int64_t n0, int64_t n1) {
-  if (block_bytes != kQ41Bytes && block_bytes != kQ80Bytes) return false;
-#if defined(__x86_64__)
-  if (gguf_uses_avx512()) {
-    if (block_bytes == kQ41Bytes)
-      gguf_rows_avx512<kQ41Bytes>(x, w, y, ldy, M, K, n0, n1);
-    else
-      gguf_rows_avx512<kQ80Bytes>(x, w, y, ldy, M, K, n0, n1);
-    return true;
-  }
-#endif
   if (block_bytes == kQ41Bytes)
-    gguf_rows_portable<kQ41Bytes>(x, w, y, ldy, M, K, n0, n1);
+    gguf_rows_typed<kQ41Bytes>(x, w, y, ldy, M, K, n0, n1);
+  else if (block_bytes == kQ80Bytes)
+    gguf_rows_typed<kQ80Bytes>(x, w, y, ldy, M, K, n0, n1);
   else
-    gguf_rows_portable<kQ80Bytes>(x, w, y, ldy, M, K, n0, n1);
+    return false;
   return true;
 }
 

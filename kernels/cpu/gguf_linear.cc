@@ -12,10 +12,17 @@ constexpr int64_t kGrainMacs = int64_t{1} << 23;
 
 extern "C" {
 
-void MsDfkdGgufForcePortable(int on) { msdfkd::g_gguf_portable = on; }
+// the loops of the block products: 0 portable, 1 AVX2, 2 AVX-512; -1 the best this CPU has. 1 (and no
+// change) for loops the CPU lacks. The tests run each variant the CPU has.
+int MsDfkdGgufSetLoops(int loops) {
+  if (loops > msdfkd::best_gguf_loops()) return 1;
+  msdfkd::g_gguf_loops = loops < 0 ? -1 : loops;
+  return 0;
+}
 
-// 1 where the AVX-512 loops run (the tests say which loops they checked)
-int MsDfkdGgufUsesAvx512() { return msdfkd::gguf_uses_avx512(); }
+int MsDfkdGgufLoops() { return msdfkd::gguf_loops(); }
+
+int MsDfkdGgufBestLoops() { return msdfkd::best_gguf_loops(); }
 
 // params: x float32 [.., K], blocks uint8 [N, K / 32, 20 (Q4_1) or 34 (Q8_0)], y float32 [.., N]
 int MsDfkdGgufLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,

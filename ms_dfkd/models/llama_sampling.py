@@ -49,7 +49,8 @@ GGUF blocks in the fused decode steps: a model loaded from a GGUF file keeps the
 matrices (``model.gguf_blocks``), and with ``gguf_blocks`` (the default) the fused steps read the weights
 that do not train from them: the leading layers whose 7 matrices are all frozen, and the LM head if it
 is (SmolLM2: 96 MB of blocks where the float32 weights are 538 MB; each block is expanded in registers and
-used by every row). The blocks give the float32 weights to the bit (both are gguf's dequantisation), so
+used by every row). The loops are AVX-512 or AVX2 ones, chosen at run time; on a CPU with neither the
+portable loops would be slower than float32 weights, so the steps keep those (the log says which). The blocks give the float32 weights to the bit (both are gguf's dequantisation), so
 the logits again equal the other paths' up to the order of the sums. The trained layers, the prefill and
 every gradient graph keep the float32 weights.
 
@@ -185,6 +186,10 @@ def decode_blocks(model):
     per_name = getattr(model, "gguf_blocks", None) or {}
     if not per_name:
         return (), None, "float32 weights (the model has no GGUF blocks)"
+    loops = cpu_ops.gguf_loops()
+    if loops == "portable":  # 2-3x slower than float32 weights (measured on an AVX2 CPU)
+        return (), None, "float32 weights (this CPU has neither AVX2 nor AVX-512, and the blocks' portable loops " \
+                         "are slower than float32 weights)"
     frozen = {name for name, p in model.parameters_and_names() if not p.requires_grad}
 
     def usable(name):
@@ -203,7 +208,7 @@ def decode_blocks(model):
     from_blocks = ([f"layers 0-{n - 1}"] if n else []) + (["the LM head"] if head is not None else [])
     from_floats = ([f"layers {n}-{last}"] if n <= last else []) + (["the LM head"] if head is None else [])
     message = "; ".join(
-        ([" and ".join(from_blocks) + " from the GGUF blocks"] if from_blocks else [])
+        ([" and ".join(from_blocks) + f" from the GGUF blocks ({loops} loops)"] if from_blocks else [])
         + ([" and ".join(from_floats) + " from float32 weights (they train, or have no blocks)"] if from_floats else []))
     return blocks, head, message
 
