@@ -460,22 +460,24 @@ def test_trunk_then_top_layers_equal_the_whole_model(tiny):
                                    rtol=1e-4, atol=1e-4, err_msg=f"k={k}")
 
 
-@pytest.mark.parametrize("prefilter", [2, 8, 256])
-def test_top_p_prefilter_gives_the_nucleus_of_a_full_sort(tiny, prefilter):
-    """The nucleus found among the `prefilter` most probable tokens (whole-row fallback when their mass
-    is below top_p) picks the same tokens as the full-sort reference of test_top_p_nucleus."""
+@pytest.mark.parametrize("cuts", [(0.5,), (0.2, 0.05), (1e-3, 1e-4, 1e-5)])
+def test_top_p_candidate_floors_give_the_nucleus_of_a_full_sort(tiny, cuts):
+    """The nucleus found among the tokens above probability floors (whole-row fallback when their mass is
+    below top_p) picks the same tokens as the full-sort reference of test_top_p_nucleus."""
     cfg, model, _ = tiny
     ids, mask = left_pad(ROWS)
     T, temp, top_p, seed = 10, 1.3, 0.6, 7
     new, _, logits = sample(model, ids, mask, T, seed=seed, temperature=temp, top_p=top_p, eos_id=-1,
-                            return_logits=True, graph=True, prefilter=prefilter)
+                            return_logits=True, graph=True, nucleus_cuts=cuts)
     fallbacks = 0
     for b in range(len(ROWS)):
         for t in range(T):
             token, n_keep = full_sort_pick(logits[b, t], temp, top_p, seed, b * T + t)
-            fallbacks += n_keep > prefilter
+            s = logits[b, t].astype(np.float64) / temp
+            p = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            fallbacks += n_keep >= (p >= min(cuts)).sum()  # the nucleus needs the last candidate or more
             assert new[b, t] == token
-    if prefilter == 2:
+    if cuts == (0.5,):
         assert fallbacks > 0  # the whole-row fallback ran
 
 
