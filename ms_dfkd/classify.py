@@ -36,7 +36,7 @@ class EncoderRunner:
         self.fwd = ms.jit(fwd) if jit else fwd
 
     def encode(self, texts):
-        return self.tok.encode_batch(list(texts), max_length=self.L, padding="max_length")
+        return self.tok.encode_batch(list(texts), max_length=self.L, padding="bucket")
 
     def logits(self, texts, with_features=False, progress=None):
         texts = list(texts)
@@ -93,7 +93,7 @@ def train_classifier(model, tokenizer, examples, *, max_length, batch_size, lr, 
 
     def batch(idx):
         ids, mask = tokenizer.encode_batch([examples[i][0] for i in idx], max_length=max_length,
-                                           padding="max_length")
+                                           padding="bucket")
         return ids, mask, np.array([examples[i][1] for i in idx], np.int32)
     return fit(model, _CELoss(model), len(examples), batch, batch_size=batch_size, lr=lr, epochs=epochs,
                seed=seed, jit=jit, desc=desc, should_stop=should_stop, on_epoch_end=on_epoch_end)

@@ -209,7 +209,7 @@ class StudentStep:
 
     def __call__(self, texts, teacher_logits, teacher_features, what="student step"):
         """One update; returns the loss (float). A non-finite loss raises FloatingPointError naming ``what``."""
-        ids, mask = self.tokenizer.encode_batch(texts, max_length=self.max_length, padding="max_length")
+        ids, mask = self.tokenizer.encode_batch(texts, max_length=self.max_length, padding="bucket")
         loss, _ = self._step(ms.Tensor(ids), ms.Tensor(mask), ms.Tensor(np.asarray(teacher_logits, np.float32)),
                              ms.Tensor(np.asarray(teacher_features, np.float32)))
         loss = float(loss.asnumpy())

@@ -11,15 +11,25 @@ from pathlib import Path
 import numpy as np
 
 
+BUCKET = 16  # padding="bucket" rounds the longest row up to a multiple of this
+
+
 def _padded_length(rows, padding, max_length):
-    """The batch length: the longest row ("longest") or max_length ("max_length")."""
+    """The batch length: the longest row ("longest"), max_length ("max_length"), or the longest row rounded
+    up to a multiple of BUCKET and at most max_length ("bucket": a jitted graph compiles once per bucket,
+    and rows far shorter than max_length are not padded to it)."""
     if padding == "max_length":
         if max_length is None:
             raise ValueError("padding='max_length' needs max_length")
         return max_length
+    longest = max([len(r) for r in rows] + [1])
     if padding == "longest":
-        return max([len(r) for r in rows] + [1])
-    raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+        return longest
+    if padding == "bucket":
+        if max_length is None:
+            raise ValueError("padding='bucket' needs max_length")
+        return min(-(-longest // BUCKET) * BUCKET, max_length)
+    raise ValueError(f"padding must be 'longest', 'bucket' or 'max_length', got {padding!r}")
 
 
 @dataclass
@@ -51,7 +61,8 @@ class Tokenizer:
                      pad_to_multiple_of=None, padding_side="right"):
         """Return (ids int32 [B, L], attention_mask int32 [B, L]).
 
-        padding: "longest" (pad to the longest row) or "max_length" (pad to max_length).
+        padding: "longest" (pad to the longest row), "max_length" (pad to max_length) or "bucket" (the longest
+        row rounded up to a multiple of BUCKET, at most max_length).
         Truncation keeps the first max_length tokens (the last special token is kept
         for WordPiece so that [SEP] still closes the sequence).
         """

@@ -138,6 +138,19 @@ def test_forward_matches_numpy_pynative(tiny, batch):
     assert tuple(model.get_input_embeddings().shape) == (V, H)
 
 
+def test_padding_columns_leave_the_logits(tiny, batch):
+    """The student step and the teacher's labelling pad a batch to a bucket of 16, not to max_length: extra
+    masked columns must not change the logits (the numpy reference sees only the real ones)."""
+    d, sd = tiny
+    ids, mask, types = batch
+    model = load_hf_bert(d, head="sequence", allow_fresh_head=False)
+    ref = np_logits(sd, sd["bert.embeddings.word_embeddings.weight"].astype(np.float64)[ids], mask, types)
+    for extra in (0, 5, P - ids.shape[1]):
+        pad = lambda a: np.pad(a, ((0, 0), (0, extra)))
+        out = model(ms.Tensor(pad(ids)), ms.Tensor(pad(mask)), ms.Tensor(pad(types))).asnumpy()
+        np.testing.assert_allclose(out, ref, atol=1e-4, rtol=0, err_msg=f"{extra} padding columns")
+
+
 def test_mean_pooling_and_token_head(tiny, batch):
     d, sd = tiny
     ids, mask, _ = batch

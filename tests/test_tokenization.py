@@ -134,3 +134,20 @@ def test_qwen_bpe_ids_round_trip_and_specials(asset_or_skip):
                                "user\nHi\nassistant\n"
     ids, mask = tok.encode_batch(["a b c", "a"], padding_side="left")
     assert ids.dtype == np.int32 and ids[1, 0] == 151643 and mask.sum() == 4
+
+
+def test_bucket_padding_rounds_the_longest_row_up_to_16_and_stops_at_max_length(tmp_path):
+    from ms_dfkd.tokenization import BUCKET, wordpiece_tokenizer
+    words = [f"w{i}" for i in range(40)]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + words) + "\n")
+    tok = wordpiece_tokenizer(tmp_path / "vocab.txt")
+    text = lambda n: " ".join(words[:n])  # n words: n + 2 tokens with [CLS] and [SEP]
+    for n_words, max_length, want in [(1, 48, 16), (14, 48, 16), (15, 48, 32), (30, 48, 32), (31, 48, 48),
+                                      (40, 48, 48), (30, 40, 32), (35, 40, 40), (3, 10, 10)]:
+        ids, mask = tok.encode_batch([text(n_words), text(1)], max_length=max_length, padding="bucket")
+        assert ids.shape == mask.shape == (2, want), (n_words, max_length)
+        assert mask[0].sum() == min(n_words + 2, max_length) and mask[1].sum() == 3
+        assert (ids[1, 3:] == tok.pad_id).all()
+    assert BUCKET == 16
+    with pytest.raises(ValueError, match="bucket"):
+        tok.encode_batch(["w1"], padding="bucket")
