@@ -166,6 +166,8 @@ class RunConfig:
     #                                scaling) | bfloat16 (GPU/Ascend); master weights stay float32
     threads: int = 0               # CPU kernel threads; 0 = the cores this process may use (taskset/affinity)
     checkpoint_every: int = 1      # rounds
+    checkpoint_seconds: float = 60.0  # and at least this long after the last save (0: every checkpoint_every
+    #                                   rounds); the last round and a Ctrl-C always save
     show_samples: int = 3          # generated texts per label printed at the end
     teacher_test: bool = True      # also evaluate the teacher on test at the end (the results table
     #                                evaluates its one teacher once, with `ms-dfkd eval`, not once a run)
@@ -226,7 +228,8 @@ class Config:
                 raise ConfigError(f"{sec}.{key}: must be > 0, got {v}")
         for sec, key in (("run", "gen_steps_per_round"), ("run", "student_steps_per_round"), ("run", "eval_every"),
                          ("run", "threads"),
-                         ("run", "eval_examples"), ("run", "checkpoint_every"), ("run", "show_samples"),
+                         ("run", "eval_examples"), ("run", "checkpoint_every"), ("run", "checkpoint_seconds"),
+                         ("run", "show_samples"),
                          ("teacher", "train_examples"), ("student", "hidden_mse"), ("generator", "top_k_layers")):
             v = getattr(getattr(self, sec), key)
             if v < 0:

@@ -34,7 +34,7 @@ PREV_NAME = "checkpoint.prev.safetensors"
 # Settings a resumed run may change: they extend the run or change how it is evaluated and reported,
 # not what it computes. Any other change is refused.
 RESUMABLE_CHANGES = ("run.rounds", "run.eval_every", "run.eval_examples", "run.show_samples", "run.teacher_test",
-                     "run.checkpoint_every", "run.threads")
+                     "run.checkpoint_every", "run.checkpoint_seconds", "run.threads")
 
 
 def trainable_arrays(d):

@@ -66,6 +66,7 @@ class Distiller:
         self.out = Path(cfg.fmt(cfg.run.out_dir))
         self.reducer_factory = grad_reducer_factory
         self.stop_flag = False
+        self._last_save = time.time()  # run.checkpoint_seconds count from here
         self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
                          "samples": 0, "warmup_steps": 0}
         self.history = []
@@ -483,7 +484,8 @@ class Distiller:
             every = self.cfg.run.gen_phase_log_every
             if every and c["warmup_steps"] % every == 0 and c["warmup_steps"] < kW:
                 self._warmup_record()  # the generator-learning curve of a long phase
-            if c["warmup_steps"] % max(self.cfg.run.gen_steps_per_round, 1) == 0 and c["warmup_steps"] < kW:
+            if (c["warmup_steps"] % max(self.cfg.run.gen_steps_per_round, 1) == 0 and c["warmup_steps"] < kW
+                    and self._save_due()):
                 self.save_checkpoint()  # resumable within a long warm-up
         self._warmup_record()
         self.save_checkpoint()
@@ -567,7 +569,7 @@ class Distiller:
         self.history.append(rec)
         if self.is_main:
             self.metrics_out.write([rec])
-        if (cfg.run.checkpoint_every and c["round"] % cfg.run.checkpoint_every == 0) or last:
+        if (cfg.run.checkpoint_every and c["round"] % cfg.run.checkpoint_every == 0 and self._save_due()) or last:
             self.save_checkpoint()
 
     # ------------------------------------------------------------------ task: the sequence task's hooks
@@ -622,6 +624,12 @@ class Distiller:
         self.acc["seconds"] += now - self._phase_t0
         self._phase_t0 = now
         run_checkpoint.save(self)
+        self._last_save = time.time()
+
+    def _save_due(self):
+        """run.checkpoint_seconds have passed since the last save (or the start): a save of the 292 MB
+        checkpoint took 6-7% of a default round when every round wrote one."""
+        return time.time() - self._last_save >= self.cfg.run.checkpoint_seconds
 
     def _check_resume_config(self):
         """Refuse to resume with other settings than the run folder's config.yaml, except those that only

@@ -558,3 +558,17 @@ def test_second_process_on_a_run_folder_is_refused(teacher, tmp_path, capsys):
     assert code == 2
     assert f"run folder {out} is in use by pid {p.pid}" in capsys.readouterr().err
     assert sorted(f.name for f in out.iterdir()) == [".lock"]
+
+
+@pytest.mark.parametrize("seconds, saves", [(3600, 1), (0, 3)])
+def test_checkpoint_seconds_skip_round_saves_but_never_the_last(teacher, tmp_path, monkeypatch, seconds, saves):
+    """run.checkpoint_seconds: a round's checkpoint waits until that long after the previous save; the last
+    round always saves (prompted: no generator training, the quickest run)."""
+    from ms_dfkd import run_checkpoint
+    real, calls = run_checkpoint.save, []
+    monkeypatch.setattr(run_checkpoint, "save", lambda d: calls.append(d.counters["round"]) or real(d))
+    d = _distiller(_cfg(teacher, tmp_path / "run", "--run.method", "prompted", "--run.rounds", "3",
+                        "--run.checkpoint_seconds", str(seconds)))
+    assert d.run() is not None
+    assert calls == ([3] if saves == 1 else [1, 2, 3])
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file()
