@@ -116,7 +116,9 @@ def test_hard_logits_gradient_is_the_soft_one_and_tables_get_none_by_default():
     logits, tables, dout = _soft_case(5, 50, (6,), "float32", seed=4)
     _, hard_grads = _run_soft(logits, tables, dout, "float32", 9, 0.5, True, grad_tables=False)
     _, soft_grads = _run_soft(logits, tables, dout, "float32", 9, 0.5, False, grad_tables=False)
-    np.testing.assert_allclose(hard_grads[0].asnumpy(), soft_grads[0].asnumpy(), rtol=1e-6, atol=1e-8)
+    # the same gradient; the hard path sums rowsum(soft * dout) in another order (as rowsum(y * dout T^T))
+    soft = soft_grads[0].asnumpy()
+    np.testing.assert_allclose(hard_grads[0].asnumpy(), soft, rtol=1e-5, atol=1e-5 * np.abs(soft).max())
     assert not hard_grads[1].asnumpy().any()
 
 
