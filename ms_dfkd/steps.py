@@ -77,13 +77,15 @@ class GeneratorLoss(nn.Cell):
         x = full_ids if self.trunk_layers else self.generator.model.embed(full_ids)
         if self.label_vectors is not None:
             x = x + ops.gather(self.label_vectors, targets, 0).expand_dims(1).astype(x.dtype)  # [B, 1, H]
+        # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2. The LM head
+        # runs on those T positions only (the prompt's [B, P, V] logits would be dead weight), and with
+        # trunk layers so do the top layer's queries, output projection and MLP.
         if self.trunk_layers:
-            hidden = self.generator.top_hidden_states(x, full_mask, self.trunk_layers)
+            hidden = self.generator.top_hidden_states(x, full_mask, self.trunk_layers, rows=(self.P - 1, T))
         else:
             hidden = self.generator.hidden_states(inputs_embeds=x, attention_mask=full_mask)
-        # logits at position i predict token i+1: the sample's logits are P-1 .. P+T-2. The LM head
-        # runs on those T positions only (the prompt's [B, P, V] logits would be dead weight).
-        gl = self.generator.logits_from_hidden(hidden[:, self.P - 1:self.P - 1 + T, :])
+            hidden = hidden[:, self.P - 1:self.P - 1 + T, :]
+        gl = self.generator.logits_from_hidden(hidden)
         gl = gl.reshape(B * T, -1).astype(ms.float32)
         H_t = table_t.shape[1]
         emb = soft_embedding(gl, (table_t, table_s), seed, self.tau, hard=True,

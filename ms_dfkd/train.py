@@ -165,15 +165,15 @@ class Distiller:
         def frozen_fwd(ids, mask):
             if k:
                 gen_input = ops.stop_gradient(frozen.trunk_states(ids, mask, k))
-                hidden = frozen.top_hidden_states(gen_input, mask, k)
+                hidden = frozen.top_hidden_states(gen_input, mask, k, rows=(P - 1, T))
             else:
                 gen_input = ids
-                hidden = frozen.hidden_states(input_ids=ids, attention_mask=mask)
-            return gen_input, ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
+                hidden = frozen.hidden_states(input_ids=ids, attention_mask=mask)[:, P - 1:P - 1 + T, :]
+            return gen_input, ops.stop_gradient(frozen.logits_from_hidden(hidden))
 
         def frozen_top(trunk, mask):  # the same from the trunk states the sampler handed out
-            hidden = frozen.top_hidden_states(trunk, mask, k)
-            return ops.stop_gradient(frozen.logits_from_hidden(hidden[:, P - 1:P - 1 + T, :]))
+            hidden = frozen.top_hidden_states(trunk, mask, k, rows=(P - 1, T))
+            return ops.stop_gradient(frozen.logits_from_hidden(hidden))
 
         self.frozen_fwd = ms.jit(frozen_fwd) if self.jit else frozen_fwd
         self.frozen_top = (ms.jit(frozen_top) if self.jit else frozen_top) if k else None

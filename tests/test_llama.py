@@ -458,6 +458,15 @@ def test_trunk_then_top_layers_equal_the_whole_model(tiny):
         # and the unpadded row's logits against the float64 numpy reference
         np.testing.assert_allclose(model.logits_from_hidden(top).asnumpy()[0], np_forward(w, cfg, ids[0]),
                                    rtol=1e-4, atol=1e-4, err_msg=f"k={k}")
+        # rows=(start, n): those positions only, the top layer computing no others (the generator step's
+        # sample positions), against the numpy reference and the whole output
+        for start, n in ((3, 4), (0, 2), (6, 1)):
+            rows = model.top_hidden_states(trunk, mask_t, k, rows=(start, n))
+            assert rows.shape == (2, n, cfg.hidden_size)
+            np.testing.assert_allclose(model.logits_from_hidden(rows).asnumpy()[0],
+                                       np_forward(w, cfg, ids[0])[start:start + n], rtol=1e-4, atol=1e-4,
+                                       err_msg=f"k={k} rows={start, n}")
+            np.testing.assert_allclose(rows.asnumpy()[1], got[1, start:start + n], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cuts", [(0.5,), (0.2, 0.05), (1e-3, 1e-4, 1e-5)])

@@ -202,14 +202,19 @@ class LlamaAttention(nn.Cell):
         self.v_proj = Linear(h, self.n_kv * d, cdt, std, rng, bias=qkv_bias)
         self.o_proj = Linear(self.n_heads * d, h, cdt, std, rng)
 
-    def project(self, x, rope):
+    def project(self, x, rope, rows=None):
         """x [B, L, H] -> q [B, n_heads, L, D], k, v [B, n_kv, L, D] with RoPE applied to q and k.
-        rope = (cos_q, sin_q, cos_k, sin_k) from rope_cos_sin."""
+        rope = (cos_q, sin_q, cos_k, sin_k) from rope_cos_sin. rows = (start, n): queries for positions
+        start .. start + n - 1 only (q [B, n_heads, n, D]); keys and values for all."""
         b, l, _ = x.shape
-        q = self.q_proj(x).reshape(b, l, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        cos_q, sin_q, xq, lq = rope[0], rope[1], x, l
+        if rows is not None:
+            s, lq = rows
+            cos_q, sin_q, xq = cos_q[:, :, s:s + lq], sin_q[:, :, s:s + lq], x[:, s:s + lq]
+        q = self.q_proj(xq).reshape(b, lq, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(b, l, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(b, l, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
-        return apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[2], rope[3]), v
+        return apply_rope(q, cos_q, sin_q), apply_rope(k, rope[2], rope[3]), v
 
     def attend(self, q, k, v, bias):
         """q [B, n_heads, Lq, D]; k, v [B, n_kv, Lk, D]; bias [B, n_kv, n_rep, Lq, Lk] -> [B, Lq, n_heads*D]."""
@@ -264,6 +269,15 @@ class LlamaDecoderLayer(nn.Cell):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v
 
+    def rows_only(self, x, rope, bias, rows):
+        """``construct`` without a cache, its output only at positions rows = (start, n): [B, n, H]. The
+        keys and values cover every position; the queries, the output projection and the MLP only those
+        rows (the generator step needs the top layer's states at the sample's positions alone)."""
+        s, n = rows
+        q, k, v = self.self_attn.project(self.input_layernorm(x), rope, rows)
+        x = x[:, s:s + n] + self.self_attn.attend(q, k, v, bias[:, :, :, s:s + n])
+        return x + self.mlp(self.post_attention_layernorm(x))
+
     def decode_fused(self, x, cos, sin, key_mask, write_slot, cache_k, cache_v, blocks=None):
         """``construct``'s one-token step with a cache as one C++ op (kernels.cpu_ops.llama_decode_layer: CPU,
         float32, no gradient): x [B, H], cos/sin [B, D], key_mask [B, S] float, write_slot [S] int ->
@@ -307,18 +321,25 @@ class LlamaModel(nn.Cell):
         bias = attention_bias((causal * mask.expand_dims(1)) > 0, self.n_kv, self.n_heads // self.n_kv)
         return rope, bias
 
-    def construct(self, inputs_embeds, attention_mask, start=0, stop=None, final_norm=True):
+    def construct(self, inputs_embeds, attention_mask, start=0, stop=None, final_norm=True, rows=None):
         """inputs_embeds [B, L, H], attention_mask [B, L] (1 real, 0 pad) -> normed hidden [B, L, H].
 
         ``start``/``stop`` run only layers [start, stop) on inputs_embeds (then the states entering
         layer ``start``), and ``final_norm=False`` skips the norm: the driver runs the frozen bottom
-        layers once and only the trained top ones per model (LlamaForCausalLM.trunk_states)."""
+        layers once and only the trained top ones per model (LlamaForCausalLM.trunk_states).
+        ``rows`` = (start, n), python ints: the output at those positions only, [B, n, H]; the last
+        layer computes nothing else (LlamaDecoderLayer.rows_only)."""
         rope, bias = self.rope_and_bias(attention_mask)
         x = cast(inputs_embeds, self.compute_dtype)
         stop = len(self.layers) if stop is None else stop
         for i, layer in enumerate(self.layers):
             if start <= i < stop:  # python ints: resolved while the graph compiles
-                x, _, _ = layer(x, rope, bias)
+                if rows is not None and i == stop - 1:
+                    x = layer.rows_only(x, rope, bias, rows)
+                else:
+                    x, _, _ = layer(x, rope, bias)
+        if rows is not None and start >= stop:  # no layer ran: the rows of the input
+            x = x[:, rows[0]:rows[0] + rows[1]]
         return self.norm(x) if final_norm else x
 
     def prefill(self, input_ids, attention_mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
@@ -480,10 +501,11 @@ class LlamaForCausalLM(nn.Cell):
         stop = self.config.num_hidden_layers - n_top
         return self.model(self.model.embed(input_ids), attention_mask, 0, stop, False)
 
-    def top_hidden_states(self, trunk, attention_mask, n_top):
+    def top_hidden_states(self, trunk, attention_mask, n_top, rows=None):
         """The top ``n_top`` layers and the final norm over ``trunk_states``: normed hidden [B, L, H];
-        equal to ``hidden_states`` of the same ids."""
-        return self.model(trunk, attention_mask, self.config.num_hidden_layers - n_top)
+        equal to ``hidden_states`` of the same ids. rows = (start, n): positions start .. start + n - 1
+        only, [B, n, H], with the top layer computing only those (LlamaModel.construct)."""
+        return self.model(trunk, attention_mask, self.config.num_hidden_layers - n_top, rows=rows)
 
     def construct(self, input_ids=None, inputs_embeds=None, attention_mask=None):
         return self.logits_from_hidden(self.hidden_states(input_ids, inputs_embeds, attention_mask))

@@ -345,9 +345,11 @@ class MindformersLlamaForCausalLM(nn.Cell):
         stop = self.config.num_hidden_layers - n_top
         return self.model(self.model.embed(input_ids), attention_mask, 0, stop, False)
 
-    def top_hidden_states(self, trunk, attention_mask, n_top):
-        """The top ``n_top`` layers and the final norm over ``trunk_states``: normed hidden [B, L, H]."""
-        return self.model(trunk, attention_mask, self.config.num_hidden_layers - n_top)
+    def top_hidden_states(self, trunk, attention_mask, n_top, rows=None):
+        """The top ``n_top`` layers and the final norm over ``trunk_states``: normed hidden [B, L, H]; with
+        rows = (start, n) positions start .. start + n - 1 of it (mindformers' layers compute them all)."""
+        hidden = self.model(trunk, attention_mask, self.config.num_hidden_layers - n_top)
+        return hidden if rows is None else hidden[:, rows[0]:rows[0] + rows[1]]
 
     def construct(self, input_ids=None, inputs_embeds=None, attention_mask=None):
         return self.logits_from_hidden(self.hidden_states(input_ids, inputs_embeds, attention_mask))
