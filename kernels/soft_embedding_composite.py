@@ -15,6 +15,7 @@ soft_embedding: forward, per slab, x = logits + g, then k = argmax(x) (hard mode
 gathered rows, no softmax is needed) or y = softmax(x / tau) and soft = y @ T. The backward regenerates
 the noise from the seed (it is never stored) and recomputes y:
     dlogits = y * (dout @ T^T - rowsum(soft * dout)) / tau
+(in hard mode, where soft is not kept, rowsum(soft * dout) = rowsum(y * (dout @ T^T)): no y @ T).
 fused_linear_soft_embedding: the same, with each slab's logits computed from the hidden states and the
 LM head and recomputed in the backward, so the N x V logits and their gradient never exist at all.
 

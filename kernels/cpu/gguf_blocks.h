@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -91,6 +92,26 @@ void gguf_rows_portable(const float *x, const uint8_t *w, float *y, int64_t ldy,
   }
 }
 
+// rows of x in groups of 8, each group reading the weights again: kernel(std::integral_constant<int, m>,
+// x_group, y_group) runs one group of m rows (m a compile-time constant, so its accumulators are registers)
+template <class Kernel>
+void in_row_groups(const float *x, float *y, int64_t ldy, int64_t M, int64_t K, Kernel kernel) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    const float *xg = x + m0 * K;
+    float *yg = y + m0 * ldy;
+    switch (std::min<int64_t>(8, M - m0)) {
+      case 1: kernel(std::integral_constant<int, 1>{}, xg, yg); break;
+      case 2: kernel(std::integral_constant<int, 2>{}, xg, yg); break;
+      case 3: kernel(std::integral_constant<int, 3>{}, xg, yg); break;
+      case 4: kernel(std::integral_constant<int, 4>{}, xg, yg); break;
+      case 5: kernel(std::integral_constant<int, 5>{}, xg, yg); break;
+      case 6: kernel(std::integral_constant<int, 6>{}, xg, yg); break;
+      case 7: kernel(std::integral_constant<int, 7>{}, xg, yg); break;
+      default: kernel(std::integral_constant<int, 8>{}, xg, yg); break;
+    }
+  }
+}
+
 #if defined(__x86_64__)
 #define MSDFKD_AVX512 __attribute__((target("avx512f,f16c")))
 
@@ -140,24 +161,12 @@ MSDFKD_AVX512 void gguf_rows_avx512_m(const float *x, const uint8_t *w, float *y
   for (; n < n1; ++n) gguf_tile_avx512<BlockBytes, M, 1>(x, w, y, ldy, K, n);
 }
 
-// rows of x in groups of 8; each group reads the weights again
 template <int64_t BlockBytes>
 void gguf_rows_avx512(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
                       int64_t n1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const float *xg = x + m0 * K;
-    float *yg = y + m0 * ldy;
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: gguf_rows_avx512_m<BlockBytes, 1>(xg, w, yg, ldy, K, n0, n1); break;
-      case 2: gguf_rows_avx512_m<BlockBytes, 2>(xg, w, yg, ldy, K, n0, n1); break;
-      case 3: gguf_rows_avx512_m<BlockBytes, 3>(xg, w, yg, ldy, K, n0, n1); break;
-      case 4: gguf_rows_avx512_m<BlockBytes, 4>(xg, w, yg, ldy, K, n0, n1); break;
-      case 5: gguf_rows_avx512_m<BlockBytes, 5>(xg, w, yg, ldy, K, n0, n1); break;
-      case 6: gguf_rows_avx512_m<BlockBytes, 6>(xg, w, yg, ldy, K, n0, n1); break;
-      case 7: gguf_rows_avx512_m<BlockBytes, 7>(xg, w, yg, ldy, K, n0, n1); break;
-      default: gguf_rows_avx512_m<BlockBytes, 8>(xg, w, yg, ldy, K, n0, n1); break;
-    }
-  }
+  in_row_groups(x, y, ldy, M, K, [&](auto m, const float *xg, float *yg) {
+    gguf_rows_avx512_m<BlockBytes, decltype(m)::value>(xg, w, yg, ldy, K, n0, n1);
+  });
 }
 
 inline bool have_avx512() {
@@ -224,20 +233,9 @@ MSDFKD_AVX2 void gguf_rows_avx2_m(const float *x, const uint8_t *w, float *y, in
 template <int64_t BlockBytes>
 void gguf_rows_avx2(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
                     int64_t n1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const float *xg = x + m0 * K;
-    float *yg = y + m0 * ldy;
-    switch (std::min<int64_t>(8, M - m0)) {
-      case 1: gguf_rows_avx2_m<BlockBytes, 1>(xg, w, yg, ldy, K, n0, n1); break;
-      case 2: gguf_rows_avx2_m<BlockBytes, 2>(xg, w, yg, ldy, K, n0, n1); break;
-      case 3: gguf_rows_avx2_m<BlockBytes, 3>(xg, w, yg, ldy, K, n0, n1); break;
-      case 4: gguf_rows_avx2_m<BlockBytes, 4>(xg, w, yg, ldy, K, n0, n1); break;
-      case 5: gguf_rows_avx2_m<BlockBytes, 5>(xg, w, yg, ldy, K, n0, n1); break;
-      case 6: gguf_rows_avx2_m<BlockBytes, 6>(xg, w, yg, ldy, K, n0, n1); break;
-      case 7: gguf_rows_avx2_m<BlockBytes, 7>(xg, w, yg, ldy, K, n0, n1); break;
-      default: gguf_rows_avx2_m<BlockBytes, 8>(xg, w, yg, ldy, K, n0, n1); break;
-    }
-  }
+  in_row_groups(x, y, ldy, M, K, [&](auto m, const float *xg, float *yg) {
+    gguf_rows_avx2_m<BlockBytes, decltype(m)::value>(xg, w, yg, ldy, K, n0, n1);
+  });
 }
 
 inline bool have_avx2() {
