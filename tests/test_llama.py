@@ -674,9 +674,9 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
     np.testing.assert_array_equal(new, floats)
 
 
-def test_the_sampler_keeps_float32_weights_where_only_the_portable_block_loops_run():
-    """The portable block loops are slower than float32 weights: where they are all the CPU runs, the fused
-    steps read no blocks, and the reason is given."""
+def test_the_sampler_keeps_float32_weights_where_the_block_loops_are_slower():
+    """The portable block loops are slower than float32 weights, and so are the AVX2 ones above 16 rows:
+    there the fused steps read no blocks, and the reason is given."""
     from kernels import cpu_ops
     from ms_dfkd.models.llama_sampling import decode_blocks
     model = LlamaForCausalLM(LlamaConfig(**TINY), seed=4)
@@ -687,3 +687,11 @@ def test_the_sampler_keeps_float32_weights_where_only_the_portable_block_loops_r
     finally:
         cpu_ops.use_gguf_loops(None)
     assert blocks == () and head is None and "portable loops" in message
+    if "avx2" in cpu_ops.available_gguf_loops():  # and the AVX2 loops above 16 rows
+        cpu_ops.use_gguf_loops("avx2")
+        try:
+            assert "rows" not in decode_blocks(model, rows=16)[2]
+            blocks, head, message = decode_blocks(model, rows=17)
+        finally:
+            cpu_ops.use_gguf_loops(None)
+        assert blocks == () and head is None and "17 rows" in message
