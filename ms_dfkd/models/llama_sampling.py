@@ -23,7 +23,7 @@ vocabulary in the step graph took most of a decode step on CPU (about 0.1 s of i
 then 1e-4, then 1e-5, at most 1,000, 10,000 and 100,000 tokens), the whole row only when their mass
 stays below top_p, and the noise is drawn for the nucleus's columns only: the same tokens, a fraction
 of the work. (The 256 most probable tokens by a partial sort, as before, fell back to the whole row
-for 40% of SmolLM2's rows in a dfkd-t3 round at top_p 0.95: 25 ms for 8 rows, now 3.3.)
+for 40% of SmolLM2's rows in a dfkd-t3 round at top_p 0.95: 24 ms for 8 rows, now 6.)
 
 Shared prompt prefixes: rows whose prompts begin with the same tokens (the same template and label:
 a third of an 80-token prompt here) have the same keys/values there, since nothing before a position
@@ -52,9 +52,10 @@ matrices (``model.gguf_blocks``), and with ``gguf_blocks`` (the default) the fus
 that do not train from them: the leading layers whose 7 matrices are all frozen, and the LM head if it
 is (SmolLM2: 96 MB of blocks where the float32 weights are 538 MB; each block is expanded in registers and
 used by every row). The loops are AVX-512 or AVX2 ones, chosen at run time; on a CPU with neither the
-portable loops would be slower than float32 weights, so the steps keep those (the log says which). The blocks give the float32 weights to the bit (both are gguf's dequantisation), so
-the logits again equal the other paths' up to the order of the sums. The trained layers, the prefill and
-every gradient graph keep the float32 weights.
+portable loops would be slower than float32 weights, so the steps keep those (the log says which), as
+they do with the AVX2 loops above AVX2_BLOCK_ROWS rows. The blocks give the float32 weights to the bit
+(both are gguf's dequantisation), so the logits again equal the other paths' up to the order of the
+sums. The trained layers, the prefill and every gradient graph keep the float32 weights.
 
 Stopping and masks: a row stops at the first token that is ``eos_id`` or in ``stop_ids``.
 new_mask is 1 for the tokens before the stop and 0 from the stop token on; new_ids keeps
@@ -272,8 +273,8 @@ def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
 
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
-           prompt_bucket=16, nucleus_cuts=NUCLEUS_CUTS, steer=None, steer_layer=0, share_prefix=True, capture_layer=0,
-           fused_decode=True, gguf_blocks=True):
+           prompt_bucket=16, nucleus_cuts=NUCLEUS_CUTS, steer=None, steer_layer=0, share_prefix=True,
+           capture_layer=0, fused_decode=True, gguf_blocks=True):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
