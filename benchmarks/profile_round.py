@@ -64,9 +64,11 @@ def instrument(d, clock):
     def decoder(*args, **kwargs):
         dec = real_decoder(*args, **kwargs)
         if not getattr(dec, "_profiled", False):
-            dec.prefill = clock.wrap("sample: prefill", dec.prefill)
-            if dec.prefill_after is not None:  # the rest of each prompt after a shared start: prefill too
-                dec.prefill_after = clock.wrap("sample: prefill", dec.prefill_after)
+            if dec.prefill_after is None:
+                dec.prefill = clock.wrap("sample: prefill", dec.prefill)
+            else:  # a shared prompt start once per group (prefill), then the rest of each prompt
+                dec.prefill = clock.wrap("sample: prefill (shared start or whole prompts)", dec.prefill)
+                dec.prefill_after = clock.wrap("sample: prefill (rest of the prompts)", dec.prefill_after)
             dec.step = clock.wrap("sample: decode steps", dec.step)
             dec._profiled = True
         return dec
@@ -153,7 +155,8 @@ def table(method, clock, wall, samples, compile_round, cfg):
           f"a round\n")
     print("| part | seconds | share of wall | calls | ms per call |")
     print("|---|---|---|---|---|")
-    inner = {"sample: prefill", "sample: decode steps", "sample: Gumbel noise (numpy)",
+    inner = {"sample: prefill", "sample: prefill (shared start or whole prompts)",
+             "sample: prefill (rest of the prompts)", "sample: decode steps", "sample: Gumbel noise (numpy)",
              "sample: pick tokens (top-p, noise)"}
     for label, s in sorted(clock.s.items(), key=lambda kv: -kv[1]):
         name = f"  {label}" if label in inner else label
@@ -172,8 +175,31 @@ def main(argv=None):
     args, overrides = ap.parse_known_args(argv)
     import os
     os.environ.setdefault("GLOG_v", "3")
-    for method in args.methods.split(","):
-        table(method, *profile(method, args, overrides))
+    methods = args.methods.split(",")
+    if len(methods) == 1:
+        table(methods[0], *profile(methods[0], args, overrides))
+        return
+    # one process a method: the wrapped sampler (and MindSpore's caches) of one must not carry into the next
+    import subprocess
+    import sys
+    rest = list(argv if argv is not None else sys.argv[1:])
+    for method in methods:
+        done = subprocess.run([sys.executable, "-m", "benchmarks.profile_round", "--methods", method,
+                               *_without_methods(rest)], cwd=ROOT)
+        if done.returncode:
+            raise SystemExit(done.returncode)
+
+
+def _without_methods(argv):
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--methods":
+            skip = True
+        elif not a.startswith("--methods="):
+            out.append(a)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Path ``cpu`` of the encoder ops: the C++ kernels of kernels/cpu/encoder_ops.cc as MindSpore ``aot``
 custom ops with bprop (CPU device target only); and the sampler's one-token decoder layer
-(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only) and a linear layer read from a GGUF file's
+(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only; ``llama_chunk_layer`` the same for a prompt's
+prefill) and a linear layer read from a GGUF file's
 Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc, ``gguf_linear``, forward only), for its LM head. The library is compiled on first use
 (kernels/cpu_build.py); ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
@@ -191,6 +192,28 @@ def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, inpu
     return _llama_decode_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
                               write_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
                               wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
+
+
+@functools.lru_cache(maxsize=None)
+def _llama_chunk_op():
+    problem = unavailable_reason("llama_decode")
+    if problem:
+        raise RuntimeError(f"llama_chunk_layer: the cpu kernel cannot run: {problem}")
+    return _aot("MsDfkdLlamaChunkLayer", lambda *shapes: (shapes[0], shapes[5], shapes[6]),
+                lambda *dtypes: (dtypes[0], dtypes[0], dtypes[0]))
+
+
+def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
+                      post_norm, w_gate, w_up, w_down, eps):
+    """``llama_decode_layer`` for L tokens per row (a prompt's prefill), float32, no gradient: x [B, L, H];
+    cos, sin [B, L, D]; key_mask [B, S] (1 = readable; a chunk slot is readable where its token is real);
+    first_slot [1] int: token j goes to slot first_slot + j and reads the readable slots up to its own.
+    Only the real tokens are computed (padding's output is its input, its slots keep the cache's values).
+    Returns (x [B, L, H], cache_k, cache_v). The numpy reference: kernels/llama_decode_reference.py."""
+    f32 = ms.float32
+    return _llama_chunk_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
+                             first_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
+                             wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
 
 
 @functools.lru_cache(maxsize=None)

@@ -107,6 +107,9 @@ class GeneratorConfig:
     share_prompt_prefix: bool = True
     # on CPU, a decode step runs each decoder layer as one C++ op (models/llama_sampling.py); false: MindSpore's ops
     fused_decode: bool = True
+    # on CPU, the prompt's prefill runs each decoder layer as one C++ op over the real tokens only
+    # (models/llama_sampling.py); false: MindSpore's ops
+    fused_prefill: bool = True
     # with fused_decode, the decode steps read the weights that do not train from the GGUF file's quantised
     # blocks (the same values; models/llama_sampling.py); false: the float32 weights
     decode_from_gguf_blocks: bool = True

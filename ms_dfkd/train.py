@@ -265,7 +265,7 @@ class Distiller:
                                                  eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
                                                  graph=self.jit, return_logits=return_logits,
                                                  share_prefix=g.share_prompt_prefix, capture_layer=capture,
-                                                 fused_decode=g.fused_decode,
+                                                 fused_decode=g.fused_decode, fused_prefill=g.fused_prefill,
                                                  gguf_blocks=g.decode_from_gguf_blocks, **steer)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]

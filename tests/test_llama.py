@@ -196,7 +196,8 @@ def full_reforward_greedy(model, rows, steps):
 def test_kv_cache_greedy_equals_full_reforward(tiny, graph, fused):
     _, model, _ = tiny
     ids, mask = left_pad(ROWS)
-    new, new_mask = sample(model, ids, mask, 20, greedy=True, eos_id=-1, graph=graph, fused_decode=fused)
+    new, new_mask = sample(model, ids, mask, 20, greedy=True, eos_id=-1, graph=graph, fused_decode=fused,
+                           fused_prefill=fused)
     ref = full_reforward_greedy(model, ROWS, 20)
     np.testing.assert_array_equal(new, ref)
     assert new.dtype == np.int32 and new_mask.dtype == np.int32 and new_mask.all()
@@ -503,8 +504,9 @@ def test_kv_cache_sampling_with_label_vectors_matches_numpy(tiny, graph, steer_l
     ids, mask = left_pad(ROWS)
     T = 6
     new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, return_logits=True,
-                            steer=steer, steer_layer=steer_layer, fused_decode=fused)
-    plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, fused_decode=fused)
+                            steer=steer, steer_layer=steer_layer, fused_decode=fused, fused_prefill=fused)
+    plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, fused_decode=fused,
+                      fused_prefill=fused)
     assert (new != plain).any()  # the vectors change what is written
     for b, row in enumerate(ROWS):
         for t in range(T):
@@ -535,9 +537,11 @@ def test_shared_prefix_picks_the_start_rows_share():
 
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("with_steer", [False, True])
-def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_steer, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_steer, fused, monkeypatch):
     """With a prompt start that rows share computed once per group, the logits each token was drawn from
-    still equal the float64 numpy forward of [prompt; tokens so far], per row; label vectors included."""
+    still equal the float64 numpy forward of [prompt; tokens so far], per row; label vectors included;
+    the prefill and decode steps as C++ layer ops (fused) and as MindSpore's ops."""
     from ms_dfkd.models import llama_sampling
     cfg, model, w = tiny
     chosen, real = [], llama_sampling.shared_prefix
@@ -550,7 +554,7 @@ def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_
     ids, mask = left_pad(SHARED_ROWS)
     T = 5
     new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, return_logits=True,
-                            steer=steer, steer_layer=1)
+                            steer=steer, steer_layer=1, fused_decode=fused, fused_prefill=fused)
     assert chosen[-1] is not None and chosen[-1][0] == 5  # the shared path ran
     for b, row in enumerate(SHARED_ROWS):
         for t in range(T):
@@ -558,7 +562,7 @@ def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_
                              steer=None if steer is None else steer[b], steer_layer=1)[-1]
             np.testing.assert_allclose(logits[b, t], ref, rtol=1e-4, atol=1e-4, err_msg=f"row {b} step {t}")
     plain, _ = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1,
-                      share_prefix=False)
+                      share_prefix=False, fused_decode=fused, fused_prefill=fused)
     np.testing.assert_array_equal(new, plain)
 
 
@@ -579,7 +583,8 @@ def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, fuse
     v = (np.random.default_rng(5).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
     steer = v[[0, 0, 1, 0, 1, 1]]
     T, P = 4, ids.shape[1]
-    kw = dict(greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1, share_prefix=share, fused_decode=fused)
+    kw = dict(greedy=True, eos_id=-1, graph=graph, steer=steer, steer_layer=1, share_prefix=share, fused_decode=fused,
+              fused_prefill=fused)
     new, new_mask, states = sample(model, ids, mask, T, capture_layer=1, **kw)
     assert states.shape == (len(rows), P + T, cfg.hidden_size)
     for b, row in enumerate(rows):
@@ -596,9 +601,9 @@ def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, fuse
 
 
 def test_the_decode_steps_say_which_path_ran_and_run_it(tiny, monkeypatch, caplog):
-    """On CPU at float32 each decoder layer of a decode step is one C++ op (logged, and called once per
-    layer and step); fused_decode=False, or a compute dtype the op does not take, runs MindSpore's ops and
-    says why."""
+    """On CPU at float32 each decoder layer of a decode step and of the prefill is one C++ op (logged, and
+    called once per layer and step); fused_decode=False / fused_prefill=False, or a compute dtype the ops do
+    not take, runs MindSpore's ops and says why."""
     import logging
     from kernels import cpu_ops
     from ms_dfkd.models.llama_sampling import fused_decode_problem
@@ -606,16 +611,23 @@ def test_the_decode_steps_say_which_path_ran_and_run_it(tiny, monkeypatch, caplo
     calls = []
     real = cpu_ops.llama_decode_layer
     monkeypatch.setattr(cpu_ops, "llama_decode_layer", lambda *a: calls.append(1) or real(*a))
+    chunk_calls, real_chunk = [], cpu_ops.llama_chunk_layer
+    monkeypatch.setattr(cpu_ops, "llama_chunk_layer", lambda *a: chunk_calls.append(1) or real_chunk(*a))
     ids, mask = left_pad(ROWS)
     T = 4
     with caplog.at_level(logging.INFO, logger="ms_dfkd"):
         fused = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False)[0]
     assert len(calls) == cfg.num_hidden_layers * (T - 1)  # PyNative: every call runs
+    assert len(chunk_calls) == cfg.num_hidden_layers  # one prefill (nothing shared among ROWS)
     assert "decode steps: each decoder layer as one C++ op" in caplog.text
+    assert "prefill: each decoder layer as one C++ op over the real tokens" in caplog.text
     calls.clear()
+    chunk_calls.clear()
     with caplog.at_level(logging.INFO, logger="ms_dfkd"):
-        plain = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False, fused_decode=False)[0]
+        plain = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False, fused_decode=False,
+                       fused_prefill=False)[0]
     assert not calls and "decode steps: MindSpore's ops (fused_decode is off)" in caplog.text
+    assert not chunk_calls and "prefill: MindSpore's ops (fused_prefill is off)" in caplog.text
     np.testing.assert_array_equal(fused, plain)
     assert fused_decode_problem(model) is None
     half = LlamaForCausalLM(LlamaConfig(**{**TINY, "compute_dtype": "float16"}), seed=3)

@@ -264,4 +264,168 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   return 0;
 }
 
+
+// The same layer for a chunk of L tokens per row (the prompt's prefill) against a cache whose earlier slots
+// hold a shared prompt start (or nothing): token j of row b goes to slot first_slot + j and reads the
+// readable slots up to its own. Only the real tokens (key_mask 1 at their slot) are computed: they are
+// packed into rows before every product, so the left padding of the chunk costs nothing; a pad token's
+// output is its input and its cache slots keep the input cache's values (key_mask 0: never read).
+// Attention runs as two sgemm products per (row, kv head), over the slots up to the chunk's end.
+// params: x [B, L, H], cos [B, L, D], sin [B, L, D], key_mask [B, S] f32, first_slot [1] int32, the rest as
+//         MsDfkdLlamaDecodeLayer; outputs x_out [B, L, H], cache_k_out, cache_v_out
+int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  if (nparam != 23 || !msdfkd::g_sgemm || ndims[0] != 3) return 1;
+  auto in = [&](int i) { return static_cast<const float *>(params[i]); };
+  const float *x = in(0), *cos = in(1), *sin = in(2), *key_mask = in(3);
+  const int64_t w0 = *static_cast<const int32_t *>(params[4]);
+  const float *cache_k = in(5), *cache_v = in(6), *input_norm = in(7);
+  const float *bq = in(12), *bk = in(13), *bv = in(14), *post_norm = in(15);
+  const float eps = *in(19);
+  float *x_out = static_cast<float *>(params[20]);
+  float *k_out = static_cast<float *>(params[21]);
+  float *v_out = static_cast<float *>(params[22]);
+
+  const int64_t B = shapes[0][0], L = shapes[0][1], H = shapes[0][2];
+  const int64_t n_kv = shapes[5][1], S = shapes[5][2], D = shapes[5][3];
+  const int64_t nq = shapes[8][0], nk = shapes[9][0], I = shapes[16][0];
+  const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
+  if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D || w0 < 0 || w0 + L > S) return 1;
+  const int64_t widths[] = {H, H, H, nq, H, H, I};
+  Matrix m[7];
+  for (int i = 0; i < 7; ++i) {
+    const int p = i < 4 ? 8 + i : 12 + i;
+    const bool blocks = ndims[p] == 3;
+    const int64_t width = blocks ? shapes[p][1] * msdfkd::kBlockValues : shapes[p][1];
+    if (width != widths[i] || (blocks && shapes[p][2] != msdfkd::kQ41Bytes && shapes[p][2] != msdfkd::kQ80Bytes))
+      return 1;
+    m[i] = Matrix{params[p], blocks ? shapes[p][2] : 0};
+  }
+  const Matrix wq = m[0], wk = m[1], wv = m[2], wo = m[3], w_gate = m[4], w_up = m[5], w_down = m[6];
+
+  // the real tokens, packed: token (b, j) is row packed[b * L + j] (-1: padding); rows of one b are in order
+  std::vector<int64_t> packed(B * L, -1), token;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < L; ++j)
+      if (key_mask[b * S + w0 + j] > 0.0f) {
+        packed[b * L + j] = static_cast<int64_t>(token.size());
+        token.push_back(b * L + j);
+      }
+  const int64_t R = static_cast<int64_t>(token.size());
+  for (int64_t t = 0; t < B * L; ++t)  // padding passes through
+    if (packed[t] < 0) std::memcpy(x_out + t * H, x + t * H, H * sizeof(float));
+  if (R == 0) {
+    std::memcpy(k_out, cache_k, B * n_kv * S * D * sizeof(float));
+    std::memcpy(v_out, cache_v, B * n_kv * S * D * sizeof(float));
+    return 0;
+  }
+
+  std::vector<float> buf(R * (H + H + nq + 2 * nk + nq + H + H + H + 2 * I + H));
+  float *xp = buf.data(), *h = xp + R * H, *q = h + R * H, *k = q + R * nq, *v = k + R * nk, *attn = v + R * nk;
+  float *o = attn + R * nq, *x1 = o + R * H, *h2 = x1 + R * H, *g = h2 + R * H, *u = g + R * I, *d = u + R * I;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t n_qkv = nq + 2 * nk, span = w0 + L;  // no token reads a slot past the chunk
+  constexpr int64_t kMinRowsPerPart = 64;
+  const int parts = msdfkd::parts_for(H, kMinRowsPerPart);
+
+  run_team(parts, [&](Team &team, int p) {
+    const int np = team.parts();
+    int64_t b0, b1;
+    split_range(R, p, np, b0, b1);
+    for (int64_t r = b0; r < b1; ++r) std::memcpy(xp + r * H, x + token[r] * H, H * sizeof(float));
+    rms_norm(xp + b0 * H, input_norm, eps, h + b0 * H, b1 - b0, H);
+    team.wait();
+    split_range(n_qkv, p, np, b0, b1);
+    project(h, wq, q, R, nq, H, std::min(b0, nq), std::min(b1, nq));
+    project(h, wk, k, R, nk, H, std::clamp(b0 - nq, int64_t{0}, nk), std::clamp(b1 - nq, int64_t{0}, nk));
+    project(h, wv, v, R, nk, H, std::clamp(b0 - nq - nk, int64_t{0}, nk), std::clamp(b1 - nq - nk, int64_t{0}, nk));
+    team.wait();
+    // per (row, kv head): its tokens' keys/values into the cache, then its q heads' attention
+    split_range(B * n_kv, p, np, b0, b1);
+    std::vector<float> qt, scores, ot;
+    for (int64_t unit = b0; unit < b1; ++unit) {
+      const int64_t b = unit / n_kv, kv = unit % n_kv;
+      const int64_t plane = (b * n_kv + kv) * S * D;
+      std::memcpy(k_out + plane, cache_k + plane, S * D * sizeof(float));
+      std::memcpy(v_out + plane, cache_v + plane, S * D * sizeof(float));
+      std::vector<int64_t> js;  // this row's real tokens
+      for (int64_t j = 0; j < L; ++j)
+        if (packed[b * L + j] >= 0) js.push_back(j);
+      const int64_t n = static_cast<int64_t>(js.size());
+      if (n == 0) continue;
+      for (int64_t j : js) {
+        const int64_t r = packed[b * L + j];
+        const float *cb = cos + (b * L + j) * D, *sb = sin + (b * L + j) * D;
+        float *kr = k + r * nk + kv * D, *vr = v + r * nk + kv * D;
+        for (int64_t e = 0; e < D; ++e) {
+          kr[e] += bk[kv * D + e];
+          vr[e] += bv[kv * D + e];
+        }
+        rope(kr, cb, sb, D);
+        std::memcpy(k_out + plane + (w0 + j) * D, kr, D * sizeof(float));
+        std::memcpy(v_out + plane + (w0 + j) * D, vr, D * sizeof(float));
+      }
+      // queries of the group's heads, head-major: row (rep * n + i) is head kv * n_rep + rep of token js[i]
+      const int64_t nr = n_rep * n;
+      qt.resize(nr * D);
+      scores.resize(nr * span);
+      ot.resize(nr * D);
+      for (int64_t rep = 0; rep < n_rep; ++rep) {
+        const int64_t head = kv * n_rep + rep;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t j = js[i], r = packed[b * L + j];
+          float *qr = qt.data() + (rep * n + i) * D;
+          for (int64_t e = 0; e < D; ++e) qr[e] = q[r * nq + head * D + e] + bq[head * D + e];
+          rope(qr, cos + (b * L + j) * D, sin + (b * L + j) * D, D);
+        }
+      }
+      const float *keys = k_out + plane, *values = v_out + plane, *mask = key_mask + b * S;
+      msdfkd::g_sgemm('N', 'T', nr, span, D, scale, qt.data(), D, keys, D, 0.0f, scores.data(), span);
+      for (int64_t row = 0; row < nr; ++row) {
+        const int64_t last = w0 + js[row % n];  // the token's own slot
+        float *sr = scores.data() + row * span;
+        float top = -INFINITY;
+        for (int64_t s = 0; s <= last; ++s)
+          if (mask[s] > 0.0f) top = std::max(top, sr[s]);
+        float total = 0.0f;
+        for (int64_t s = 0; s < span; ++s) {
+          const float w = (s <= last && mask[s] > 0.0f) ? std::exp(sr[s] - top) : 0.0f;
+          sr[s] = w;
+          total += w;
+        }
+        for (int64_t s = 0; s <= last; ++s) sr[s] /= total;
+      }
+      msdfkd::g_sgemm('N', 'N', nr, D, span, 1.0f, scores.data(), span, values, D, 0.0f, ot.data(), D);
+      for (int64_t rep = 0; rep < n_rep; ++rep) {
+        const int64_t head = kv * n_rep + rep;
+        for (int64_t i = 0; i < n; ++i)
+          std::memcpy(attn + packed[b * L + js[i]] * nq + head * D, ot.data() + (rep * n + i) * D,
+                      D * sizeof(float));
+      }
+    }
+    team.wait();
+    split_range(H, p, np, b0, b1);
+    project(attn, wo, o, R, H, nq, b0, b1);
+    team.wait();
+    split_range(R, p, np, b0, b1);
+    for (int64_t i = b0 * H; i < b1 * H; ++i) x1[i] = xp[i] + o[i];
+    rms_norm(x1 + b0 * H, post_norm, eps, h2 + b0 * H, b1 - b0, H);
+    team.wait();
+    split_range(I, p, np, b0, b1);
+    project(h2, w_gate, g, R, I, H, b0, b1);
+    project(h2, w_up, u, R, I, H, b0, b1);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = b0; j < b1; ++j) {
+        const float gj = g[r * I + j];
+        g[r * I + j] = gj / (1.0f + std::exp(-gj)) * u[r * I + j];
+      }
+    team.wait();
+    split_range(H, p, np, b0, b1);
+    project(g, w_down, d, R, H, I, b0, b1);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = b0; j < b1; ++j) x_out[token[r] * H + j] = x1[r * H + j] + d[r * H + j];
+  });
+  return 0;
+}
+
 }  // extern "C"

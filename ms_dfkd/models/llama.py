@@ -283,16 +283,27 @@ class LlamaDecoderLayer(nn.Cell):
         float32, no gradient): x [B, H], cos/sin [B, D], key_mask [B, S] float, write_slot [S] int ->
         (x [B, H], cache_k, cache_v). ``blocks``: the 7 matrices (q, k, v, o, gate, up, down) as GGUF blocks
         in place of the float32 weights, or None."""
+        return cpu_ops.llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v,
+                                          *self._fused_weights(blocks))
+
+    def chunk_fused(self, x, cos, sin, key_mask, first_slot, cache_k, cache_v):
+        """``construct`` over a chunk of tokens with a cache, as one C++ op (kernels.cpu_ops.llama_chunk_layer:
+        CPU, float32, no gradient; the prompt's prefill): x [B, L, H], cos/sin [B, L, D], key_mask [B, S]
+        float, first_slot [1] int (the chunk's first slot) -> (x [B, L, H], cache_k, cache_v). Padding
+        (key_mask 0 at its slot) is skipped: its output is its input."""
+        return cpu_ops.llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, *self._fused_weights())
+
+    def _fused_weights(self, blocks=None):
+        """The C++ layer ops' weight arguments, from input_norm to eps."""
         attn, mlp = self.self_attn, self.mlp
         biases = tuple(ops.zeros((p.weight.shape[0],), ms.float32) if p.bias is None else p.bias
                        for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         if blocks is None:
             blocks = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
                       mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
-        return cpu_ops.llama_decode_layer(
-            x, cos, sin, key_mask, write_slot, cache_k, cache_v, self.input_layernorm.weight, blocks[0], blocks[1],
-            blocks[2], blocks[3], biases[0], biases[1], biases[2], self.post_attention_layernorm.weight, blocks[4],
-            blocks[5], blocks[6], self.input_layernorm.eps)
+        return (self.input_layernorm.weight, blocks[0], blocks[1], blocks[2], blocks[3], biases[0], biases[1],
+                biases[2], self.post_attention_layernorm.weight, blocks[4], blocks[5], blocks[6],
+                self.input_layernorm.eps)
 
 
 class LlamaModel(nn.Cell):
@@ -305,7 +316,7 @@ class LlamaModel(nn.Cell):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cdt)
         inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim))
         self.inv_freq = Tensor(inv_freq.astype(np.float32))  # a constant, not a parameter
-        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.compute_dtype = cdt
 
     def embed(self, input_ids):
@@ -342,7 +353,7 @@ class LlamaModel(nn.Cell):
             x = x[:, rows[0]:rows[0] + rows[1]]
         return self.norm(x) if final_norm else x
 
-    def prefill(self, input_ids, attention_mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
+    def prefill(self, input_ids, attention_mask, cache_len, steer=None, steer_layer=0, capture_layer=0, fused=False):
         """Full forward over a left-padded prompt [B, P]; returns (normed hidden [B, P, H], caches).
 
         caches is a tuple (k_0, v_0, k_1, v_1, ...) of [B, n_kv, cache_len, D] with the
@@ -350,9 +361,19 @@ class LlamaModel(nn.Cell):
         to the states entering layer ``steer_layer`` at every position (the generator's label vectors).
         ``capture_layer`` > 0 also returns the states entering that layer, before any steer: (hidden,
         caches, states [B, P, H]), what ``LlamaForCausalLM.trunk_states`` gives for those positions.
+        ``fused``: each layer as one C++ op over the real tokens only (LlamaDecoderLayer.chunk_fused; CPU,
+        float32); the hidden states and captured states of padding are then the layer inputs passed through.
         """
-        rope, bias = self.rope_and_bias(attention_mask)
         p = input_ids.shape[1]
+        if fused:
+            mask = cast(attention_mask, ms.int32)
+            b = mask.shape[0]
+            positions = ops.relu(ops.cumsum(mask, 1) - 1)
+            key_mask = ops.concat((mask, ops.zeros((b, cache_len - p), ms.int32)), 1)
+            empty = ops.zeros((b, self.n_kv, cache_len, self.head_dim), ms.float32)
+            return self._chunk_fused(input_ids, positions, key_mask, (empty,) * (2 * len(self.layers)), 0, steer,
+                                     steer_layer, capture_layer)
+        rope, bias = self.rope_and_bias(attention_mask)
         x = self.embed(input_ids)
         caches = ()
         captured = None
@@ -369,15 +390,21 @@ class LlamaModel(nn.Cell):
         return self.norm(x), caches
 
     def prefill_after(self, input_ids, positions, key_mask, past, cache_len, steer=None, steer_layer=0,
-                      capture_layer=0):
+                      capture_layer=0, fused=False):
         """Prefill a left-padded chunk [B, L] that follows cached keys/values ``past`` (k_0, v_0, ... of
         [B, n_kv, Lp, D]: a prompt prefix computed once for the rows that share it). positions [B, L] are
         the chunk's token positions; key_mask [B, Lp + L] (1 = real) covers prefix and chunk; ``steer`` as
         in ``prefill``. Returns (normed hidden [B, L, H], caches of [B, n_kv, cache_len, D]: the prefix in
         slots [0, Lp), the chunk in [Lp, Lp + L), zeros after), and the chunk's states entering layer
-        ``capture_layer`` [B, L, H] when that is > 0 (as ``prefill``)."""
-        rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
+        ``capture_layer`` [B, L, H] when that is > 0 (as ``prefill``); ``fused`` as in ``prefill``."""
         l, lp = input_ids.shape[1], past[0].shape[2]
+        if fused:
+            b = input_ids.shape[0]
+            key_mask = ops.concat((cast(key_mask, ms.int32), ops.zeros((b, cache_len - lp - l), ms.int32)), 1)
+            tail = ops.zeros((b, self.n_kv, cache_len - lp, past[0].shape[3]), ms.float32)
+            caches = tuple(ops.concat((cast(c, ms.float32), tail), 2) for c in past)
+            return self._chunk_fused(input_ids, positions, key_mask, caches, lp, steer, steer_layer, capture_layer)
+        rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         # every chunk position may read the whole prefix and the chunk's positions up to its own
         causal = ops.concat((ops.ones((l, lp), ms.int32), ops.tril(ops.ones((l, l), ms.int32))), 1)
         bias = attention_bias((causal.expand_dims(0) * key_mask.expand_dims(1)) > 0, self.n_kv,
@@ -396,6 +423,24 @@ class LlamaModel(nn.Cell):
         if capture_layer:
             return self.norm(x), caches, captured
         return self.norm(x), caches
+
+    def _chunk_fused(self, input_ids, positions, key_mask, caches, first_slot, steer, steer_layer, capture_layer):
+        cos, sin = rope_angles(positions, self.inv_freq)                   # [B, L, D]
+        key_mask = key_mask.astype(ms.float32)
+        first = ops.ones((1,), ms.int32) * first_slot
+        x = self.embed(input_ids)
+        new = ()
+        captured = None
+        for i, layer in enumerate(self.layers):
+            if capture_layer and i == capture_layer:
+                captured = x
+            if steer is not None and i == steer_layer:
+                x = x + cast(steer, x.dtype)
+            x, k, v = layer.chunk_fused(x, cos, sin, key_mask, first, caches[2 * i], caches[2 * i + 1])
+            new = new + (k, v)
+        if capture_layer:
+            return self.norm(x), new, captured
+        return self.norm(x), new
 
     def decode_step(self, input_ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0,
                     capture_layer=0, fused=False, blocks=()):

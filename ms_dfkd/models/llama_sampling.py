@@ -42,10 +42,17 @@ lower layers again.
 The decode steps on CPU: with ``fused_decode`` (the default) each decoder layer of a one-token step runs as
 one C++ op (llama.LlamaDecoderLayer.decode_fused, kernels/cpu/llama_decode.cc) in place of about 30
 MindSpore ops, whose launches took most of a step. Float32 only, no gradient (sampling needs none); the
-prefill and every other graph keep MindSpore's ops. Its sums run in another order, so the logits equal
+gradient graphs keep MindSpore's ops. Its sums run in another order, so the logits equal
 the MindSpore ops' up to float rounding, and a rare near-tie of the Gumbel-max can pick another token.
 Which path runs is logged once a model; other device targets, other compute dtypes and the mindformers
 backend use MindSpore's ops.
+
+The prefill on CPU: with ``fused_prefill`` (the default) each decoder layer of the prompt's prefill (the
+shared start and the rest of each prompt alike) runs as one C++ op too (LlamaDecoderLayer.chunk_fused):
+the real tokens of the left-padded batch are packed into rows before every product, so padding costs
+nothing, and the attention is two products a row and key/value head. A prompt of the offline default
+is about a third padding after the shared start (the rest is padded to the longest row, rounded up to
+``prompt_bucket``). Again the logits equal MindSpore's ops' up to float rounding.
 
 GGUF blocks in the fused decode steps: a model loaded from a GGUF file keeps the file's Q4_1 / Q8_0
 matrices (``model.gguf_blocks``), and with ``gguf_blocks`` (the default) the fused steps read the weights
@@ -142,16 +149,22 @@ class KVCacheDecoder:
             return fn(*args)
         return fn(*args, steer, steer_layer, capture_layer)
 
-    def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0, capture_layer=0):
-        out = self._call(self.model.model.prefill, (ids, mask, cache_len), steer, steer_layer, capture_layer)
+    def _prefill(self, ids, mask, cache_len, steer=None, steer_layer=0, capture_layer=0, fused=False):
+        if fused:
+            out = self.model.model.prefill(ids, mask, cache_len, steer, steer_layer, capture_layer, True)
+        else:
+            out = self._call(self.model.model.prefill, (ids, mask, cache_len), steer, steer_layer, capture_layer)
         return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]  # left padding: last slot is real
 
     def _prefill_after(self, ids, positions, key_mask, prefix_caches, group, cache_len, steer=None,
-                       steer_layer=0, capture_layer=0):
+                       steer_layer=0, capture_layer=0, fused=False):
         # prefix_caches: one row per group; each row reads its group's (a gather inside the graph)
         past = tuple(ops.gather(c, group, 0) for c in prefix_caches)
-        out = self._call(self.model.model.prefill_after, (ids, positions, key_mask, past, cache_len), steer,
-                         steer_layer, capture_layer)
+        args = (ids, positions, key_mask, past, cache_len)
+        if fused:
+            out = self.model.model.prefill_after(*args, steer, steer_layer, capture_layer, True)
+        else:
+            out = self._call(self.model.model.prefill_after, args, steer, steer_layer, capture_layer)
         return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]
 
     def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0, capture_layer=0,
@@ -169,12 +182,13 @@ class KVCacheDecoder:
 
 
 def fused_decode_problem(model):
-    """None if the decode steps can run each layer as one C++ op here (module docstring), else why not."""
+    """None if the decode steps and the prefill can run each layer as one C++ op here (module docstring),
+    else why not."""
     target = ms.get_context("device_target")
     if target != "CPU":
         return f"the fused decoder layer runs on the CPU device target only, and it is {target}"
-    if "fused" not in inspect.signature(model.model.decode_step).parameters:
-        return f"{type(model.model).__name__} has no fused decode step"
+    if not all("fused" in inspect.signature(f).parameters for f in (model.model.decode_step, model.model.prefill)):
+        return f"{type(model.model).__name__} has no fused decode step and prefill"
     if model.config.compute_dtype != "float32":
         return f"the fused decoder layer is float32 and the model's compute dtype is {model.config.compute_dtype}"
     return cpu_ops.unavailable_reason("llama_decode")
@@ -274,7 +288,7 @@ def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
            prompt_bucket=16, nucleus_cuts=NUCLEUS_CUTS, steer=None, steer_layer=0, share_prefix=True,
-           capture_layer=0, fused_decode=True, gguf_blocks=True):
+           capture_layer=0, fused_decode=True, gguf_blocks=True, fused_prefill=True):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
@@ -295,6 +309,8 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     docstring); the path is logged once a model. False: MindSpore's ops.
     gguf_blocks: the fused decode steps read the frozen weights from the model's GGUF blocks (module
     docstring). False: the float32 weights.
+    fused_prefill: run each decoder layer of the prefill as one C++ op over the prompts' real tokens where
+    that can run (module docstring). False: MindSpore's ops.
     nucleus_cuts: the probability floors of the top-p candidate sets (``nucleus``); any give the same tokens.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
@@ -321,8 +337,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     lengths = mask.sum(1).astype(np.int32)
     use_prefix = share_prefix and dec.prefill_after is not None
     shared = shared_prefix(ids, mask, steer) if use_prefix else None
-    problem = fused_decode_problem(model) if fused_decode else "fused_decode is off"
-    fused = problem is None
+    problem = fused_decode_problem(model) if fused_decode or fused_prefill else None
+    fused = fused_decode and problem is None
+    fused_pre = fused_prefill and problem is None
     blocks, head_blocks, weights = (), None, ""
     if fused:
         if gguf_blocks:
@@ -331,8 +348,10 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
             weights = "float32 weights (gguf_blocks is off)"
     paths = (("a prompt start that rows share is computed once per group" if use_prefix else
               "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else ""))
+             + "; prefill: " + ("each decoder layer as one C++ op over the real tokens" if fused_pre
+                                else f"MindSpore's ops ({problem or 'fused_prefill is off'})")
              + "; decode steps: " + (f"each decoder layer as one C++ op, {weights}" if fused
-                                     else f"MindSpore's ops ({problem})"))
+                                     else f"MindSpore's ops ({problem or 'fused_decode is off'})"))
     if dec.said_which_path != paths:
         dec.said_which_path = paths
         log.info("KV-cache sampling: %s", paths)
@@ -373,18 +392,17 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     # no gradient bookkeeping in PyNative (MindSpore 2.10 keeps this context private)
     with getattr(ms, "_no_grad", contextlib.nullcontext)():
         steer_t = None if steer is None else Tensor(np.asarray(steer, np.float32)[:, None, :])
-        cap = (capture_layer,) if capture_layer else ()
         if shared:
             st = None if steer_t is None else ops.gather(steer_t, Tensor(first), 0)
             _, prefix_caches, *prefix_states = dec.prefill(Tensor(prefix_ids), Tensor(np.ones_like(prefix_ids)), n,
-                                                           st, int(steer_layer), *cap)
+                                                           st, int(steer_layer), capture_layer, fused_pre)
             logits, caches, *chunk_states = dec.prefill_after(
                 Tensor(chunk), Tensor(chunk_pos.astype(np.int32)), Tensor(mask), ms.mutable(prefix_caches),
-                Tensor(group), cache_len, steer_t, int(steer_layer), *cap)
+                Tensor(group), cache_len, steer_t, int(steer_layer), capture_layer, fused_pre)
             prompt_states = prefix_states + chunk_states
         else:
             logits, caches, *prompt_states = dec.prefill(Tensor(ids), Tensor(mask), cache_len, steer_t,
-                                                         int(steer_layer), *cap)
+                                                         int(steer_layer), capture_layer, fused_pre)
         for t in range(T):
             if t > 0:
                 slot = p2 + t - 1                      # where z_{t-1}'s key/value goes
