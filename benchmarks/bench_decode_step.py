@@ -47,12 +47,11 @@ def worker(path, batch, slots, repeats, out):
     key_mask[:, :written + 1] = 1
     write_slot = np.zeros(slots, bool)
     write_slot[written] = True
-    blocks, head = decode_blocks(model)[:2] if path == "blocks" else ((), None)
-    extra = (ms.mutable(blocks), head) if path == "blocks" else ((), None)
+    block_set = dec.block_set(*decode_blocks(model)[:2]) if path == "blocks" else -1
 
     def step():
         return dec.step(ids, positions, Tensor(key_mask), Tensor(write_slot), ms.mutable(caches), None, 0, 0,
-                        path != "ops", *extra)[0].asnumpy()
+                        path != "ops", block_set)[0].asnumpy()
 
     for _ in range(3):
         logits = step()

@@ -139,6 +139,25 @@ class KVCacheDecoder:
         self.prefill_after = (ms.jit(self._prefill_after) if graph else self._prefill_after) \
             if hasattr(model.model, "prefill_after") else None
         self.said_which_path = False
+        # sets of GGUF blocks (block_set) as Parameters: graph parameters rather than 197 inputs of every step,
+        # whose argument handling took 6 of a 46 ms step; append-only, so an index always names the same set
+        self._block_sets = []
+
+    def block_set(self, blocks, head):
+        """The index (a compile-time constant of ``step``) of the decode steps' GGUF blocks: ``blocks`` (7 a
+        layer) and the LM head's ``head`` (or None), registered once per set as Parameters; -1 for none."""
+        if not blocks and head is None:
+            return -1
+        for i, (source, _, _) in enumerate(self._block_sets):
+            if len(source) == len(blocks) + 1 and all(a is b for a, b in zip(source, tuple(blocks) + (head,))):
+                return i
+        tag = f"gguf_blocks_{id(self):x}_{len(self._block_sets)}"
+        def param(b, name):  # the loader's blocks are Parameters already (a Tensor would be copied)
+            return b if isinstance(b, ms.Parameter) else ms.Parameter(b, name=f"{tag}.{name}", requires_grad=False)
+        params = ms.ParameterTuple(param(b, j) for j, b in enumerate(blocks))
+        head_param = None if head is None else param(head, "head")
+        self._block_sets.append((tuple(blocks) + (head,), params, head_param))
+        return len(self._block_sets) - 1
 
     # steer (label vectors) and capture_layer are passed on only when given: models without them (the
     # mindformers backend, whose config refuses label vectors) keep their own prefill/decode_step signatures.
@@ -168,9 +187,10 @@ class KVCacheDecoder:
         return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]
 
     def _step(self, ids, positions, key_mask, write_slot, caches, steer=None, steer_layer=0, capture_layer=0,
-              fused=False, blocks=(), head_blocks=None):
-        # callers pass caches (and blocks) as ms.mutable(tuple): a plain tuple input is a compile-time
-        # constant for ms.jit and every new cache would recompile the step
+              fused=False, block_set=-1):
+        # callers pass caches as ms.mutable(tuple): a plain tuple input is a compile-time constant for ms.jit
+        # and every new cache would recompile the step. block_set: an index from block_set(), or -1
+        blocks, head_blocks = ((), None) if block_set < 0 else self._block_sets[block_set][1:]
         args = (ids, positions, key_mask, write_slot, caches)
         if fused:
             out = self.model.model.decode_step(*args, steer, steer_layer, capture_layer, True, blocks)
@@ -202,7 +222,7 @@ AVX2_BLOCK_ROWS = 16  # above this many rows the AVX2 block loops were slower th
 
 
 def decode_blocks(model, rows=8):
-    """(blocks, head, message): the GGUF blocks (``model.gguf_blocks``, uint8 Tensors) that the fused decode
+    """(blocks, head, message): the GGUF blocks (``model.gguf_blocks``, uint8 Parameters) that the fused decode
     steps can read in place of float32 weights: ``blocks`` 7 a layer for the leading layers whose matrices
     all have blocks and none of which trains; ``head`` the LM head's (None if it trains or has none);
     ``message`` says which (for the log). None with the portable loops, nor with the AVX2 loops for a
@@ -355,6 +375,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     if dec.said_which_path != paths:
         dec.said_which_path = paths
         log.info("KV-cache sampling: %s", paths)
+    block_set = dec.block_set(blocks, head_blocks)
     if shared:
         # the cache: [shared prefix (n) | the rest of each prompt, left-padded (c) | new tokens (T)]
         n, group, first = shared
@@ -411,8 +432,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
                 write[slot] = True
                 logits, caches, *captured = dec.step(
                     Tensor(new_ids[:, t - 1:t]), Tensor((lengths + t - 1)[:, None]), Tensor(key_mask),
-                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), capture_layer, fused,
-                    ms.mutable(blocks) if blocks else (), head_blocks)
+                    Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), capture_layer, fused, block_set)
                 step_states += captured
             step_logits = logits.asnumpy()
             z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, nucleus_cuts)

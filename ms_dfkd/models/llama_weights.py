@@ -182,8 +182,8 @@ def load_gguf_llama(path, compute_dtype="float32"):
     then the tensors are dequantised one at a time into the model, so that the peak memory
     is the float32 model plus one tensor (Qwen2.5-Coder-0.5B: 2.5 GB + 0.5 GB), not twice the model.
 
-    ``model.gguf_blocks`` keeps the file's Q4_1 and Q8_0 matrices as they are ({llama.py name: uint8 Tensor
-    [out, in / 32, bytes per block]}, rows in llama.py's order; 96 MB for SmolLM2): the sampler's decode
+    ``model.gguf_blocks`` keeps the file's Q4_1 and Q8_0 matrices as they are ({llama.py name: uint8 Parameter
+    [out, in / 32, bytes per block]}, not among the model's parameters, rows in llama.py's order; 96 MB for SmolLM2): the sampler's decode
     steps read the weights that do not train from them (models/llama_sampling.py). They stand for the
     float32 weights only while those keep the file's values: nothing in ms-dfkd writes a weight that does
     not train.
@@ -207,7 +207,10 @@ def load_gguf_llama(path, compute_dtype="float32"):
         size = GGUF_BLOCK_BYTES.get(getattr(t.tensor_type, "name", None))
         if size and len(t.shape) == 2:
             raw = np.array(t.data, np.uint8).reshape(_hf_shape(t)[0], -1, size)
-            blocks[name] = ms.Tensor(np.ascontiguousarray(_fix_rows(name, raw, cfg, arch)))  # rows as the weights'
+            # rows as the weights'; a Parameter (not the model's: a plain dict) so that the decode steps read it
+            # as a graph parameter rather than an input of every step (llama_sampling.KVCacheDecoder.block_set)
+            blocks[name] = ms.Parameter(ms.Tensor(np.ascontiguousarray(_fix_rows(name, raw, cfg, arch))),
+                                        name=f"gguf_blocks.{name}", requires_grad=False)
     model.gguf_blocks = blocks
     return cfg, model
 
