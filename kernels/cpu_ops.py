@@ -2,7 +2,8 @@
 custom ops with bprop (CPU device target only); and the sampler's one-token decoder layer
 (kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only; ``llama_chunk_layer`` the same for a prompt's
 prefill) and a linear layer read from a GGUF file's
-Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc, ``gguf_linear``, forward only), for its LM head. The library is compiled on first use
+Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc, ``gguf_linear``, forward only), for its LM head; and the Gumbel
+noise of the soft embedding's composite path (kernels/cpu/gumbel_noise.cc, ``gumbel_noise``). The library is compiled on first use
 (kernels/cpu_build.py); ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
@@ -15,9 +16,11 @@ import functools
 import os
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from kernels import cpu_build
+from kernels.gumbel_noise import mix32_np
 from kernels.encoder_ops_composite import linear as composite_linear
 from kernels.utils import scalar_tensor, zero_grad
 
@@ -58,7 +61,8 @@ def _gemm_problem():
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(op=None):
-    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear; None: the library) can run
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise; None: the
+    library) can run
     here, else why
     not (builds the library if needed)."""
     target = ms.get_context("device_target")
@@ -214,6 +218,24 @@ def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input
     return _llama_chunk_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
                              first_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
                              wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
+
+
+@functools.lru_cache(maxsize=None)
+def _gumbel_op():
+    return _aot("MsDfkdGumbelNoise", lambda keys, cols: [keys[0], cols[0]], lambda *dtypes: ms.float32)
+
+
+@functools.lru_cache(maxsize=128)
+def _column_hashes(start, stop):
+    return ms.Tensor(mix32_np(np.arange(start, stop)).astype(np.uint32))
+
+
+def gumbel_noise(keys, start, stop):
+    """The Gumbel noise of kernels.utils.gumbel_noise (the same values) as one C++ op: uint32 row keys [R]
+    (kernels.utils.row_keys), columns start..stop-1 -> float32 [R, stop - start]; a hash and a table
+    load per value: -log(-log u) for the 2**23 values u takes, a 32 MB table the library builds once
+    (kernels/cpu/gumbel_noise.cc)."""
+    return _gumbel_op()(keys, _column_hashes(start, stop))
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,7 +12,8 @@ Paths:
 Order of precedence: ``set_kernel_backend(name)``, then the environment variable MS_DFKD_KERNELS, then
 the device target. A path that was asked for but cannot run raises; nothing falls back silently.
 
-The encoder ops (gelu, layer_norm, linear) have two paths of their own: ``cpu``, C++ kernels built on first use
+The encoder ops (gelu, layer_norm, linear), and the Gumbel noise that the composite soft embedding draws
+(gumbel_noise), have two paths of their own: ``cpu``, C++ kernels built on first use
 (the default on the CPU device target, whatever path the fused ops take), and ``composite``, MindSpore's
 own ops (elsewhere, or when ``composite`` is asked for). Where the cpu kernels cannot be built or
 loaded, the encoder ops run the composite path and say so in a warning, with the reason.
@@ -23,6 +24,8 @@ Every path module has the same entry points with the same arguments, so an op ru
     fused_linear_soft_embedding(hidden, lm_head, tables, seed, tau, hard, ids, row_offset)
     kd_loss_rows(student, teacher, temperature)              (kd_loss_op reduces the rows)
     gelu(x);  layer_norm(x, weight, bias, eps);  linear(x, weight, bias)     (the encoder ops)
+The composite soft embedding asks resolve_encoder_path("gumbel_noise") whether its noise comes from
+kernels.cpu_ops.gumbel_noise (cpu) or kernels.utils.gumbel (composite): the same values.
 """
 import functools
 import importlib
@@ -117,8 +120,9 @@ def path_module(path, op_name):
 
 @ops.constexpr(reuse_result=False)
 def resolve_encoder_path(op_name):
-    """The path of an encoder op (gelu, layer_norm, linear): cpu | composite; logged once per op and path, as a
-    warning when the cpu kernels cannot run (see the module docstring). A constexpr, like resolve_backend."""
+    """The path of an encoder op (gelu, layer_norm, linear) or of gumbel_noise: cpu | composite; logged once per
+    op and path, as a warning when the cpu kernels cannot run (see the module docstring). A constexpr, like
+    resolve_backend."""
     name, why = requested_backend()
     target = _device_target()
     level, message = logging.INFO, "%s: running the %s path (chosen by %s)"

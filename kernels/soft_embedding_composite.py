@@ -33,6 +33,7 @@ import functools
 import mindspore as ms
 from mindspore import nn, ops
 
+from kernels import cpu_ops, dispatch
 from kernels.utils import gumbel, no_bfloat16, per_row, row_chunks, row_keys, scatter_rows, zero_grad
 
 # The fused-linear op's point is memory, so its slabs are smaller than the CHUNK_ELEMENTS of kernels.utils;
@@ -86,9 +87,17 @@ def _scatter_rows(tables, k, dvalue):
     return grads
 
 
+def _noise(keys, vocab):
+    """The slab's Gumbel noise [R, V]: a C++ op on CPU, MindSpore's ops elsewhere (kernels.dispatch; the same
+    values either way)."""
+    if dispatch.resolve_encoder_path("gumbel_noise") == "cpu":
+        return cpu_ops.gumbel_noise(keys, 0, vocab)
+    return gumbel(keys, 0, vocab)
+
+
 def _probs(logits, keys, inv_tau):
     """y = softmax((logits + g) / tau) for one slab, float32."""
-    x = logits.astype(ms.float32) + gumbel(keys, 0, logits.shape[1])
+    x = logits.astype(ms.float32) + _noise(keys, logits.shape[1])
     return _softmax(x * inv_tau)
 
 
@@ -103,7 +112,7 @@ def _slab_forward(logits, keys, tables, inv_tau, hard, ids):
     """One slab: (value [R, sum H] float32, k [R] int32)."""
     if hard and ids is not None:  # given tokens: a plain gather, no noise needed
         return _gather_rows(tables, ids.astype(ms.int32)), ids.astype(ms.int32)
-    x = logits.astype(ms.float32) + gumbel(keys, 0, logits.shape[1])
+    x = logits.astype(ms.float32) + _noise(keys, logits.shape[1])
     # argmax of logits + g itself, not of its tau-scaled copy, so that ties break as in the reference
     k = ops.argmax(x, dim=1).astype(ms.int32) if ids is None else ids.astype(ms.int32)
     if hard:

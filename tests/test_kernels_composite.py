@@ -293,3 +293,57 @@ def test_soft_embedding_at_generator_vocabulary_with_default_chunks():
         dlogits, _ = sref.soft_embedding_backward(logits[r:r + 1], tables, 5, 0.5, dout[r:r + 1], row_offset=r)
         np.testing.assert_array_equal(out.asnumpy()[r:r + 1], value.astype(np.float32))
         _close(grads[0].asnumpy()[r:r + 1], dlogits, "float32")
+
+
+# --- the noise as one C++ op (the default on CPU; the fixture above forces the composite's own ops) ---------
+
+def _cpu_noise_problem():
+    from kernels import cpu_ops
+    return cpu_ops.unavailable_reason("gumbel_noise")
+
+
+@pytest.mark.skipif(_cpu_noise_problem() is not None, reason=f"the cpu kernels cannot run: {_cpu_noise_problem()}")
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_cpu_noise_is_the_composite_noise(mode):
+    """The same float32 values as the composite's float64 logs, to the bit, over random blocks and the
+    hashes at both ends of u's range (the clamp below 1 and the smallest u); gumbel_np within an ulp."""
+    from kernels import cpu_ops
+    from kernels.gumbel_noise import mix32_np, row_keys_np
+    ms.set_context(mode=mode)
+    try:
+        seed = 2 ** 40 + 9
+        keys = utils.row_keys(ms.Tensor(seed, ms.int64), 37, row_offset=2 ** 32 - 3)
+        cpu = ms.jit(cpu_ops.gumbel_noise) if mode == ms.GRAPH_MODE else cpu_ops.gumbel_noise
+        blocks = [(0, 5000), (100, 1100)]
+        key0 = int(row_keys_np(seed, [2 ** 32 - 3])[0])
+        h = mix32_np(key0 ^ mix32_np(np.arange(1 << 22))) >> 9
+        for col in (int(np.argmax(h)), int(np.argmin(h))):
+            blocks.append((max(col - 2, 0), col + 3))
+        assert h.max() > (1 - 1e-6) * 2 ** 23  # the clamp binds in the block around the largest
+        for start, stop in blocks:
+            want = utils.gumbel(keys, start, stop).asnumpy()
+            got = cpu(keys, start, stop).asnumpy()
+            assert got.shape == (37, stop - start) and got.dtype == np.float32
+            np.testing.assert_array_equal(got, want)
+            ref = gumbel_np(seed, np.arange(37) + 2 ** 32 - 3, np.arange(start, stop))
+            np.testing.assert_allclose(got, ref, rtol=2e-7, atol=2e-6)
+    finally:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.mark.skipif(_cpu_noise_problem() is not None, reason=f"the cpu kernels cannot run: {_cpu_noise_problem()}")
+@pytest.mark.parametrize("hard", [True, False])
+def test_soft_embedding_with_the_cpu_noise_matches_reference(small_chunks, hard, caplog):
+    """The composite soft embedding at its CPU default, where the noise comes from the C++ op (logged)."""
+    import logging
+    dispatch.set_kernel_backend(None)
+    logits, tables, dout = _soft_case(37, 1001, (24, 9), "float32")
+    with caplog.at_level(logging.INFO, logger="kernels"):
+        out, grads = _run_soft(logits, tables, dout, "float32", 1234, 0.7, hard, row_offset=5)
+    assert dispatch.resolve_encoder_path("gumbel_noise") == "cpu"
+    value, _, _ = sref.soft_embedding_forward(logits, tables, 1234, 0.7, hard=hard, row_offset=5)
+    dlogits, dtables = sref.soft_embedding_backward(logits, tables, 1234, 0.7, dout, hard=hard, row_offset=5)
+    _close(out, value, "float32")
+    _close(grads[0], dlogits, "float32")
+    for grad, ref in zip(grads[1:], dtables):
+        _close(grad, ref, "float32")
