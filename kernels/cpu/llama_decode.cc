@@ -94,6 +94,7 @@ void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows,
   for (int64_t r = 0; r < rows; ++r) {
     const float *xr = x + r * d;
     float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
     for (int64_t j = 0; j < d; ++j) ss += xr[j] * xr[j];
     const float s = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
     for (int64_t j = 0; j < d; ++j) y[r * d + j] = xr[j] * s * w[j];
@@ -219,6 +220,8 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
         for (int64_t s = 0; s < S; ++s) {
           if (mask[s] <= 0.0f) continue;
           float dot = 0.0f;
+          // a vectorised sum (-fopenmp-simd): the strict-order scalar one took 5-8 ms of a 41-45 ms step
+#pragma omp simd reduction(+ : dot)
           for (int64_t j = 0; j < D; ++j) dot += qr[j] * keys[s * D + j];
           scores[s] = dot * scale;
           top = std::max(top, scores[s]);
