@@ -121,6 +121,7 @@ class Distiller:
         from .models.llama_sampling import captures_states, sample
         self._sample = sample
         self.reuse_trunk = False
+        self._frozen_prefixes = {}  # the frozen generator's shared prompt starts, kept across sampling calls
         self.stop_ids = self._stop_ids()
         self.P, self.T = g.prompt_max_length, g.max_new_tokens
         if self.method != "dfkd-t3":
@@ -266,7 +267,9 @@ class Distiller:
                                                  graph=self.jit, return_logits=return_logits,
                                                  share_prefix=g.share_prompt_prefix, capture_layer=capture,
                                                  fused_decode=g.fused_decode, fused_prefill=g.fused_prefill,
-                                                 gguf_blocks=g.decode_from_gguf_blocks, **steer)
+                                                 gguf_blocks=g.decode_from_gguf_blocks,
+                                                 prefix_cache=self._frozen_prefixes if model is self.frozen else None,
+                                                 **steer)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
         out = dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,

@@ -566,6 +566,33 @@ def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_
     np.testing.assert_array_equal(new, plain)
 
 
+def test_a_prefix_cache_reuses_the_shared_start_and_changes_nothing(tiny, monkeypatch):
+    """prefix_cache: the second call with the same prompt starts takes them from the cache (no prefill of the
+    prefix), and both calls give the tokens, logits and states of calls without a cache; other label
+    vectors are another key."""
+    from ms_dfkd.models import llama_sampling
+    cfg, model, _ = tiny
+    real = llama_sampling.shared_prefix
+    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
+    ids, mask = left_pad(SHARED_ROWS)
+    v = (np.random.default_rng(4).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
+    kw = dict(greedy=False, temperature=1.0, seed=7, eos_id=-1, return_logits=True, steer=v[[0, 0, 1, 0, 1, 1]],
+              steer_layer=1, capture_layer=1)
+    want = sample(model, ids, mask, 4, **kw)
+    dec = llama_sampling._decoder(model, True)
+    calls, real_prefill = [], dec.prefill
+    monkeypatch.setattr(dec, "prefill", lambda *a: calls.append(a[0].shape) or real_prefill(*a))
+    cache = {}
+    first = sample(model, ids, mask, 4, prefix_cache=cache, **kw)
+    second = sample(model, ids, mask, 4, prefix_cache=cache, **kw)
+    assert len(calls) == 1 and len(cache) == 1  # the prefix was computed once
+    for got in (first, second):
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    sample(model, ids, mask, 4, prefix_cache=cache, **{**kw, "steer": v[[1, 1, 0, 1, 0, 0]]})
+    assert len(calls) == 2 and len(cache) == 2
+
+
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("fused", [True, False])

@@ -32,6 +32,8 @@ its length to save the most positions), then each row's remaining prompt as a ch
 (``LlamaModel.prefill_after``). The cache then holds the prefix in its first slots, the rest of the
 prompt left-padded after it. The logits equal the full prefill's up to float rounding (a tested
 tolerance), so a rare near-tie of the Gumbel-max can pick another token than the full prefill would.
+For a model whose weights never change (the frozen generator) the caller can keep the prefixes across
+calls (``prefix_cache``): a label's prompt start is then computed once per run.
 
 States for the trained generator's step: ``capture_layer=k`` also returns the states entering decoder
 layer k at every position of [prompt; new tokens], which the prefill and the decode steps compute anyway.
@@ -83,6 +85,7 @@ log = logging.getLogger("ms_dfkd")
 
 
 NUCLEUS_CUTS = (1e-3, 1e-4, 1e-5)  # probability floors of the candidate sets, tried in turn
+PREFIX_CACHE_SIZE = 8  # shared prompt starts a prefix_cache keeps (a few MB each for SmolLM2)
 
 
 def nucleus(probs, top_p, cuts=NUCLEUS_CUTS):
@@ -308,7 +311,7 @@ def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
            prompt_bucket=16, nucleus_cuts=NUCLEUS_CUTS, steer=None, steer_layer=0, share_prefix=True,
-           capture_layer=0, fused_decode=True, gguf_blocks=True, fused_prefill=True):
+           capture_layer=0, fused_decode=True, gguf_blocks=True, fused_prefill=True, prefix_cache=None):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
@@ -331,6 +334,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     docstring). False: the float32 weights.
     fused_prefill: run each decoder layer of the prefill as one C++ op over the prompts' real tokens where
     that can run (module docstring). False: MindSpore's ops.
+    prefix_cache: a dict the caller keeps for a model whose weights never change (the frozen generator):
+    the shared prompt starts computed in earlier calls, by their tokens (and label vectors, layers and
+    path), are taken from it rather than computed again; the same numbers. The last PREFIX_CACHE_SIZE stay.
     nucleus_cuts: the probability floors of the top-p candidate sets (``nucleus``); any give the same tokens.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
@@ -415,8 +421,18 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
         steer_t = None if steer is None else Tensor(np.asarray(steer, np.float32)[:, None, :])
         if shared:
             st = None if steer_t is None else ops.gather(steer_t, Tensor(first), 0)
-            _, prefix_caches, *prefix_states = dec.prefill(Tensor(prefix_ids), Tensor(np.ones_like(prefix_ids)), n,
-                                                           st, int(steer_layer), capture_layer, fused_pre)
+            key = None if prefix_cache is None else (
+                prefix_ids.tobytes(), prefix_ids.shape, None if steer is None else
+                np.asarray(steer, np.float32)[first].tobytes(), int(steer_layer), capture_layer, fused_pre)
+            if key is not None and key in prefix_cache:
+                prefix_caches, prefix_states = prefix_cache[key]
+            else:
+                _, prefix_caches, *prefix_states = dec.prefill(Tensor(prefix_ids), Tensor(np.ones_like(prefix_ids)),
+                                                               n, st, int(steer_layer), capture_layer, fused_pre)
+                if key is not None:
+                    while len(prefix_cache) >= PREFIX_CACHE_SIZE:
+                        prefix_cache.pop(next(iter(prefix_cache)))
+                    prefix_cache[key] = (prefix_caches, prefix_states)
             logits, caches, *chunk_states = dec.prefill_after(
                 Tensor(chunk), Tensor(chunk_pos.astype(np.int32)), Tensor(mask), ms.mutable(prefix_caches),
                 Tensor(group), cache_len, steer_t, int(steer_layer), capture_layer, fused_pre)
