@@ -175,12 +175,12 @@ def layer_norm(x, weight, bias, eps):
 
 
 @functools.lru_cache(maxsize=None)
-def _llama_decode_op():
+def _llama_layer_op(entry):
+    """The aot op of a decoder layer (MsDfkdLlamaDecodeLayer or MsDfkdLlamaChunkLayer): (x, cache_k, cache_v)."""
     problem = unavailable_reason("llama_decode")
     if problem:
-        raise RuntimeError(f"llama_decode_layer: the cpu kernel cannot run: {problem}")
-    return _aot("MsDfkdLlamaDecodeLayer", lambda *shapes: (shapes[0], shapes[5], shapes[6]),
-                lambda *dtypes: (dtypes[0], dtypes[0], dtypes[0]))
+        raise RuntimeError(f"{entry}: the cpu kernel cannot run: {problem}")
+    return _aot(entry, lambda *shapes: (shapes[0], shapes[5], shapes[6]), lambda *dtypes: (dtypes[0],) * 3)
 
 
 def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
@@ -192,19 +192,8 @@ def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, inpu
     (gguf_linear), each matrix either way; biases [out] (zeros where the model has none); eps a float.
     Returns (x [B, H], cache_k, cache_v) with the new key/value written. See kernels/cpu/llama_decode.cc;
     the numpy reference is kernels/llama_decode_reference.py."""
-    f32 = ms.float32
-    return _llama_decode_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
-                              write_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
-                              wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
-
-
-@functools.lru_cache(maxsize=None)
-def _llama_chunk_op():
-    problem = unavailable_reason("llama_decode")
-    if problem:
-        raise RuntimeError(f"llama_chunk_layer: the cpu kernel cannot run: {problem}")
-    return _aot("MsDfkdLlamaChunkLayer", lambda *shapes: (shapes[0], shapes[5], shapes[6]),
-                lambda *dtypes: (dtypes[0], dtypes[0], dtypes[0]))
+    return _layer("MsDfkdLlamaDecodeLayer", x, cos, sin, key_mask, write_slot, cache_k, cache_v,
+                  (input_norm, wq, wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down), eps)
 
 
 def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
@@ -214,10 +203,15 @@ def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input
     first_slot [1] int: token j goes to slot first_slot + j and reads the readable slots up to its own.
     Only the real tokens are computed (padding's output is its input, its slots keep the cache's values).
     Returns (x [B, L, H], cache_k, cache_v). The numpy reference: kernels/llama_decode_reference.py."""
+    return _layer("MsDfkdLlamaChunkLayer", x, cos, sin, key_mask, first_slot, cache_k, cache_v,
+                  (input_norm, wq, wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down), eps)
+
+
+def _layer(entry, x, cos, sin, key_mask, slot, cache_k, cache_v, weights, eps):
     f32 = ms.float32
-    return _llama_chunk_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
-                             first_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
-                             wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
+    return _llama_layer_op(entry)(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
+                                  slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), *weights,
+                                  scalar_tensor(float(eps), f32))
 
 
 @functools.lru_cache(maxsize=None)

@@ -119,6 +119,43 @@ inline void project(const float *a, Matrix w, float *out, int64_t rows, int64_t 
   }
 }
 
+// q, k, v = a wq^T, a wk^T, a wv^T for columns [begin, end) of the three stacked (nq + 2 nk columns)
+inline void project_qkv(const float *a, Matrix wq, Matrix wk, Matrix wv, float *q, float *k, float *v, int64_t rows,
+                        int64_t nq, int64_t nk, int64_t width, int64_t begin, int64_t end) {
+  project(a, wq, q, rows, nq, width, std::min(begin, nq), std::min(end, nq));
+  project(a, wk, k, rows, nk, width, std::clamp(begin - nq, int64_t{0}, nk), std::clamp(end - nq, int64_t{0}, nk));
+  project(a, wv, v, rows, nk, width, std::clamp(begin - nq - nk, int64_t{0}, nk),
+          std::clamp(end - nq - nk, int64_t{0}, nk));
+}
+
+// g[:, begin:end] = silu(a w_gate^T) * (a w_up^T) over those columns (u: the up product's buffer)
+inline void swiglu(const float *a, Matrix w_gate, Matrix w_up, float *g, float *u, int64_t rows, int64_t n,
+                   int64_t width, int64_t begin, int64_t end) {
+  project(a, w_gate, g, rows, n, width, begin, end);
+  project(a, w_up, u, rows, n, width, begin, end);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = begin; j < end; ++j) {
+      const float gj = g[r * n + j];
+      g[r * n + j] = gj / (1.0f + std::exp(-gj)) * u[r * n + j];
+    }
+}
+
+// the layer's 7 matrices from the op's params 8-11 (wq wk wv wo) and 16-18 (w_gate w_up w_down), each float32
+// [out, in] or GGUF blocks [out, in / 32, bytes]; false if one has the wrong width or block size
+inline bool layer_matrices(void **params, const int *ndims, int64_t **shapes, int64_t H, int64_t nq, int64_t I,
+                           Matrix m[7]) {
+  const int64_t widths[] = {H, H, H, nq, H, H, I};
+  for (int i = 0; i < 7; ++i) {
+    const int p = i < 4 ? 8 + i : 12 + i;
+    const bool blocks = ndims[p] == 3;
+    const int64_t width = blocks ? shapes[p][1] * msdfkd::kBlockValues : shapes[p][1];
+    if (width != widths[i] || (blocks && shapes[p][2] != msdfkd::kQ41Bytes && shapes[p][2] != msdfkd::kQ80Bytes))
+      return false;
+    m[i] = Matrix{params[p], blocks ? shapes[p][2] : 0};
+  }
+  return true;
+}
+
 // x*cos + rotate_half(x)*sin for one head of D values
 inline void rope(float *x, const float *cos, const float *sin, int64_t d) {
   const int64_t half = d / 2;
@@ -158,16 +195,8 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
   const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
   if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D) return 1;
   // the matrices and the width each takes: float32 [out, in] or blocks [out, in / 32, bytes]
-  const int64_t widths[] = {H, H, H, nq, H, H, I};
   Matrix m[7];
-  for (int i = 0; i < 7; ++i) {
-    const int p = i < 4 ? 8 + i : 12 + i;  // wq wk wv wo, then w_gate w_up w_down
-    const bool blocks = ndims[p] == 3;
-    const int64_t width = blocks ? shapes[p][1] * msdfkd::kBlockValues : shapes[p][1];
-    if (width != widths[i] || (blocks && shapes[p][2] != msdfkd::kQ41Bytes && shapes[p][2] != msdfkd::kQ80Bytes))
-      return 1;
-    m[i] = Matrix{params[p], blocks ? shapes[p][2] : 0};
-  }
+  if (!layer_matrices(params, ndims, shapes, H, nq, I, m)) return 1;
   const Matrix wq = m[0], wk = m[1], wv = m[2], wo = m[3], w_gate = m[4], w_up = m[5], w_down = m[6];
   int64_t slot = -1;
   for (int64_t s = 0; s < S; ++s)
@@ -189,9 +218,7 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
     team.wait();
     // q, k, v: this part's slice of their stacked rows
     split_range(n_qkv, p, np, b0, b1);
-    project(h, wq, q, B, nq, H, std::min(b0, nq), std::min(b1, nq));
-    project(h, wk, k, B, nk, H, std::clamp(b0 - nq, int64_t{0}, nk), std::clamp(b1 - nq, int64_t{0}, nk));
-    project(h, wv, v, B, nk, H, std::clamp(b0 - nq - nk, int64_t{0}, nk), std::clamp(b1 - nq - nk, int64_t{0}, nk));
+    project_qkv(h, wq, wk, wv, q, k, v, B, nq, nk, H, b0, b1);
     team.wait();
     // per (row, kv head): biases, rotary, the cache copied with the new key/value, attention of its q heads
     split_range(B * n_kv, p, np, b0, b1);
@@ -251,13 +278,7 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
     }
     team.wait();
     split_range(I, p, np, b0, b1);
-    project(h2, w_gate, g, B, I, H, b0, b1);
-    project(h2, w_up, u, B, I, H, b0, b1);
-    for (int64_t r = 0; r < B; ++r)
-      for (int64_t j = b0; j < b1; ++j) {
-        const float gj = g[r * I + j];
-        g[r * I + j] = gj / (1.0f + std::exp(-gj)) * u[r * I + j];
-      }
+    swiglu(h2, w_gate, w_up, g, u, B, I, H, b0, b1);
     team.wait();
     split_range(H, p, np, b0, b1);
     project(g, w_down, d, B, H, I, b0, b1);
@@ -294,16 +315,8 @@ int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shape
   const int64_t nq = shapes[8][0], nk = shapes[9][0], I = shapes[16][0];
   const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
   if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D || w0 < 0 || w0 + L > S) return 1;
-  const int64_t widths[] = {H, H, H, nq, H, H, I};
   Matrix m[7];
-  for (int i = 0; i < 7; ++i) {
-    const int p = i < 4 ? 8 + i : 12 + i;
-    const bool blocks = ndims[p] == 3;
-    const int64_t width = blocks ? shapes[p][1] * msdfkd::kBlockValues : shapes[p][1];
-    if (width != widths[i] || (blocks && shapes[p][2] != msdfkd::kQ41Bytes && shapes[p][2] != msdfkd::kQ80Bytes))
-      return 1;
-    m[i] = Matrix{params[p], blocks ? shapes[p][2] : 0};
-  }
+  if (!layer_matrices(params, ndims, shapes, H, nq, I, m)) return 1;
   const Matrix wq = m[0], wk = m[1], wv = m[2], wo = m[3], w_gate = m[4], w_up = m[5], w_down = m[6];
 
   // the real tokens, packed: token (b, j) is row packed[b * L + j] (-1: padding); rows of one b are in order
@@ -339,9 +352,7 @@ int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shape
     rms_norm(xp + b0 * H, input_norm, eps, h + b0 * H, b1 - b0, H);
     team.wait();
     split_range(n_qkv, p, np, b0, b1);
-    project(h, wq, q, R, nq, H, std::min(b0, nq), std::min(b1, nq));
-    project(h, wk, k, R, nk, H, std::clamp(b0 - nq, int64_t{0}, nk), std::clamp(b1 - nq, int64_t{0}, nk));
-    project(h, wv, v, R, nk, H, std::clamp(b0 - nq - nk, int64_t{0}, nk), std::clamp(b1 - nq - nk, int64_t{0}, nk));
+    project_qkv(h, wq, wk, wv, q, k, v, R, nq, nk, H, b0, b1);
     team.wait();
     // per (row, kv head): its tokens' keys/values into the cache, then its q heads' attention
     split_range(B * n_kv, p, np, b0, b1);
@@ -415,13 +426,7 @@ int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shape
     rms_norm(x1 + b0 * H, post_norm, eps, h2 + b0 * H, b1 - b0, H);
     team.wait();
     split_range(I, p, np, b0, b1);
-    project(h2, w_gate, g, R, I, H, b0, b1);
-    project(h2, w_up, u, R, I, H, b0, b1);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = b0; j < b1; ++j) {
-        const float gj = g[r * I + j];
-        g[r * I + j] = gj / (1.0f + std::exp(-gj)) * u[r * I + j];
-      }
+    swiglu(h2, w_gate, w_up, g, u, R, I, H, b0, b1);
     team.wait();
     split_range(H, p, np, b0, b1);
     project(g, w_down, d, R, H, I, b0, b1);
