@@ -182,24 +182,13 @@ def main(argv=None):
     # one process a method: the wrapped sampler (and MindSpore's caches) of one must not carry into the next
     import subprocess
     import sys
-    rest = list(argv if argv is not None else sys.argv[1:])
+    common = ["--rounds", str(args.rounds), "--config", str(Path(args.config).resolve())] + \
+        (["--trained-teacher"] if args.trained_teacher else []) + list(overrides)
     for method in methods:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.profile_round", "--methods", method,
-                               *_without_methods(rest)], cwd=ROOT)
+        done = subprocess.run([sys.executable, "-m", "benchmarks.profile_round", "--methods", method, *common],
+                              cwd=ROOT)
         if done.returncode:
             raise SystemExit(done.returncode)
-
-
-def _without_methods(argv):
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--methods":
-            skip = True
-        elif not a.startswith("--methods="):
-            out.append(a)
-    return out
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Path ``cpu`` of the encoder ops: the C++ kernels of kernels/cpu/encoder_ops.cc as MindSpore ``aot``
 custom ops with bprop (CPU device target only); and the sampler's one-token decoder layer
-(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only; ``llama_chunk_layer`` the same for a prompt's
-prefill) and a linear layer read from a GGUF file's
-Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc, ``gguf_linear``, forward only), for its LM head; and the Gumbel
-noise of the soft embedding's composite path (kernels/cpu/gumbel_noise.cc, ``gumbel_noise``). The library is compiled on first use
-(kernels/cpu_build.py); ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
+(kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only; ``llama_chunk_layer`` the same for a
+prompt's prefill) and a linear layer read from a GGUF file's Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc,
+``gguf_linear``, forward only), for its LM head; and the Gumbel noise of the soft embedding's composite path
+(kernels/cpu/gumbel_noise.cc, ``gumbel_noise``). The library is compiled on first use (kernels/cpu_build.py);
+``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
 also returns each row's mean and 1/std, which its backward takes rather than recomputing them. The
@@ -16,13 +16,11 @@ import functools
 import os
 
 import mindspore as ms
-import numpy as np
 from mindspore import nn, ops
 
 from kernels import cpu_build
-from kernels.gumbel_noise import mix32_np
 from kernels.encoder_ops_composite import linear as composite_linear
-from kernels.utils import scalar_tensor, zero_grad
+from kernels.utils import column_hashes, scalar_tensor, zero_grad
 
 _threads = {"n": 0}
 
@@ -61,10 +59,8 @@ def _gemm_problem():
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(op=None):
-    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise; None: the
-    library) can run
-    here, else why
-    not (builds the library if needed)."""
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise; None:
+    the library) can run here, else why not (builds the library if needed)."""
     target = ms.get_context("device_target")
     if target != "CPU":
         return f"the cpu kernels run on the CPU device target only, and it is {target}"
@@ -219,17 +215,11 @@ def _gumbel_op():
     return _aot("MsDfkdGumbelNoise", lambda keys, cols: [keys[0], cols[0]], lambda *dtypes: ms.float32)
 
 
-@functools.lru_cache(maxsize=128)
-def _column_hashes(start, stop):
-    return ms.Tensor(mix32_np(np.arange(start, stop)).astype(np.uint32))
-
-
 def gumbel_noise(keys, start, stop):
-    """The Gumbel noise of kernels.utils.gumbel_noise (the same values) as one C++ op: uint32 row keys [R]
-    (kernels.utils.row_keys), columns start..stop-1 -> float32 [R, stop - start]; a hash and a table
-    load per value: -log(-log u) for the 2**23 values u takes, a 32 MB table the library builds once
-    (kernels/cpu/gumbel_noise.cc)."""
-    return _gumbel_op()(keys, _column_hashes(start, stop))
+    """kernels.utils.gumbel (the same float32 values) as one C++ op: uint32 row keys [R]
+    (kernels.utils.row_keys), columns start..stop-1 -> float32 [R, stop - start]; per value the hash and
+    a vectorised float64 log (kernels/cpu/gumbel_noise.cc)."""
+    return _gumbel_op()(keys, column_hashes(start, stop).reshape(-1))
 
 
 @functools.lru_cache(maxsize=None)

@@ -80,7 +80,8 @@ def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input
     keys = np.repeat(cache_k, n_heads // n_kv, 1)                              # [B, n_heads, S, D]
     values = np.repeat(cache_v, n_heads // n_kv, 1)
     scores = np.einsum("blhd,bhsd->blhs", q, keys) / np.sqrt(d)
-    readable = (np.asarray(key_mask)[:, None, :] > 0) & (np.arange(s)[None, None, :] <= w0 + np.arange(length)[None, :, None])
+    up_to_own = np.arange(s)[None, None, :] <= w0 + np.arange(length)[None, :, None]   # [1, L, S]
+    readable = (np.asarray(key_mask)[:, None, :] > 0) & up_to_own
     scores = np.where(readable[:, :, None], scores, -np.inf)
     scores = np.where(real[:, :, None, None], scores, 0.0)                      # padding: no row to normalise
     weights = np.exp(scores - scores.max(-1, keepdims=True))

@@ -111,7 +111,7 @@ def mix32(x):
 
 
 @functools.lru_cache(maxsize=128)
-def _column_hashes(start, stop):
+def column_hashes(start, stop):
     """mix32(col) for col in start..stop-1, as a constant [1, C] uint32 tensor (graph mode's arange
     with constant bounds fails to compile, and the hash of a column never changes)."""
     return ms.Tensor(mix32_np(np.arange(start, stop)).astype(np.uint32).reshape(1, -1))
@@ -137,7 +137,7 @@ def gumbel(keys, start, stop):
     returns 0 just below 1, which turns into errors of 5e-3 in -log(-log u). The float64 result rounded
     to float32 is within one float32 ulp of gumbel_np. The lower clamp of gumbel_np (U_MIN = 1e-10)
     never binds, since u >= 2**-24, so only the upper one is applied."""
-    cols = _column_hashes(start, stop)
+    cols = column_hashes(start, stop)
     h = mix32(ops.bitwise_xor(per_row(keys.reshape(-1, 1), stop - start), _tile(cols, (keys.shape[0], 1))))
     u = (ops.bitwise_right_shift(h, _SHIFT9).astype(ms.float64) + 0.5) * (2.0 ** -23)
     u = ops.minimum(u, _U_MAX32)

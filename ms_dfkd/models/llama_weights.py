@@ -183,10 +183,10 @@ def load_gguf_llama(path, compute_dtype="float32"):
     is the float32 model plus one tensor (Qwen2.5-Coder-0.5B: 2.5 GB + 0.5 GB), not twice the model.
 
     ``model.gguf_blocks`` keeps the file's Q4_1 and Q8_0 matrices as they are ({llama.py name: uint8 Parameter
-    [out, in / 32, bytes per block]}, not among the model's parameters, rows in llama.py's order; 96 MB for SmolLM2): the sampler's decode
-    steps read the weights that do not train from them (models/llama_sampling.py). They stand for the
-    float32 weights only while those keep the file's values: nothing in ms-dfkd writes a weight that does
-    not train.
+    [out, in / 32, bytes per block]}, not among the model's parameters, rows in llama.py's order; 96 MB for
+    SmolLM2): the sampler's decode steps read the weights that do not train from them
+    (models/llama_sampling.py). They stand for the float32 weights only while those keep the file's values:
+    nothing in ms-dfkd writes a weight that does not train.
     """
     import mindspore as ms
     reader = read_gguf(path)
