@@ -9,7 +9,8 @@ prompt's prefill) and a linear layer read from a GGUF file's Q4_1 / Q8_0 blocks 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
 also returns each row's mean and 1/std, which its backward takes rather than recomputing them. The
 linear layer runs MindSpore's MatMul forward (as fast as a plain product gets here) and a C++ backward
-whose products are oneDNN's sgemm from the libdnnl in MindSpore's wheel.
+whose products are oneDNN's sgemm from the libdnnl in MindSpore's wheel; given a row mask (a batch's real
+tokens), its forward and backward are C++ over those rows only, packed into one sgemm each.
 """
 import ctypes
 import functools
@@ -137,6 +138,26 @@ class LinearOp(nn.Cell):
         return self.backward_op(dout, x, weight)
 
 
+class MaskedLinearOp(nn.Cell):
+    """(x f32 [..., k], weight [n, k], bias [n], rows f32 [...]) -> x weight^T + bias on the rows whose
+    ``rows`` value is nonzero, 0 on the others; forward and backward in C++ over those rows only."""
+
+    def __init__(self):
+        super().__init__()
+        backward_op = _aot("MsDfkdMaskedLinearBackward", lambda dy, x, w, rows: (x, w, w[:1]),
+                           lambda dy, x, w, rows: (x, w, w))
+
+        def bprop(x, weight, bias, rows, out, dout):
+            dx, dweight, dbias = backward_op(dout, x, weight, rows)
+            return dx, dweight, dbias, zero_grad(rows)
+
+        self.op = _aot("MsDfkdMaskedLinearForward", lambda x, w, b, rows: x[:-1] + [w[0]],
+                       lambda x, w, b, rows: x, bprop)
+
+    def construct(self, x, weight, bias, rows):
+        return self.op(x, weight, bias, rows)
+
+
 # ---- entry points called by kernels.encoder_ops (parsed in graph mode) ---------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -161,8 +182,19 @@ def _linear_op():
     return LinearOp()
 
 
-def linear(x, weight, bias):
-    return _linear_op()(x.astype(ms.float32), weight.astype(ms.float32), bias.astype(ms.float32)).astype(x.dtype)
+@functools.lru_cache(maxsize=None)
+def _masked_linear_op():
+    problem = unavailable_reason("linear")
+    if problem:
+        raise RuntimeError(f"linear: the cpu path cannot run: {problem}")
+    return MaskedLinearOp()
+
+
+def linear(x, weight, bias, rows=None):
+    f32 = ms.float32
+    if rows is None:
+        return _linear_op()(x.astype(f32), weight.astype(f32), bias.astype(f32)).astype(x.dtype)
+    return _masked_linear_op()(x.astype(f32), weight.astype(f32), bias.astype(f32), rows.astype(f32)).astype(x.dtype)
 
 
 def layer_norm(x, weight, bias, eps):

@@ -1,5 +1,5 @@
 """The encoder's exact GELU, LayerNorm and linear layer: gelu(x), layer_norm(x, weight, bias, eps),
-linear(x, weight, bias).
+linear(x, weight, bias, rows=None).
 
     gelu(x) = x * Phi(x) = x * (1 + erf(x / sqrt(2))) / 2          elementwise, computed in float32,
                                                                      returned in x's dtype
@@ -9,6 +9,11 @@ linear(x, weight, bias).
                                                                      x's last axis k; in x's dtype on the
                                                                      composite path, float32 on the cpu
                                                                      path (returned in x's dtype)
+    linear(x, weight, bias, rows)                                    rows [x's shape without its last axis]
+                                                                     (a batch's attention mask): the rows
+                                                                     where it is 0 give 0 and take no part
+                                                                     in the gradients; the cpu path does
+                                                                     not compute them
 Gradients reach x, weight and bias. The path (cpu: C++ kernels on the CPU device target; composite:
 MindSpore's own ops) comes from kernels.dispatch.resolve_encoder_path, which logs it.
 """
@@ -29,11 +34,14 @@ def _check_norm(x_shape, weight_shape, bias_shape, eps):
 
 
 @ops.constexpr
-def _check_linear(x_shape, weight_shape, bias_shape):
+def _check_linear(x_shape, weight_shape, bias_shape, rows_shape):
     k = x_shape[-1] if len(x_shape) else None
     if len(weight_shape) != 2 or weight_shape[1] != k or tuple(bias_shape) != (weight_shape[0],):
         raise ValueError(f"linear: weight must be [n, {k}] and bias [n] for x of shape {tuple(x_shape)}, got "
                          f"{tuple(weight_shape)} and {tuple(bias_shape)}")
+    if rows_shape is not None and tuple(rows_shape) != tuple(x_shape[:-1]):
+        raise ValueError(f"linear: rows must be {list(x_shape[:-1])} for x of shape {tuple(x_shape)}, got "
+                         f"{list(rows_shape)}")
     return True
 
 
@@ -49,7 +57,11 @@ def layer_norm(x, weight, bias, eps):
         x, weight, bias, float(eps))
 
 
-def linear(x, weight, bias):
-    """x weight^T + bias over x's last axis; see the module docstring."""
-    _check_linear(tuple(x.shape), tuple(weight.shape), tuple(bias.shape))
-    return dispatch.path_module(dispatch.resolve_encoder_path("linear"), "linear").linear(x, weight, bias)
+def linear(x, weight, bias, rows=None):
+    """x weight^T + bias over x's last axis; with rows, only where rows is nonzero; see the module docstring."""
+    _check_linear(tuple(x.shape), tuple(weight.shape), tuple(bias.shape),
+                  None if rows is None else tuple(rows.shape))
+    module = dispatch.path_module(dispatch.resolve_encoder_path("linear"), "linear")
+    if rows is None:
+        return module.linear(x, weight, bias)
+    return module.linear(x, weight, bias, rows)

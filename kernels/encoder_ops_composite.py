@@ -13,10 +13,12 @@ def gelu(x):
     return (0.5 * x32 * (1.0 + ops.erf(x32 * 0.7071067811865476))).astype(x.dtype)
 
 
-def linear(x, weight, bias):
+def linear(x, weight, bias, rows=None):
     # a 2-D MatMul and BiasAdd rather than ops.dense(x, w, b): the latter adds the bias with a broadcasting
     # Add, whose CPU kernel keeps index tables of about 4x its output for the life of the compiled graph
     y = ops.bias_add(ops.dense(x.reshape(-1, x.shape[-1]), weight), bias)
+    if rows is not None:  # every row is computed here; the masked ones are zeroed, as the cpu path gives them
+        y = y * ops.stop_gradient(rows).reshape(-1, 1).astype(y.dtype)  # a mask has no gradient
     return y.reshape(x.shape[:-1] + (y.shape[-1],))
 
 

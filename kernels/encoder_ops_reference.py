@@ -6,6 +6,8 @@ Tests only.
         dx = (w * dy - mean(w * dy) - xhat * mean(w * dy * xhat)) / sqrt(var + eps)   (means over the axis)
         dw = sum over rows of dy * xhat,   db = sum over rows of dy
     linear(x, w, b) = x w^T + b:  dx = dy w,  dw = dy^T x,  db = sum over rows of dy   (rows: all but the last axis)
+    linear(x, w, b, rows): the same on the rows whose mask value is nonzero; the others give y = 0, dx = 0
+        and add nothing to dw and db
 """
 import math
 
@@ -52,12 +54,18 @@ def layer_norm_backward(x, weight, eps, dy):
     return dx, (rows * xhat.reshape(rows.shape)).sum(axis=0), rows.sum(axis=0)
 
 
-def linear(x, weight, bias):
-    return _f64(x) @ _f64(weight).T + _f64(bias)
+def _keep(rows, shape):
+    """1.0 where a row counts (rows nonzero; every row when rows is None), broadcast over the last axis."""
+    return np.ones(shape[:-1] + (1,)) if rows is None else (np.asarray(rows) != 0).astype(np.float64)[..., None]
 
 
-def linear_backward(x, weight, dy):
-    """(dx, dweight, dbias)."""
-    x, dy = _f64(x), _f64(dy)
+def linear(x, weight, bias, rows=None):
+    y = _f64(x) @ _f64(weight).T + _f64(bias)
+    return y * _keep(rows, y.shape)
+
+
+def linear_backward(x, weight, dy, rows=None):
+    """(dx, dweight, dbias); with rows, only the rows whose value is nonzero take part."""
+    x, dy = _f64(x), _f64(dy) * _keep(rows, np.shape(dy))
     rows_x, rows_dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     return dy @ _f64(weight), rows_dy.T @ rows_x, rows_dy.sum(axis=0)

@@ -200,12 +200,76 @@ def test_cpu_linear_gradients_are_the_same_over_any_thread_split(threads, reques
             np.testing.assert_allclose(got.asnumpy(), want, rtol=0, atol=1e-4 * np.abs(want).max())
 
 
+class MaskedLinearLoss(nn.Cell):
+    def construct(self, x, weight, bias, rows, dy):
+        return (linear(x, weight, bias, rows).astype(ms.float32) * dy).sum()
+
+
+def _row_masks(shape, rng):
+    """Right padding as a tokenizer gives it, a random mask, every row kept, and none kept."""
+    lead = shape[:-1]
+    lengths = rng.integers(0, lead[-1] + 1, size=lead[:-1])
+    padded = (np.arange(lead[-1]) < lengths[..., None]).astype(np.float32)
+    return {"padded": padded, "random": (rng.random(lead) < 0.6).astype(np.float32),
+            "all": np.ones(lead, np.float32), "none": np.zeros(lead, np.float32)}
+
+
+@pytest.mark.parametrize("path", ["cpu", "composite"])
+@pytest.mark.parametrize("graph", [True, False])
+@pytest.mark.parametrize("mask", ["padded", "random", "all", "none"])
+@pytest.mark.parametrize("shape,n,dtype", [((3, 41, 64), 96, "float32"), ((32, 32, 384), 1536, "float32"),
+                                           ((4, 9, 32), 48, "float16")])
+def test_masked_linear_matches_reference(path, graph, mask, shape, n, dtype):
+    """Rows whose mask is 0 give 0 and take no part in dx, dw, db; the others are the plain linear layer."""
+    ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
+    _use(path)
+    rng = np.random.default_rng(6)
+    k = shape[-1]
+    cast = lambda a: ms.Tensor(a.astype(np.float32), MS_DTYPES[dtype])
+    x, w, b = cast(rng.normal(size=shape)), cast(rng.normal(size=(n, k)) / np.sqrt(k)), cast(rng.normal(size=n))
+    rows = _row_masks(shape, rng)[mask]
+    seen = [t.astype(ms.float32).asnumpy() for t in (x, w, b)]
+    dy = rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
+    y = linear(x, w, b, ms.Tensor(rows))
+    assert y.dtype == MS_DTYPES[dtype] and y.shape == shape[:-1] + (n,)
+    got = y.astype(ms.float32).asnumpy()
+    assert not got[rows == 0].any()  # exactly 0 on masked rows
+    atol = max(ATOL[dtype] * 4, 3e-7 * np.sqrt(k) * 4)
+    np.testing.assert_allclose(got, ref.linear(*seen, rows), rtol=0, atol=atol)
+    _, (dx, dw, db, drows) = Grads(MaskedLinearLoss())(x, w, b, ms.Tensor(rows), ms.Tensor(dy))
+    assert not dx.astype(ms.float32).asnumpy()[rows == 0].any() and not drows.asnumpy().any()
+    count = max(int(rows.sum()), 1)
+    for got, want, length in zip((dx, dw, db), ref.linear_backward(seen[0], seen[1], dy, rows), (n, count, count)):
+        scale = np.abs(want).max() / np.sqrt(length) + 1
+        tol = (ATOL[dtype] * 8 if dtype != "float32" else 1e-6) * np.sqrt(length) * scale
+        np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_cpu_masked_linear_is_the_same_over_any_thread_split(threads, request):
+    """The packing, the products and the scattering back split over rows or columns: every split must add up."""
+    cpu_ops.set_cpu_threads(threads)
+    request.addfinalizer(lambda: cpu_ops.set_cpu_threads(0))
+    rng = np.random.default_rng(7)
+    for shape, n in (((5, 111, 40), 200), ((700, 33), 9)):
+        x, w = rng.normal(size=shape).astype(np.float32), rng.normal(size=(n, shape[-1])).astype(np.float32)
+        b, dy = rng.normal(size=n).astype(np.float32), rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
+        rows = _row_masks(shape, rng)["random"]
+        y, grads = Grads(MaskedLinearLoss())(*map(ms.Tensor, (x, w, b, rows, dy)))
+        np.testing.assert_allclose(y.asnumpy(), (ref.linear(x, w, b, rows) * dy).sum(), rtol=1e-5)
+        for got, want in zip(grads, ref.linear_backward(x, w, dy, rows)):
+            np.testing.assert_allclose(got.asnumpy(), want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
 def test_linear_refuses_bad_arguments_by_name():
     x = ms.Tensor(np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"weight must be \[n, 4\] and bias \[n\] .* got \(3, 5\) and \(3,\)"):
         linear(x, ms.Tensor(np.zeros((3, 5), np.float32)), ms.Tensor(np.zeros(3, np.float32)))
     with pytest.raises(ValueError, match=r"got \(3, 4\) and \(2,\)"):
         linear(x, ms.Tensor(np.zeros((3, 4), np.float32)), ms.Tensor(np.zeros(2, np.float32)))
+    with pytest.raises(ValueError, match=r"rows must be \[2\] for x of shape \(2, 4\), got \[2, 1\]"):
+        linear(x, ms.Tensor(np.zeros((3, 4), np.float32)), ms.Tensor(np.zeros(3, np.float32)),
+               ms.Tensor(np.ones((2, 1), np.float32)))
 
 
 def test_the_linear_backward_takes_onednn_from_mindspores_wheel():

@@ -1,4 +1,5 @@
-// The encoder's GELU and LayerNorm on CPU, forward and backward, and its linear layers' backward, as
+// The encoder's GELU and LayerNorm on CPU, forward and backward, its linear layers' backward, and a linear
+// layer over a batch's real rows only (forward and backward), as
 // MindSpore `aot` custom ops (kernels/cpu_ops.py; built by kernels/cpu_build.py).
 //
 // Why: MindSpore's CPU Erf, and the elementwise ops around it, run one element at a time, and its
@@ -89,6 +90,70 @@ void gelu_backward_range(const float *__restrict x, const float *__restrict dy, 
   for (int64_t i = begin; i < end; ++i) dx[i] = dy[i] * gelu_slope(x[i]);
 }
 
+// The masked linear layer: the same products over the rows whose mask is nonzero only (a batch's real
+// tokens; padding is about a third of a student batch), packed together so that each product is one
+// sgemm. Masked rows give y = 0 and dx = 0 and add nothing to dw and db.
+
+// indices of the rows whose mask is nonzero
+void real_rows(const float *mask, int64_t rows, std::vector<int64_t> &out) {
+  out.clear();
+  for (int64_t i = 0; i < rows; ++i)
+    if (mask[i] != 0.0f) out.push_back(i);
+}
+
+// dst[j] = src[index[j]] for rows of width w
+void gather_rows(const float *src, const std::vector<int64_t> &index, int64_t w, float *dst) {
+  const int64_t *idx = index.data();
+  parallel_for(static_cast<int64_t>(index.size()), kGrain / w + 1, [=](int, int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) std::copy(src + idx[j] * w, src + (idx[j] + 1) * w, dst + j * w);
+  });
+}
+
+// dst[index[j]] = src[j] (+ bias), every other row of dst 0; dst has `rows` rows of width w
+void scatter_rows(const float *src, const std::vector<int64_t> &index, int64_t rows, int64_t w, const float *bias,
+                  float *dst) {
+  const int64_t *idx = index.data();
+  const int64_t nr = static_cast<int64_t>(index.size());
+  parallel_for(rows, kGrain / w + 1, [=](int, int64_t begin, int64_t end) {
+    // the packed rows that land in [begin, end): index is increasing
+    int64_t j = std::lower_bound(idx, idx + nr, begin) - idx;
+    for (int64_t r = begin; r < end; ++r) {
+      float *__restrict out = dst + r * w;
+      if (j < nr && idx[j] == r) {
+        const float *__restrict in = src + j * w;
+        if (bias) {
+          for (int64_t c = 0; c < w; ++c) out[c] = in[c] + bias[c];
+        } else {
+          for (int64_t c = 0; c < w; ++c) out[c] = in[c];
+        }
+        ++j;
+      } else {
+        for (int64_t c = 0; c < w; ++c) out[c] = 0.0f;
+      }
+    }
+  });
+}
+
+// scratch buffers kept per thread across calls: a fresh multi-megabyte vector a call costs page faults
+std::vector<float> &scratch(int which, size_t n) {
+  thread_local std::vector<float> buffers[3];
+  if (buffers[which].size() < n) buffers[which].resize(n);
+  return buffers[which];
+}
+
+// out[c] = the sum of src's rows' column c (src [rows, n]), split over columns
+void column_sums(const float *src, int64_t rows, int64_t n, float *out) {
+  parallel_for(n, 64, [=](int, int64_t begin, int64_t end) {
+    float *__restrict o = out + begin;
+    const int64_t width = end - begin;
+    for (int64_t j = 0; j < width; ++j) o[j] = 0.0f;
+    for (int64_t i = 0; i < rows; ++i) {
+      const float *__restrict row = src + i * n + begin;
+      for (int64_t j = 0; j < width; ++j) o[j] += row[j];
+    }
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -121,15 +186,67 @@ int MsDfkdLinearBackward(int nparam, void **params, int *ndims, int64_t **shapes
   const int64_t rows = numel(ndims[1], shapes[1]) / k;
   gemm(false, false, rows, k, n, dy, n, w, k, dx, k);
   gemm(true, false, n, k, rows, dy, n, x, k, dw, k);
-  parallel_for(n, 64, [=](int, int64_t begin, int64_t end) {
-    float *__restrict out = db + begin;
-    const int64_t width = end - begin;
-    for (int64_t j = 0; j < width; ++j) out[j] = 0.0f;
-    for (int64_t i = 0; i < rows; ++i) {
-      const float *__restrict row = dy + i * n + begin;
-      for (int64_t j = 0; j < width; ++j) out[j] += row[j];
-    }
-  });
+  column_sums(dy, rows, n, db);
+  return 0;
+}
+
+// y = (x w^T + b) on rows whose mask is nonzero, 0 on the others
+//                                                params: x [.., k], w [n, k], b [n], mask [..], y [.., n]
+int MsDfkdMaskedLinearForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  if (nparam != 5 || !msdfkd::g_sgemm) return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float *mask = static_cast<const float *>(params[3]);
+  float *y = static_cast<float *>(params[4]);
+  const int64_t n = shapes[1][0], k = shapes[1][1];
+  const int64_t rows = numel(ndims[3], shapes[3]);
+  thread_local std::vector<int64_t> index;
+  real_rows(mask, rows, index);
+  const int64_t nr = static_cast<int64_t>(index.size());
+  float *xp = scratch(0, nr * k).data();
+  float *yp = scratch(1, nr * n).data();
+  if (nr > 0) {
+    gather_rows(x, index, k, xp);
+    gemm(false, true, nr, n, k, xp, k, w, k, yp, n);
+  }
+  scatter_rows(yp, index, rows, n, b, y);
+  return 0;
+}
+
+// the backward of MsDfkdMaskedLinearForward: dx = dy w on the rows whose mask is nonzero (0 on the
+// others), dw = dy^T x and db = the sum of dy over those rows
+//                          params: dy [.., n], x [.., k], w [n, k], mask [..], dx [.., k], dw [n, k], db [n]
+int MsDfkdMaskedLinearBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 7 || !msdfkd::g_sgemm) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float *w = static_cast<const float *>(params[2]);
+  const float *mask = static_cast<const float *>(params[3]);
+  float *dx = static_cast<float *>(params[4]);
+  float *dw = static_cast<float *>(params[5]);
+  float *db = static_cast<float *>(params[6]);
+  const int64_t n = shapes[2][0], k = shapes[2][1];
+  const int64_t rows = numel(ndims[3], shapes[3]);
+  thread_local std::vector<int64_t> index;
+  real_rows(mask, rows, index);
+  const int64_t nr = static_cast<int64_t>(index.size());
+  float *dyp = scratch(0, nr * n).data();
+  float *xp = scratch(1, nr * k).data();
+  float *dxp = scratch(2, nr * k).data();
+  if (nr == 0) {
+    std::fill(dw, dw + n * k, 0.0f);
+    std::fill(db, db + n, 0.0f);
+  } else {
+    gather_rows(dy, index, n, dyp);
+    gather_rows(x, index, k, xp);
+    gemm(false, false, nr, k, n, dyp, n, w, k, dxp, k);
+    gemm(true, false, n, k, nr, dyp, n, xp, k, dw, k);
+    column_sums(dyp, nr, n, db);
+  }
+  scatter_rows(dxp, index, rows, k, nullptr, dx);
   return 0;
 }
 

@@ -16,6 +16,11 @@ residual stream, LayerNorm and softmax stay float32.
 GELU, LayerNorm and the linear layers come from kernels/ (kernels.encoder_ops): on CPU, C++ kernels
 (GELU and LayerNorm several times faster than MindSpore's own CPU ops; the linear layers' backward
 without MindSpore's transposes); elsewhere MindSpore's ops. The path is logged.
+
+Given an attention mask, the layers' linear layers compute the real positions only (the CPU kernels skip
+padding, about a third of a generated batch) and give 0 at padded positions on every path, so a padded
+position's hidden state is not HF's (HF computes it; nothing reads it: padded keys are masked out, the
+mean pooling skips them and the pooler reads the first position).
 """
 import json
 import math
@@ -107,9 +112,11 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (n_out,), ms.float32))
         self.compute_dtype = compute_dtype
 
-    def construct(self, x):
+    def construct(self, x, rows=None):
         cdt = self.compute_dtype
-        return linear(x.astype(cdt), self.weight.astype(cdt), self.bias.astype(cdt))
+        if rows is None:
+            return linear(x.astype(cdt), self.weight.astype(cdt), self.bias.astype(cdt))
+        return linear(x.astype(cdt), self.weight.astype(cdt), self.bias.astype(cdt), rows)
 
 
 class LayerNorm(nn.Cell):
@@ -189,8 +196,8 @@ class BertSelfAttention(nn.Cell):
         b, l, _ = x.shape
         return x.reshape(b, l, self.n_head, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x, additive_mask):
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+    def construct(self, x, additive_mask, rows):
+        q, k, v = self._heads(self.query(x, rows)), self._heads(self.key(x, rows)), self._heads(self.value(x, rows))
         scores = ops.matmul(q, k.transpose(0, 1, 3, 2)).astype(ms.float32) * self.scale
         probs = ops.softmax(scores + additive_mask, axis=-1)          # fp32 softmax
         probs = _dropout(probs, self.p, self.training)
@@ -206,8 +213,8 @@ class BertSelfOutput(nn.Cell):
         self.LayerNorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
         self.p = cfg.hidden_dropout
 
-    def construct(self, h, residual):
-        h = _dropout(self.dense(h).astype(ms.float32), self.p, self.training)
+    def construct(self, h, residual, rows):
+        h = _dropout(self.dense(h, rows).astype(ms.float32), self.p, self.training)
         return self.LayerNorm(h + residual)                            # post-LN
 
 
@@ -217,8 +224,8 @@ class BertAttention(nn.Cell):
         setattr(self, "self", BertSelfAttention(cfg))     # HF name "attention.self.*"
         self.output = BertSelfOutput(cfg, cfg.hidden_size)
 
-    def construct(self, x, additive_mask):
-        return self.output(getattr(self, "self")(x, additive_mask), x)
+    def construct(self, x, additive_mask, rows):
+        return self.output(getattr(self, "self")(x, additive_mask, rows), x, rows)
 
 
 class BertIntermediate(nn.Cell):
@@ -228,8 +235,8 @@ class BertIntermediate(nn.Cell):
                             _DTYPES[cfg.compute_dtype])
         self.act = cfg.hidden_act
 
-    def construct(self, x):
-        return _act(self.dense(x), self.act)
+    def construct(self, x, rows):
+        return _act(self.dense(x, rows), self.act)
 
 
 class BertLayer(nn.Cell):
@@ -239,9 +246,9 @@ class BertLayer(nn.Cell):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertSelfOutput(cfg, cfg.intermediate_size)   # same shape of block as HF BertOutput
 
-    def construct(self, x, additive_mask):
-        x = self.attention(x, additive_mask)
-        return self.output(self.intermediate(x), x)
+    def construct(self, x, additive_mask, rows):
+        x = self.attention(x, additive_mask, rows)
+        return self.output(self.intermediate(x, rows), x, rows)
 
 
 class BertEncoder(nn.Cell):
@@ -249,9 +256,9 @@ class BertEncoder(nn.Cell):
         super().__init__()
         self.layer = nn.CellList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
 
-    def construct(self, x, additive_mask):
+    def construct(self, x, additive_mask, rows):
         for layer in self.layer:
-            x = layer(x, additive_mask)
+            x = layer(x, additive_mask, rows)
         return x
 
 
@@ -291,9 +298,11 @@ class BertModel(nn.Cell):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        rows = None  # the positions the layers' linear layers compute (the cpu kernels skip the others)
         if attention_mask is None:
             additive_mask = ops.zeros((x.shape[0], 1, 1, x.shape[1]), ms.float32)
         else:
+            rows = attention_mask.astype(ms.float32)
             # [B, L] 1 = keep, 0 = pad -> [B, 1, 1, L] added to the scores; the float32 minimum
             # (not -inf) so that a fully padded row gives a uniform softmax, not NaN
             keep = attention_mask.astype(ms.float32).reshape(x.shape[0], 1, 1, x.shape[1])
@@ -301,7 +310,7 @@ class BertModel(nn.Cell):
         # broadcast once to the scores' shape [B, heads, L, L], shared by all layers (see LayerNorm)
         b, l = x.shape[0], x.shape[1]
         additive_mask = ops.broadcast_to(additive_mask, (b, self.config.num_attention_heads, l, l))
-        h = self.encoder(x, additive_mask)
+        h = self.encoder(x, additive_mask, rows)
         pooled = self.pooler(h) if self.pooler is not None else None
         return h, pooled
 
