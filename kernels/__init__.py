@@ -7,6 +7,7 @@ interpreter on CPU (``triton_interpret``). ``set_kernel_backend`` / MS_DFKD_KERN
 
 The encoder ops (gelu, layer_norm, linear) have a numpy reference, MindSpore's own ops (``composite``) and C++
 kernels for the CPU (``cpu``, the default there, built on first use by cpu_build).
+``adam_weight_decay`` is nn.AdamWeightDecay whose update is one C++ op per parameter on CPU (kernels.adamw).
 ``cpu_ops.llama_decode_layer`` runs one decoder layer of the sampler's one-token steps as one C++ op (CPU,
 float32, no gradient); its numpy reference is llama_decode_reference.
 
@@ -24,6 +25,7 @@ _EXPORTS = {
     "layer_norm": "kernels.encoder_ops",
     "linear": "kernels.encoder_ops",
     "set_cpu_threads": "kernels.cpu_ops",
+    "adam_weight_decay": "kernels.adamw",
     "set_kernel_backend": "kernels.dispatch",
     "resolve_backend": "kernels.dispatch",
     "requested_backend": "kernels.dispatch",

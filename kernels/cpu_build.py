@@ -21,7 +21,7 @@ import tempfile
 
 SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
 SOURCES = tuple(SOURCE_DIR / name
-                for name in ("encoder_ops.cc", "llama_decode.cc", "gguf_linear.cc", "gumbel_noise.cc"))
+                for name in ("encoder_ops.cc", "llama_decode.cc", "gguf_linear.cc", "gumbel_noise.cc", "adamw.cc"))
 HEADERS = (SOURCE_DIR / "common.h", SOURCE_DIR / "gguf_blocks.h")
 DIR_ENV = "MS_DFKD_CPU_KERNELS_DIR"
 # -fno-trapping-math lets GCC vectorise the branch-free selects of the GELU loops, -fopenmp-simd the

@@ -2,8 +2,9 @@
 custom ops with bprop (CPU device target only); and the sampler's one-token decoder layer
 (kernels/cpu/llama_decode.cc, ``llama_decode_layer``, forward only; ``llama_chunk_layer`` the same for a
 prompt's prefill) and a linear layer read from a GGUF file's Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc,
-``gguf_linear``, forward only), for its LM head; and the Gumbel noise of the soft embedding's composite path
-(kernels/cpu/gumbel_noise.cc, ``gumbel_noise``). The library is compiled on first use (kernels/cpu_build.py);
+``gguf_linear``, forward only), for its LM head; the Gumbel noise of the soft embedding's composite path
+(kernels/cpu/gumbel_noise.cc, ``gumbel_noise``); and AdamW's update in place (kernels/cpu/adamw.cc,
+``adamw_update_op``, for kernels.adamw). The library is compiled on first use (kernels/cpu_build.py);
 ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
@@ -18,6 +19,7 @@ import os
 
 import mindspore as ms
 from mindspore import nn, ops
+from mindspore.ops import signature
 
 from kernels import cpu_build
 from kernels.encoder_ops_composite import linear as composite_linear
@@ -60,7 +62,7 @@ def _gemm_problem():
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(op=None):
-    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise; None:
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise, adamw; None:
     the library) can run here, else why not (builds the library if needed)."""
     target = ms.get_context("device_target")
     if target != "CPU":
@@ -264,6 +266,23 @@ def gguf_linear(x, blocks):
     [N, K / 32, 34] (Q8_0), ggml's layout; W is what gguf's dequantiser gives for them, to the bit
     (kernels/gguf_blocks_reference.py). No gradient."""
     return _gguf_linear_op()(x.astype(ms.float32), blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def adamw_update_op():
+    """The aot op of kernels/cpu/adamw.cc: (param, m, v, grad f32, hyper [lr, beta1, beta2, eps, decay] f32)
+    -> a [1] flag; param, m and v are updated where they are, so the op is declared to have memory side
+    effects (MindSpore then keeps it in order with the parameters' other readers and writers)."""
+    problem = unavailable_reason("adamw")
+    if problem:
+        raise RuntimeError(f"adamw: the cpu kernel cannot run: {problem}")
+    op = _aot("MsDfkdAdamWUpdate", lambda p, m, v, g, hyper: [1], lambda p, m, v, g, hyper: ms.float32)
+    # as MindSpore's own AdamWeightDecay primitive declares it: param, m and v are written
+    written, read = signature.sig_rw.RW_WRITE, signature.sig_rw.RW_READ
+    op.set_signatures(tuple(signature.make_sig(name, rw) for name, rw in (
+        ("param", written), ("m", written), ("v", written), ("gradient", read), ("hyper", read))))
+    op.add_prim_attr("side_effect_mem", True)
+    return op
 
 
 GGUF_LOOPS = ("portable", "avx2", "avx512")  # the loops of the GGUF-block products, by the library's number

@@ -26,6 +26,8 @@ Every path module has the same entry points with the same arguments, so an op ru
     gelu(x);  layer_norm(x, weight, bias, eps);  linear(x, weight, bias)     (the encoder ops)
 The composite soft embedding asks resolve_encoder_path("gumbel_noise") whether its noise comes from
 kernels.cpu_ops.gumbel_noise (cpu) or kernels.utils.gumbel (composite): the same values.
+kernels.adam_weight_decay asks resolve_encoder_path("adamw") whether its update is kernels/cpu/adamw.cc (cpu)
+or nn.AdamWeightDecay's own (composite): the same values.
 """
 import functools
 import importlib

@@ -8,6 +8,8 @@ import numpy as np
 from mindspore import nn, ops
 from tqdm import tqdm
 
+from kernels.adamw import adam_weight_decay
+
 from . import metrics as M
 
 log = logging.getLogger("ms_dfkd")
@@ -112,7 +114,7 @@ def fit(model, loss_cell, n_examples, batch, *, batch_size, lr, epochs, seed, ji
     for p in model.get_parameters():
         p.requires_grad = True
     model.set_train(False)  # dropout off: MiniLM fine-tunes fine without it, and steps stay reproducible
-    opt = nn.AdamWeightDecay(model.trainable_params(), learning_rate=lr_sched, weight_decay=0.01)
+    opt = adam_weight_decay(model.trainable_params(), learning_rate=lr_sched, weight_decay=0.01)
     step = make_train_step(loss_cell, opt, jit=jit)
     losses, t0, seen = [], time.time(), 0
     bar = tqdm(total=total, desc=desc, unit="step")

@@ -13,6 +13,7 @@ import numpy as np
 from mindspore import amp, nn, ops
 
 from kernels import soft_embedding  # by name: graph mode cannot see kernels' lazy __getattr__
+from kernels.adamw import adam_weight_decay
 
 from . import losses
 
@@ -203,7 +204,7 @@ class StudentStep:
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         teacher_dim = teacher.config.hidden_size if teacher is not None else None
         self.loss_cell = StudentLoss(student, kd_temperature, hidden_mse, student.config.hidden_size, teacher_dim)
-        self.optimizer = nn.AdamWeightDecay(self.loss_cell.trainable_params(), learning_rate=lr, weight_decay=0.01)
+        self.optimizer = adam_weight_decay(self.loss_cell.trainable_params(), learning_rate=lr, weight_decay=0.01)
         reducer = grad_reducer_factory(self.optimizer.parameters) if grad_reducer_factory else None
         self.loss_scaler = loss_scaler_for(*([teacher] if teacher is not None else []), student)
         self._step = make_train_step(self.loss_cell, self.optimizer, jit=jit, grad_reducer=reducer,

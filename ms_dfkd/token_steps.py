@@ -11,6 +11,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from kernels.adamw import adam_weight_decay
+
 from . import losses
 from .steps import GeneratorLoss, loss_scaler_for, make_train_step
 
@@ -80,7 +82,7 @@ class TokenStudentStep:
             p.requires_grad = True
         self.tokenizer, self.max_length, self.batch_size = tokenizer, max_length, batch_size
         self.loss_cell = TokenStudentLoss(student, kd_temperature)
-        self.optimizer = nn.AdamWeightDecay(self.loss_cell.trainable_params(), learning_rate=lr, weight_decay=0.01)
+        self.optimizer = adam_weight_decay(self.loss_cell.trainable_params(), learning_rate=lr, weight_decay=0.01)
         reducer = grad_reducer_factory(self.optimizer.parameters) if grad_reducer_factory else None
         self.loss_scaler = loss_scaler_for(*([teacher] if teacher is not None else []), student)
         self._step = make_train_step(self.loss_cell, self.optimizer, jit=jit, grad_reducer=reducer,

@@ -29,6 +29,7 @@ from .config import save_config
 from .corpus import Corpus, CorpusSampler, balanced_labels
 from .data import load_split
 from .distributed import ranks_agree
+from kernels.adamw import adam_weight_decay
 from kernels.gumbel_noise import derive_seed
 from .models.checkpoint_io import CheckpointError
 from .replay import ReplayBuffer
@@ -150,7 +151,7 @@ class Distiller:
         groups = self.generator.trainable_params()
         if self.label_vectors is not None:  # a group of their own, at their own learning rate
             groups = [{"params": groups}, {"params": [self.label_vectors], "lr": g.label_vector_lr}]
-        self.opt_g = nn.AdamWeightDecay(groups, learning_rate=g.lr, weight_decay=0.0)
+        self.opt_g = adam_weight_decay(groups, learning_rate=g.lr, weight_decay=0.0)
         red = self.reducer_factory(self.opt_g.parameters) if self.reducer_factory else None
         self.scaler_g = loss_scaler_for(self.teacher, self.student, self.generator)
         self.gen_step = make_train_step(self.gen_loss, self.opt_g, jit=self.jit, grad_reducer=red,
