@@ -1,12 +1,11 @@
 """Build the CPU kernel library (kernels/cpu/*.cc: the encoder ops, the sampler's decoder layer,
-GGUF-block products and the Gumbel noise) with the
-system's C++ compiler, on demand.
+GGUF-block products, the Gumbel noise and AdamW's update) with the system's C++ compiler, on demand.
 
     python -m kernels.cpu_build            # builds if needed, prints the library's path
 
 The library's name carries a hash of the sources and the compiler flags, so an edited source or another
-flag set builds a new file (and removes the old ones) and a stale one is never loaded. Two processes building at once each write a
-temporary file and rename it into place: whichever lands last, both are the same library.
+flag set builds a new file (and removes the old ones) and a stale one is never loaded. Two processes
+building at once each write a temporary file and rename it into place: whichever lands last, both are the same library.
 
 Where: MS_DFKD_CPU_KERNELS_DIR, else kernels/build/ beside this file. The compiler: CXX, else g++.
 Imports neither MindSpore nor numpy.
@@ -21,7 +20,8 @@ import tempfile
 
 SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
 SOURCES = tuple(SOURCE_DIR / name
-                for name in ("encoder_ops.cc", "llama_decode.cc", "gguf_linear.cc", "gumbel_noise.cc", "adamw.cc"))
+                for name in ("encoder_ops.cc", "llama_decode.cc", "gguf_linear.cc", "gumbel_noise.cc",
+                             "adamw.cc"))
 HEADERS = (SOURCE_DIR / "common.h", SOURCE_DIR / "gguf_blocks.h")
 DIR_ENV = "MS_DFKD_CPU_KERNELS_DIR"
 # -fno-trapping-math lets GCC vectorise the branch-free selects of the GELU loops, -fopenmp-simd the

@@ -180,7 +180,12 @@ def test_linear_matches_reference(path, graph, shape, n, dtype):
     np.testing.assert_allclose(y.astype(ms.float32).asnumpy(), ref.linear(*seen), rtol=0, atol=atol)
     _, (dx, dw, db) = Grads(LinearLoss())(x, w, b, ms.Tensor(dy))
     rows = int(np.prod(shape[:-1]))
-    for got, want, length in zip((dx, dw, db), ref.linear_backward(seen[0], seen[1], dy), (n, rows, rows)):
+    _assert_linear_grads((dx, dw, db), ref.linear_backward(seen[0], seen[1], dy), (n, rows, rows), dtype)
+
+
+def _assert_linear_grads(grads, wants, lengths, dtype):
+    """dx, dw, db against the reference, each within the rounding of a float32 sum of `length` terms."""
+    for got, want, length in zip(grads, wants, lengths):
         scale = np.abs(want).max() / np.sqrt(length) + 1  # the size of one term of the sum, roughly
         tol = (ATOL[dtype] * 8 if dtype != "float32" else 1e-6) * np.sqrt(length) * scale
         np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want, rtol=0, atol=tol)
@@ -239,10 +244,7 @@ def test_masked_linear_matches_reference(path, graph, mask, shape, n, dtype):
     _, (dx, dw, db, drows) = Grads(MaskedLinearLoss())(x, w, b, ms.Tensor(rows), ms.Tensor(dy))
     assert not dx.astype(ms.float32).asnumpy()[rows == 0].any() and not drows.asnumpy().any()
     count = max(int(rows.sum()), 1)
-    for got, want, length in zip((dx, dw, db), ref.linear_backward(seen[0], seen[1], dy, rows), (n, count, count)):
-        scale = np.abs(want).max() / np.sqrt(length) + 1
-        tol = (ATOL[dtype] * 8 if dtype != "float32" else 1e-6) * np.sqrt(length) * scale
-        np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), want, rtol=0, atol=tol)
+    _assert_linear_grads((dx, dw, db), ref.linear_backward(seen[0], seen[1], dy, rows), (n, count, count), dtype)
 
 
 @pytest.mark.parametrize("threads", [1, 3, 8])
