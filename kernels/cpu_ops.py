@@ -206,24 +206,53 @@ def layer_norm(x, weight, bias, eps):
 
 @functools.lru_cache(maxsize=None)
 def _llama_layer_op(entry):
-    """The aot op of a decoder layer (MsDfkdLlamaDecodeLayer or MsDfkdLlamaChunkLayer): (x, cache_k, cache_v)."""
+    """The aot op of a decoder layer over a chunk (MsDfkdLlamaChunkLayer): (x, cache_k, cache_v)."""
     problem = unavailable_reason("llama_decode")
     if problem:
         raise RuntimeError(f"{entry}: the cpu kernel cannot run: {problem}")
     return _aot(entry, lambda *shapes: (shapes[0], shapes[5], shapes[6]), lambda *dtypes: (dtypes[0],) * 3)
 
 
+@functools.lru_cache(maxsize=None)
+def _llama_decode_op():
+    """The aot op of MsDfkdLlamaDecodeLayer: x out; it writes cache_k and cache_v (inputs 5 and 6) where they are,
+    declared as MindSpore declares its own in-place optimizer primitives (so that the graph orders the
+    caches' readers and writers)."""
+    problem = unavailable_reason("llama_decode")
+    if problem:
+        raise RuntimeError(f"MsDfkdLlamaDecodeLayer: the cpu kernel cannot run: {problem}")
+    op = _aot("MsDfkdLlamaDecodeLayer", lambda *shapes: shapes[0], lambda *dtypes: dtypes[0])
+    rw = signature.sig_rw
+    op.set_signatures(tuple(signature.make_sig(f"input{i}", rw.RW_WRITE if i in (5, 6) else rw.RW_READ)
+                            for i in range(20)))
+    op.add_prim_attr("side_effect_mem", True)
+    return op
+
+
 def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
                        post_norm, w_gate, w_up, w_down, eps):
     """One Llama decoder layer for one new token per row, against a KV cache (float32, no gradient):
     x [B, H]; cos, sin [B, D] (rotate-half layout); key_mask [B, S] (1 = readable, the written slot
-    included); write_slot [S] (1 at the slot of the new key/value); cache_k, cache_v [B, n_kv, S, D];
-    weights [out, in] as in models/llama.py, float32 or as GGUF blocks uint8 [out, in / 32, 20 | 34]
+    included); write_slot [S] (1 at the slot of the new key/value); cache_k, cache_v [B, n_kv, S, D]
+    float32; weights [out, in] as in models/llama.py, float32 or as GGUF blocks uint8 [out, in / 32, 20 | 34]
     (gguf_linear), each matrix either way; biases [out] (zeros where the model has none); eps a float.
-    Returns (x [B, H], cache_k, cache_v) with the new key/value written. See kernels/cpu/llama_decode.cc;
-    the numpy reference is kernels/llama_decode_reference.py."""
-    return _layer("MsDfkdLlamaDecodeLayer", x, cos, sin, key_mask, write_slot, cache_k, cache_v,
-                  (input_norm, wq, wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down), eps)
+    Returns (x [B, H], cache_k, cache_v): the new key/value is written into cache_k and cache_v where they are
+    (the caller's tensors change), which are returned as they are. See kernels/cpu/llama_decode.cc; the numpy
+    reference is kernels/llama_decode_reference.py."""
+    _check_float32_caches(cache_k.dtype, cache_v.dtype)
+    f32 = ms.float32
+    x = _llama_decode_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
+                           write_slot.astype(ms.int32), cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
+                           post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
+    return x, cache_k, cache_v
+
+
+@ops.constexpr
+def _check_float32_caches(k_dtype, v_dtype):
+    if k_dtype != ms.float32 or v_dtype != ms.float32:
+        raise TypeError(f"llama_decode_layer writes its caches in place: they must be float32, got {k_dtype} and "
+                        f"{v_dtype}")
+    return True
 
 
 def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,

@@ -72,6 +72,31 @@ def test_decode_layer_matches_the_numpy_reference(shape, threads, mode):
     np.testing.assert_array_equal(np.delete(got_k, slot, 2), np.delete(cache_k, slot, 2))
 
 
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_the_caches_are_written_where_they_are(mode):
+    """The caller's cache tensors hold the new key/value after the call (nothing else of them changes), two
+    steps in a row read the first step's write, and the layer returns the caller's caches."""
+    ms.set_context(mode=mode)
+    args = make_case(np.random.default_rng(1), *SHAPES[1][:8], 3)
+    want = reference.llama_decode_layer(*args, 1e-5)
+    tensors = [Tensor(a.copy()) for a in args]
+    layer = ms.jit(_layer) if mode == ms.GRAPH_MODE else _layer
+    x, k, v = layer(*tensors)
+    for got, ref in ((tensors[5], want[1]), (tensors[6], want[2]), (k, want[1]), (v, want[2])):
+        np.testing.assert_allclose(got.asnumpy(), ref, rtol=2e-5, atol=2e-5 * np.abs(ref).max())
+    # a second step at slot 4 reads slot 3 from the caller's (updated) caches
+    args2 = [a.copy() for a in args]
+    args2[5], args2[6] = want[1].astype(np.float32), want[2].astype(np.float32)
+    args2[3][:, 4] = 1
+    args2[4][:] = 0
+    args2[4][4] = 1
+    want2 = reference.llama_decode_layer(*args2, 1e-5)
+    tensors[3], tensors[4] = Tensor(args2[3]), Tensor(args2[4])
+    x2, _, _ = layer(*tensors)
+    np.testing.assert_allclose(x2.asnumpy(), want2[0], rtol=2e-5, atol=2e-5 * np.abs(want2[0]).max())
+    np.testing.assert_allclose(tensors[5].asnumpy(), want2[1], rtol=2e-5, atol=2e-5 * np.abs(want2[1]).max())
+
+
 def test_masked_slots_take_no_part():
     """A readable slot's key decides the output; an unreadable slot's does not, whatever it holds."""
     ms.set_context(mode=ms.PYNATIVE_MODE)

@@ -281,7 +281,7 @@ class LlamaDecoderLayer(nn.Cell):
     def decode_fused(self, x, cos, sin, key_mask, write_slot, cache_k, cache_v, blocks=None):
         """``construct``'s one-token step with a cache as one C++ op (kernels.cpu_ops.llama_decode_layer: CPU,
         float32, no gradient): x [B, H], cos/sin [B, D], key_mask [B, S] float, write_slot [S] int ->
-        (x [B, H], cache_k, cache_v). ``blocks``: the 7 matrices (q, k, v, o, gate, up, down) as GGUF blocks
+        (x [B, H], cache_k, cache_v), the new key/value written into the caches where they are. ``blocks``: the 7 matrices (q, k, v, o, gate, up, down) as GGUF blocks
         in place of the float32 weights, or None."""
         return cpu_ops.llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v,
                                           *self._fused_weights(blocks))
@@ -447,8 +447,9 @@ class LlamaModel(nn.Cell):
         """One token per row: input_ids, positions [B, 1]; key_mask [B, S] (1 = readable slot,
         including the slot being written); write_slot [S] bool; ``steer`` and ``capture_layer`` as in
         ``prefill``. ``fused``: each layer as one C++ op (LlamaDecoderLayer.decode_fused; CPU, float32), the
-        first len(blocks) / 7 layers with their matrices from ``blocks`` (GGUF blocks, 7 a layer).
-        Returns (hidden [B, 1, H], caches[, the states entering capture_layer [B, 1, H]])."""
+        first len(blocks) / 7 layers with their matrices from ``blocks`` (GGUF blocks, 7 a layer); it writes
+        the new keys and values into the caller's ``caches`` where they are (float32) and returns () in
+        their place. Returns (hidden [B, 1, H], caches[, the states entering capture_layer [B, 1, H]])."""
         if fused:
             return self._decode_step_fused(input_ids, positions, key_mask, write_slot, caches, steer, steer_layer,
                                            capture_layer, blocks)
@@ -477,7 +478,6 @@ class LlamaModel(nn.Cell):
         key_mask = key_mask.astype(ms.float32)
         write_slot = write_slot.astype(ms.int32)
         x = self.embed(input_ids).reshape(b, -1)
-        new = ()
         captured = None
         for i, layer in enumerate(self.layers):
             if capture_layer and i == capture_layer:
@@ -485,14 +485,14 @@ class LlamaModel(nn.Cell):
             if steer is not None and i == steer_layer:
                 x = x + cast(steer, x.dtype).reshape(b, -1)
             if 7 * i < len(blocks):  # python ints: resolved while the graph compiles
-                x, k, v = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1],
+                x, _, _ = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1],
                                              blocks[7 * i:7 * i + 7])
             else:
-                x, k, v = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1])
-            new = new + (k, v)
+                x, _, _ = layer.decode_fused(x, cos, sin, key_mask, write_slot, caches[2 * i], caches[2 * i + 1])
+        # the caches were written where they are: returning them would copy them out of the graph (5 ms a step)
         if capture_layer:
-            return self.norm(x.expand_dims(1)), new, captured
-        return self.norm(x.expand_dims(1)), new
+            return self.norm(x.expand_dims(1)), (), captured
+        return self.norm(x.expand_dims(1)), ()
 
 
 class LlamaForCausalLM(nn.Cell):

@@ -446,9 +446,10 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
                 key_mask[:, slot] = 1
                 write = np.zeros(cache_len, bool)
                 write[slot] = True
-                logits, caches, *captured = dec.step(
+                logits, stepped, *captured = dec.step(
                     Tensor(new_ids[:, t - 1:t]), Tensor((lengths + t - 1)[:, None]), Tensor(key_mask),
                     Tensor(write), ms.mutable(caches), steer_t, int(steer_layer), capture_layer, fused, block_set)
+                caches = caches if fused else stepped  # the fused step writes the caches where they are
                 step_states += captured
             step_logits = logits.asnumpy()
             z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, nucleus_cuts)
