@@ -281,8 +281,8 @@ class LlamaDecoderLayer(nn.Cell):
     def decode_fused(self, x, cos, sin, key_mask, write_slot, cache_k, cache_v, blocks=None):
         """``construct``'s one-token step with a cache as one C++ op (kernels.cpu_ops.llama_decode_layer: CPU,
         float32, no gradient): x [B, H], cos/sin [B, D], key_mask [B, S] float, write_slot [S] int ->
-        (x [B, H], cache_k, cache_v), the new key/value written into the caches where they are. ``blocks``: the 7 matrices (q, k, v, o, gate, up, down) as GGUF blocks
-        in place of the float32 weights, or None."""
+        (x [B, H], cache_k, cache_v), the new key/value written into the caches where they are. ``blocks``:
+        the 7 matrices (q, k, v, o, gate, up, down) as GGUF blocks in place of the float32 weights, or None."""
         return cpu_ops.llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v,
                                           *self._fused_weights(blocks))
 
