@@ -366,17 +366,17 @@ class MSSide:
 
     # --- full steps with the optimizer, as ms_dfkd's driver runs them ---------------------------
     def generator_step(self):
-        from mindspore import nn
+        from kernels import adam_weight_decay
         from ms_dfkd.steps import make_train_step
         if self._gen_step is None:
-            opt = nn.AdamWeightDecay(self.gen_params, learning_rate=self.case.lr_g, weight_decay=0.0)
+            opt = adam_weight_decay(self.gen_params, learning_rate=self.case.lr_g, weight_decay=0.0)
             self._gen_step = make_train_step(self.gen_loss, opt, jit=self.jit)
         return float(self._gen_step(*self._gen_inputs())[0].asnumpy())
 
     def student_step(self):
-        from mindspore import nn
+        from kernels import adam_weight_decay
         from ms_dfkd.steps import make_train_step
         if self._stu_step is None:
-            opt = nn.AdamWeightDecay(self.stu_params, learning_rate=self.case.lr_s, weight_decay=0.01)
+            opt = adam_weight_decay(self.stu_params, learning_rate=self.case.lr_s, weight_decay=0.01)
             self._stu_step = make_train_step(self.stu_loss, opt, jit=self.jit)
         return float(self._stu_step(*self._stu_inputs())[0].asnumpy())
