@@ -81,6 +81,24 @@ def unavailable_reason(op=None):
     return _gemm_problem() if op in ("linear", "llama_decode") else None
 
 
+def _require(op):
+    """Raise if the cpu path of ``op`` cannot run here (resolve_encoder_path checked it for the encoder ops;
+    this also loads oneDNN's sgemm for the ops that need it)."""
+    problem = unavailable_reason(op)
+    if problem:
+        raise RuntimeError(f"{op}: the cpu kernel cannot run: {problem}")
+
+
+def _declare_writes(op, inputs, written):
+    """Declare that aot ``op`` writes the named ``written`` of its ``inputs`` where they are, as MindSpore's own
+    in-place primitives (AdamWeightDecay) do, so that a graph orders their readers and writers."""
+    rw = signature.sig_rw
+    op.set_signatures(tuple(signature.make_sig(name, rw.RW_WRITE if name in written else rw.RW_READ)
+                            for name in inputs))
+    op.add_prim_attr("side_effect_mem", True)
+    return op
+
+
 def _aot(entry, out_shape, out_dtype, bprop=None):
     _library()  # loaded here first, so that the thread setting is in place
     lib = str(cpu_build.ensure_built())
@@ -178,17 +196,13 @@ def gelu(x):
 
 @functools.lru_cache(maxsize=None)
 def _linear_op():
-    problem = unavailable_reason("linear")  # resolve_encoder_path checked it; loads the sgemm here too
-    if problem:
-        raise RuntimeError(f"linear: the cpu path cannot run: {problem}")
+    _require("linear")
     return LinearOp()
 
 
 @functools.lru_cache(maxsize=None)
 def _masked_linear_op():
-    problem = unavailable_reason("linear")
-    if problem:
-        raise RuntimeError(f"linear: the cpu path cannot run: {problem}")
+    _require("linear")
     return MaskedLinearOp()
 
 
@@ -204,29 +218,24 @@ def layer_norm(x, weight, bias, eps):
                             scalar_tensor(float(eps), ms.float32))[0]
 
 
+_LAYER_INPUTS = ("x", "cos", "sin", "key_mask", "slot", "cache_k", "cache_v", "input_norm", "wq", "wk", "wv", "wo",
+                 "bq", "bk", "bv", "post_norm", "w_gate", "w_up", "w_down", "eps")
+
+
 @functools.lru_cache(maxsize=None)
-def _llama_layer_op(entry):
-    """The aot op of a decoder layer over a chunk (MsDfkdLlamaChunkLayer): (x, cache_k, cache_v)."""
-    problem = unavailable_reason("llama_decode")
-    if problem:
-        raise RuntimeError(f"{entry}: the cpu kernel cannot run: {problem}")
-    return _aot(entry, lambda *shapes: (shapes[0], shapes[5], shapes[6]), lambda *dtypes: (dtypes[0],) * 3)
+def _llama_chunk_op():
+    """The aot op of MsDfkdLlamaChunkLayer: (x, cache_k, cache_v)."""
+    _require("llama_decode")
+    return _aot("MsDfkdLlamaChunkLayer", lambda *shapes: (shapes[0], shapes[5], shapes[6]),
+                lambda *dtypes: (dtypes[0],) * 3)
 
 
 @functools.lru_cache(maxsize=None)
 def _llama_decode_op():
-    """The aot op of MsDfkdLlamaDecodeLayer: x out; it writes cache_k and cache_v (inputs 5 and 6) where they are,
-    declared as MindSpore declares its own in-place optimizer primitives (so that the graph orders the
-    caches' readers and writers)."""
-    problem = unavailable_reason("llama_decode")
-    if problem:
-        raise RuntimeError(f"MsDfkdLlamaDecodeLayer: the cpu kernel cannot run: {problem}")
+    """The aot op of MsDfkdLlamaDecodeLayer: x; it writes cache_k and cache_v where they are."""
+    _require("llama_decode")
     op = _aot("MsDfkdLlamaDecodeLayer", lambda *shapes: shapes[0], lambda *dtypes: dtypes[0])
-    rw = signature.sig_rw
-    op.set_signatures(tuple(signature.make_sig(f"input{i}", rw.RW_WRITE if i in (5, 6) else rw.RW_READ)
-                            for i in range(20)))
-    op.add_prim_attr("side_effect_mem", True)
-    return op
+    return _declare_writes(op, _LAYER_INPUTS, ("cache_k", "cache_v"))
 
 
 def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
@@ -262,15 +271,10 @@ def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input
     first_slot [1] int: token j goes to slot first_slot + j and reads the readable slots up to its own.
     Only the real tokens are computed (padding's output is its input, its slots keep the cache's values).
     Returns (x [B, L, H], cache_k, cache_v). The numpy reference: kernels/llama_decode_reference.py."""
-    return _layer("MsDfkdLlamaChunkLayer", x, cos, sin, key_mask, first_slot, cache_k, cache_v,
-                  (input_norm, wq, wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down), eps)
-
-
-def _layer(entry, x, cos, sin, key_mask, slot, cache_k, cache_v, weights, eps):
     f32 = ms.float32
-    return _llama_layer_op(entry)(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
-                                  slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), *weights,
-                                  scalar_tensor(float(eps), f32))
+    return _llama_chunk_op()(x.astype(f32), cos.astype(f32), sin.astype(f32), key_mask.astype(f32),
+                             first_slot.astype(ms.int32), cache_k.astype(f32), cache_v.astype(f32), input_norm, wq,
+                             wk, wv, wo, bq, bk, bv, post_norm, w_gate, w_up, w_down, scalar_tensor(float(eps), f32))
 
 
 @functools.lru_cache(maxsize=None)
@@ -302,16 +306,9 @@ def adamw_update_op():
     """The aot op of kernels/cpu/adamw.cc: (param, m, v, grad f32, hyper [lr, beta1, beta2, eps, decay] f32)
     -> a [1] flag; param, m and v are updated where they are, so the op is declared to have memory side
     effects (MindSpore then keeps it in order with the parameters' other readers and writers)."""
-    problem = unavailable_reason("adamw")
-    if problem:
-        raise RuntimeError(f"adamw: the cpu kernel cannot run: {problem}")
+    _require("adamw")
     op = _aot("MsDfkdAdamWUpdate", lambda p, m, v, g, hyper: [1], lambda p, m, v, g, hyper: ms.float32)
-    # as MindSpore's own AdamWeightDecay primitive declares it: param, m and v are written
-    written, read = signature.sig_rw.RW_WRITE, signature.sig_rw.RW_READ
-    op.set_signatures(tuple(signature.make_sig(name, rw) for name, rw in (
-        ("param", written), ("m", written), ("v", written), ("gradient", read), ("hyper", read))))
-    op.add_prim_attr("side_effect_mem", True)
-    return op
+    return _declare_writes(op, ("param", "m", "v", "gradient", "hyper"), ("param", "m", "v"))
 
 
 GGUF_LOOPS = ("portable", "avx2", "avx512")  # the loops of the GGUF-block products, by the library's number

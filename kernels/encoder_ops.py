@@ -61,7 +61,4 @@ def linear(x, weight, bias, rows=None):
     """x weight^T + bias over x's last axis; with rows, only where rows is nonzero; see the module docstring."""
     _check_linear(tuple(x.shape), tuple(weight.shape), tuple(bias.shape),
                   None if rows is None else tuple(rows.shape))
-    module = dispatch.path_module(dispatch.resolve_encoder_path("linear"), "linear")
-    if rows is None:
-        return module.linear(x, weight, bias)
-    return module.linear(x, weight, bias, rows)
+    return dispatch.path_module(dispatch.resolve_encoder_path("linear"), "linear").linear(x, weight, bias, rows)

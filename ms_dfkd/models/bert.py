@@ -114,8 +114,6 @@ class Linear(nn.Cell):
 
     def construct(self, x, rows=None):
         cdt = self.compute_dtype
-        if rows is None:
-            return linear(x.astype(cdt), self.weight.astype(cdt), self.bias.astype(cdt))
         return linear(x.astype(cdt), self.weight.astype(cdt), self.bias.astype(cdt), rows)
 
 
@@ -305,7 +303,7 @@ class BertModel(nn.Cell):
             rows = attention_mask.astype(ms.float32)
             # [B, L] 1 = keep, 0 = pad -> [B, 1, 1, L] added to the scores; the float32 minimum
             # (not -inf) so that a fully padded row gives a uniform softmax, not NaN
-            keep = attention_mask.astype(ms.float32).reshape(x.shape[0], 1, 1, x.shape[1])
+            keep = rows.reshape(x.shape[0], 1, 1, x.shape[1])
             additive_mask = (1.0 - keep) * -3.4028234663852886e38
         # broadcast once to the scores' shape [B, heads, L, L], shared by all layers (see LayerNorm)
         b, l = x.shape[0], x.shape[1]
