@@ -157,6 +157,15 @@ class LinearLoss(nn.Cell):
         return (linear(x, weight, bias).astype(ms.float32) * dy).sum()
 
 
+def _linear_inputs(rng, shape, n, dtype):
+    """x, w, b in `dtype`, the float32 values the reference gets (the rounded inputs), and dy."""
+    k = shape[-1]
+    cast = lambda a: ms.Tensor(a.astype(np.float32), MS_DTYPES[dtype])
+    x, w, b = cast(rng.normal(size=shape)), cast(rng.normal(size=(n, k)) / np.sqrt(k)), cast(rng.normal(size=n))
+    seen = [t.astype(ms.float32).asnumpy() for t in (x, w, b)]
+    return x, w, b, seen, rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
+
+
 @pytest.mark.parametrize("path", ["cpu", "composite"])
 @pytest.mark.parametrize("graph", [True, False])
 @pytest.mark.parametrize("shape,n,dtype", [((5, 7), 3, "float32"), ((3, 41, 64), 96, "float32"),
@@ -167,12 +176,8 @@ def test_linear_matches_reference(path, graph, shape, n, dtype):
         pytest.skip("MindSpore's CPU MatMul has no bfloat16 kernel (the cpu path computes in float32)")
     ms.set_context(mode=ms.GRAPH_MODE if graph else ms.PYNATIVE_MODE)
     _use(path)
-    rng = np.random.default_rng(4)
     k = shape[-1]
-    cast = lambda a: ms.Tensor(a.astype(np.float32), MS_DTYPES[dtype])
-    x, w, b = cast(rng.normal(size=shape)), cast(rng.normal(size=(n, k)) / np.sqrt(k)), cast(rng.normal(size=n))
-    seen = [t.astype(ms.float32).asnumpy() for t in (x, w, b)]  # the reference gets the rounded inputs
-    dy = rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
+    x, w, b, seen, dy = _linear_inputs(np.random.default_rng(4), shape, n, dtype)
     y = linear(x, w, b)
     assert y.dtype == MS_DTYPES[dtype] and y.shape == shape[:-1] + (n,)
     # float32 products: rounding grows with the sum's length k; float16/bfloat16 results round once more
@@ -230,11 +235,8 @@ def test_masked_linear_matches_reference(path, graph, mask, shape, n, dtype):
     _use(path)
     rng = np.random.default_rng(6)
     k = shape[-1]
-    cast = lambda a: ms.Tensor(a.astype(np.float32), MS_DTYPES[dtype])
-    x, w, b = cast(rng.normal(size=shape)), cast(rng.normal(size=(n, k)) / np.sqrt(k)), cast(rng.normal(size=n))
+    x, w, b, seen, dy = _linear_inputs(rng, shape, n, dtype)
     rows = _row_masks(shape, rng)[mask]
-    seen = [t.astype(ms.float32).asnumpy() for t in (x, w, b)]
-    dy = rng.normal(size=shape[:-1] + (n,)).astype(np.float32)
     y = linear(x, w, b, ms.Tensor(rows))
     assert y.dtype == MS_DTYPES[dtype] and y.shape == shape[:-1] + (n,)
     got = y.astype(ms.float32).asnumpy()
