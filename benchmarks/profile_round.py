@@ -69,6 +69,8 @@ def instrument(d, clock):
             else:  # a shared prompt start once per group (prefill), then the rest of each prompt
                 dec.prefill = clock.wrap("sample: prefill (shared start or whole prompts)", dec.prefill)
                 dec.prefill_after = clock.wrap("sample: prefill (rest of the prompts)", dec.prefill_after)
+            if dec.prefill_from is not None:  # a kept shared start's trained top layers
+                dec.prefill_from = clock.wrap("sample: prefill (shared start's top layers)", dec.prefill_from)
             dec.step = clock.wrap("sample: decode steps", dec.step)
             dec._profiled = True
         return dec

@@ -123,6 +123,7 @@ class Distiller:
         self._sample = sample
         self.reuse_trunk = False
         self._frozen_prefixes = {}  # the frozen generator's shared prompt starts, kept across sampling calls
+        self._trunk_prefixes = {}  # the trained generator's: what its frozen layers below the top ones made
         self.stop_ids = self._stop_ids()
         self.P, self.T = g.prompt_max_length, g.max_new_tokens
         if self.method != "dfkd-t3":
@@ -262,6 +263,11 @@ class Distiller:
         if self.label_vectors is not None and not frozen:
             steer = dict(steer=self.label_vectors.asnumpy()[labels], steer_layer=self.steer_layer)
         capture = self.steer_layer if trunk and self.reuse_trunk else 0
+        kept = {}  # the shared prompt starts' frozen part, kept across calls (sample's prefix_cache)
+        if model is self.frozen:
+            kept = dict(prefix_cache=self._frozen_prefixes)
+        elif self.reuse_trunk:  # only the top layers train: the layers below keep theirs
+            kept = dict(prefix_cache=self._trunk_prefixes, prefix_cache_layers=self.steer_layer)
         new_ids, new_mask, *extra = self._sample(model, p_ids, p_mask, self.T, seed,
                                                  temperature=g.sample_temperature, top_p=g.top_p,
                                                  eos_id=self.g_tok.eos_id, stop_ids=self.stop_ids,
@@ -269,8 +275,7 @@ class Distiller:
                                                  share_prefix=g.share_prompt_prefix, capture_layer=capture,
                                                  fused_decode=g.fused_decode, fused_prefill=g.fused_prefill,
                                                  gguf_blocks=g.decode_from_gguf_blocks,
-                                                 prefix_cache=self._frozen_prefixes if model is self.frozen else None,
-                                                 **steer)
+                                                 **kept, **steer)
         new_ids, new_mask = np.asarray(new_ids, np.int32), np.asarray(new_mask, np.int32)
         texts = [self.g_tok.decode(r[m == 1]).strip() for r, m in zip(new_ids, new_mask)]
         out = dict(passages=passages, labels=labels, p_ids=p_ids, p_mask=p_mask, seed=seed,

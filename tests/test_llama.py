@@ -593,6 +593,44 @@ def test_a_prefix_cache_reuses_the_shared_start_and_changes_nothing(tiny, monkey
     assert len(calls) == 2 and len(cache) == 2
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_prefix_cache_of_the_frozen_layers_follows_the_training_layers_above(tiny, fused, monkeypatch):
+    """prefix_cache_layers=k: the cache keeps the shared start's layers below k only; after the layers
+    above change (as the trained generator's top layers do between steps), a call with the cache runs
+    those layers again from the kept states and gives the tokens, logits and states of a call without a
+    cache, to the bit; the layers below are computed once."""
+    from ms_dfkd.models import llama_sampling
+    cfg, model, _ = tiny
+    real = llama_sampling.shared_prefix
+    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
+    ids, mask = left_pad(SHARED_ROWS)
+    v = (np.random.default_rng(5).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
+    kw = dict(greedy=False, temperature=1.0, seed=3, eos_id=-1, return_logits=True, steer=v[[0, 0, 1, 0, 1, 1]],
+              steer_layer=1, capture_layer=1, fused_decode=fused, fused_prefill=fused)
+    dec = llama_sampling._decoder(model, True)
+    calls, real_prefill, real_from = [], dec.prefill, dec.prefill_from
+    monkeypatch.setattr(dec, "prefill", lambda *a: calls.append("prefill") or real_prefill(*a))
+    monkeypatch.setattr(dec, "prefill_from", lambda *a: calls.append("from") or real_from(*a))
+    top = model.model.layers[1].mlp.down_proj.weight
+    before = top.asnumpy().copy()
+    cache = {}
+    try:
+        for step in range(3):
+            if step:  # the top layer trains
+                top.set_data(ms.Tensor(before * (1.0 + 0.3 * step), ms.float32))
+            del calls[:]
+            want = sample(model, ids, mask, 4, **kw)
+            del calls[:]
+            got = sample(model, ids, mask, 4, prefix_cache=cache, prefix_cache_layers=1, **kw)
+            assert calls == (["prefill"] if step == 0 else ["from"]) and len(cache) == 1
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+    finally:
+        top.set_data(ms.Tensor(before, ms.float32))
+    with pytest.raises(ValueError, match="prefix_cache_layers 1"):
+        sample(model, ids, mask, 4, prefix_cache=cache, prefix_cache_layers=1, **{**kw, "steer_layer": 0})
+
+
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("fused", [True, False])

@@ -364,20 +364,33 @@ class LlamaModel(nn.Cell):
         ``fused``: each layer as one C++ op over the real tokens only (LlamaDecoderLayer.chunk_fused; CPU,
         float32); the hidden states and captured states of padding are then the layer inputs passed through.
         """
-        p = input_ids.shape[1]
+        return self._prefill_layers(self.embed(input_ids), attention_mask, cache_len, 0, steer, steer_layer,
+                                    capture_layer, fused)
+
+    def prefill_from(self, states, attention_mask, cache_len, first_layer, steer=None, steer_layer=0, fused=False):
+        """``prefill`` from the states entering layer ``first_layer`` (what its ``capture_layer`` hands out)
+        rather than from token ids: only layers first_layer.. run, and the caches are theirs (k_first,
+        v_first, ...). With the caches ``prefill`` gave for the layers below, they are ``prefill``'s caches to
+        the bit: the sampler keeps the frozen layers' part of a shared prompt start across calls this way
+        while the layers above train. ``steer`` as in ``prefill`` (steer_layer >= first_layer)."""
+        return self._prefill_layers(states, attention_mask, cache_len, first_layer, steer, steer_layer, 0, fused)
+
+    def _prefill_layers(self, x, attention_mask, cache_len, first_layer, steer, steer_layer, capture_layer, fused):
+        p = x.shape[1]
         if fused:
             mask = cast(attention_mask, ms.int32)
             b = mask.shape[0]
             positions = ops.relu(ops.cumsum(mask, 1) - 1)
             key_mask = ops.concat((mask, ops.zeros((b, cache_len - p), ms.int32)), 1)
             empty = ops.zeros((b, self.n_kv, cache_len, self.head_dim), ms.float32)
-            return self._chunk_fused(input_ids, positions, key_mask, (empty,) * (2 * len(self.layers)), 0, steer,
-                                     steer_layer, capture_layer)
+            return self._chunk_fused(x, positions, key_mask, (empty,) * (2 * (len(self.layers) - first_layer)), 0,
+                                     steer, steer_layer, capture_layer, first_layer)
         rope, bias = self.rope_and_bias(attention_mask)
-        x = self.embed(input_ids)
         caches = ()
         captured = None
         for i, layer in enumerate(self.layers):
+            if i < first_layer:  # python ints: resolved while the graph compiles
+                continue
             if capture_layer and i == capture_layer:
                 captured = x
             if steer is not None and i == steer_layer:
@@ -403,7 +416,8 @@ class LlamaModel(nn.Cell):
             key_mask = ops.concat((cast(key_mask, ms.int32), ops.zeros((b, cache_len - lp - l), ms.int32)), 1)
             tail = ops.zeros((b, self.n_kv, cache_len - lp, past[0].shape[3]), ms.float32)
             caches = tuple(ops.concat((cast(c, ms.float32), tail), 2) for c in past)
-            return self._chunk_fused(input_ids, positions, key_mask, caches, lp, steer, steer_layer, capture_layer)
+            return self._chunk_fused(self.embed(input_ids), positions, key_mask, caches, lp, steer, steer_layer,
+                                     capture_layer)
         rope = rope_cos_sin(positions, self.inv_freq, self.n_heads, self.n_kv)
         # every chunk position may read the whole prefix and the chunk's positions up to its own
         causal = ops.concat((ops.ones((l, lp), ms.int32), ops.tril(ops.ones((l, l), ms.int32))), 1)
@@ -424,19 +438,24 @@ class LlamaModel(nn.Cell):
             return self.norm(x), caches, captured
         return self.norm(x), caches
 
-    def _chunk_fused(self, input_ids, positions, key_mask, caches, first_slot, steer, steer_layer, capture_layer):
+    def _chunk_fused(self, x, positions, key_mask, caches, first_slot, steer, steer_layer, capture_layer,
+                     first_layer=0):
+        """Layers first_layer.. as C++ ops from x, the states entering layer first_layer [B, L, H]; caches
+        (k, v per layer from first_layer) hold what the chunk attends to before first_slot."""
         cos, sin = rope_angles(positions, self.inv_freq)                   # [B, L, D]
         key_mask = key_mask.astype(ms.float32)
         first = ops.ones((1,), ms.int32) * first_slot
-        x = self.embed(input_ids)
         new = ()
         captured = None
         for i, layer in enumerate(self.layers):
+            if i < first_layer:
+                continue
             if capture_layer and i == capture_layer:
                 captured = x
             if steer is not None and i == steer_layer:
                 x = x + cast(steer, x.dtype)
-            x, k, v = layer.chunk_fused(x, cos, sin, key_mask, first, caches[2 * i], caches[2 * i + 1])
+            j = 2 * (i - first_layer)
+            x, k, v = layer.chunk_fused(x, cos, sin, key_mask, first, caches[j], caches[j + 1])
             new = new + (k, v)
         if capture_layer:
             return self.norm(x), new, captured

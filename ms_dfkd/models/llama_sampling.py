@@ -141,6 +141,9 @@ class KVCacheDecoder:
         # the shared-prefix path needs LlamaModel.prefill_after (the mindformers backend has none)
         self.prefill_after = (ms.jit(self._prefill_after) if graph else self._prefill_after) \
             if hasattr(model.model, "prefill_after") else None
+        # a shared start's top layers from the kept states entering them (sample's prefix_cache_layers)
+        self.prefill_from = (ms.jit(self._prefill_from) if graph else self._prefill_from) \
+            if hasattr(model.model, "prefill_from") else None
         self.said_which_path = False
         # sets of GGUF blocks (block_set) as Parameters: graph parameters rather than 197 inputs of every step,
         # whose argument handling took 6 of a 46 ms step; append-only, so an index always names the same set
@@ -177,6 +180,9 @@ class KVCacheDecoder:
         else:
             out = self._call(self.model.model.prefill, (ids, mask, cache_len), steer, steer_layer, capture_layer)
         return (_one_row(self.model.logits_from_hidden(out[0][:, -1:])),) + out[1:]  # left padding: last slot is real
+
+    def _prefill_from(self, states, mask, cache_len, first_layer, steer=None, steer_layer=0, fused=False):
+        return self.model.model.prefill_from(states, mask, cache_len, first_layer, steer, steer_layer, fused)[1]
 
     def _prefill_after(self, ids, positions, key_mask, prefix_caches, group, cache_len, steer=None,
                        steer_layer=0, capture_layer=0, fused=False):
@@ -308,10 +314,45 @@ def shared_prefix(ids, mask, steer=None, min_saved_per_row=4):
     return best[1:]
 
 
+def _prefix_prefill(dec, prefix_ids, steer, steer_key, steer_layer, capture_layer, fused, cache, cache_layers):
+    """(caches, [captured states]) of the shared prompt starts prefix_ids [G, n] (numpy), steer [G, 1, H] or
+    None; from ``cache`` where it holds them (sample's prefix_cache and prefix_cache_layers)."""
+    n = prefix_ids.shape[1]
+    ids, ones = Tensor(prefix_ids), Tensor(np.ones_like(prefix_ids))
+    if cache is None:
+        _, caches, *states = dec.prefill(ids, ones, n, steer, steer_layer, capture_layer, fused)
+        return caches, states
+    k = cache_layers
+    key = (prefix_ids.tobytes(), prefix_ids.shape, fused) + (
+        (steer_key, steer_layer, capture_layer) if k is None else ("layers below", k))
+    kept = cache.get(key)
+    if k is None:  # the whole start
+        if kept is None:
+            _, caches, *states = dec.prefill(ids, ones, n, steer, steer_layer, capture_layer, fused)
+            kept = _keep(cache, key, (caches, states))
+        return kept
+    # the layers below k: their caches and the states entering layer k; the layers above run from those
+    if kept is None:
+        _, caches, below = dec.prefill(ids, ones, n, steer, steer_layer, k, fused)
+        _keep(cache, key, (tuple(caches[:2 * k]), below))
+    else:
+        lower, below = kept
+        caches = lower + tuple(dec.prefill_from(below, ones, n, k, steer, steer_layer, fused))
+    return caches, [below] if capture_layer else []
+
+
+def _keep(cache, key, value):
+    while len(cache) >= PREFIX_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
 def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1.0, top_p=1.0,
            eos_id=2, stop_ids=(), pad_id=None, greedy=False, return_logits=False, graph=True,
            prompt_bucket=16, nucleus_cuts=NUCLEUS_CUTS, steer=None, steer_layer=0, share_prefix=True,
-           capture_layer=0, fused_decode=True, gguf_blocks=True, fused_prefill=True, prefix_cache=None):
+           capture_layer=0, fused_decode=True, gguf_blocks=True, fused_prefill=True, prefix_cache=None,
+           prefix_cache_layers=None):
     """Generate up to ``max_new_tokens`` per row without gradient (see the module docstring).
 
     steer: optional float32 [B, H], added to the states entering decoder layer ``steer_layer`` at every
@@ -337,6 +378,11 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     prefix_cache: a dict the caller keeps for a model whose weights never change (the frozen generator):
     the shared prompt starts computed in earlier calls, by their tokens (and label vectors, layers and
     path), are taken from it rather than computed again; the same numbers. The last PREFIX_CACHE_SIZE stay.
+    prefix_cache_layers: k, for a model whose first k decoder layers (and embeddings) never change but
+    whose layers above do (the trained generator's top layers): prefix_cache keeps only those k layers'
+    part of a start (their caches and the states entering layer k, by tokens), and the layers above run
+    again on every call from the kept states; the same numbers. Needs steer_layer >= k and capture_layer
+    0 or k.
     nucleus_cuts: the probability floors of the top-p candidate sets (``nucleus``); any give the same tokens.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
@@ -357,6 +403,13 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
         raise ValueError(f"capture_layer {capture_layer}: needs llama.LlamaModel's decoder and 0 < k < "
                          f"{cfg.num_hidden_layers} (this model: {type(model.model).__name__})")
     dec = _decoder(model, graph)
+    if prefix_cache_layers is not None:
+        k = prefix_cache_layers
+        if not (dec.prefill_from is not None and 0 < k < cfg.num_hidden_layers and capture_layer in (0, k)
+                and (steer is None or steer_layer >= k)):
+            raise ValueError(f"prefix_cache_layers {k}: needs llama.LlamaModel's prefill_from, 0 < k < "
+                             f"{cfg.num_hidden_layers}, capture_layer 0 or k (got {capture_layer}) and no steer "
+                             f"below layer k (steer_layer {steer_layer})")
 
     b, p = ids.shape
     T, V = int(max_new_tokens), cfg.vocab_size
@@ -421,18 +474,9 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
         steer_t = None if steer is None else Tensor(np.asarray(steer, np.float32)[:, None, :])
         if shared:
             st = None if steer_t is None else ops.gather(steer_t, Tensor(first), 0)
-            key = None if prefix_cache is None else (
-                prefix_ids.tobytes(), prefix_ids.shape, None if steer is None else
-                np.asarray(steer, np.float32)[first].tobytes(), int(steer_layer), capture_layer, fused_pre)
-            if key is not None and key in prefix_cache:
-                prefix_caches, prefix_states = prefix_cache[key]
-            else:
-                _, prefix_caches, *prefix_states = dec.prefill(Tensor(prefix_ids), Tensor(np.ones_like(prefix_ids)),
-                                                               n, st, int(steer_layer), capture_layer, fused_pre)
-                if key is not None:
-                    while len(prefix_cache) >= PREFIX_CACHE_SIZE:
-                        prefix_cache.pop(next(iter(prefix_cache)))
-                    prefix_cache[key] = (prefix_caches, prefix_states)
+            steer_key = None if steer is None else np.asarray(steer, np.float32)[first].tobytes()
+            prefix_caches, prefix_states = _prefix_prefill(dec, prefix_ids, st, steer_key, int(steer_layer),
+                                                           capture_layer, fused_pre, prefix_cache, prefix_cache_layers)
             logits, caches, *chunk_states = dec.prefill_after(
                 Tensor(chunk), Tensor(chunk_pos.astype(np.int32)), Tensor(mask), ms.mutable(prefix_caches),
                 Tensor(group), cache_len, steer_t, int(steer_layer), capture_layer, fused_pre)
