@@ -68,6 +68,7 @@ class Distiller:
         self.reducer_factory = grad_reducer_factory
         self.stop_flag = False
         self._last_save = time.time()  # run.checkpoint_seconds count from here
+        self._finishing = None  # the last save's background part (save_checkpoint)
         self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
                          "samples": 0, "warmup_steps": 0}
         self.history = []
@@ -430,7 +431,10 @@ class Distiller:
             return self._run(resume)
         with RunLock(self.out):
             remove_stale_temp_files(self.out)
-            return self._run(resume)
+            try:
+                return self._run(resume)
+            finally:  # the folder is this process's until its last checkpoint is in place
+                self.wait_for_checkpoint()
 
     def _run(self, resume):
         cfg = self.cfg
@@ -629,11 +633,19 @@ class Distiller:
 
     # ------------------------------------------------------------------ checkpoints (run_checkpoint.py)
     def save_checkpoint(self):
+        """Write the run's checkpoint; its flush to disk and rename finish in the background (wait_for_checkpoint)."""
+        self.wait_for_checkpoint()
         now = time.time()  # the phase's seconds so far go into the checkpoint with its metrics
         self.acc["seconds"] += now - self._phase_t0
         self._phase_t0 = now
-        run_checkpoint.save(self)
+        self._finishing = run_checkpoint.save(self)
         self._last_save = time.time()
+
+    def wait_for_checkpoint(self):
+        """Until the last save's flush and rename are done; CheckpointWriteError if they failed."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            finishing()
 
     def _save_due(self):
         """run.checkpoint_seconds have passed since the last save (or the start): a save of the 292 MB
