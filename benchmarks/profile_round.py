@@ -76,6 +76,7 @@ def instrument(d, clock):
         return dec
     S._decoder = decoder
     S.gumbel_np = clock.wrap("sample: Gumbel noise (numpy)", S.gumbel_np)
+    S.gumbel_pairs_np = clock.wrap("sample: Gumbel noise (numpy)", S.gumbel_pairs_np)
     S.pick_tokens = clock.wrap("sample: pick tokens (top-p, noise)", S.pick_tokens)
     d._sample = clock.wrap("sample (whole call)", S.sample)
     d._prompt_ids = clock.wrap("prompts: build + tokenise", d._prompt_ids)
@@ -157,9 +158,7 @@ def table(method, clock, wall, samples, compile_round, cfg):
           f"a round\n")
     print("| part | seconds | share of wall | calls | ms per call |")
     print("|---|---|---|---|---|")
-    inner = {"sample: prefill", "sample: prefill (shared start or whole prompts)",
-             "sample: prefill (rest of the prompts)", "sample: decode steps", "sample: Gumbel noise (numpy)",
-             "sample: pick tokens (top-p, noise)"}
+    inner = {label for label in clock.s if label.startswith("sample: ")}  # parts of "sample (whole call)"
     for label, s in sorted(clock.s.items(), key=lambda kv: -kv[1]):
         name = f"  {label}" if label in inner else label
         print(f"| {name} | {s:.2f} | {s / wall:.1%} | {clock.n[label]} | {1000 * s / clock.n[label]:.1f} |")

@@ -1,5 +1,6 @@
 """Build the CPU kernel library (kernels/cpu/*.cc: the encoder ops, the sampler's decoder layer,
-GGUF-block products, the Gumbel noise and AdamW's update) with the system's C++ compiler, on demand.
+GGUF-block products, the Gumbel noise, AdamW's update and the sampler's top-p nucleus) with the system's
+C++ compiler, on demand.
 
     python -m kernels.cpu_build            # builds if needed, prints the library's path
 
@@ -21,7 +22,7 @@ import tempfile
 SOURCE_DIR = pathlib.Path(__file__).with_name("cpu")
 SOURCES = tuple(SOURCE_DIR / name
                 for name in ("encoder_ops.cc", "llama_decode.cc", "gguf_linear.cc", "gumbel_noise.cc",
-                             "adamw.cc"))
+                             "adamw.cc", "nucleus.cc"))
 HEADERS = (SOURCE_DIR / "common.h", SOURCE_DIR / "gguf_blocks.h")
 DIR_ENV = "MS_DFKD_CPU_KERNELS_DIR"
 # -fno-trapping-math lets GCC vectorise the branch-free selects of the GELU loops, -fopenmp-simd the

@@ -4,7 +4,8 @@ custom ops with bprop (CPU device target only); and the sampler's one-token deco
 prompt's prefill) and a linear layer read from a GGUF file's Q4_1 / Q8_0 blocks (kernels/cpu/gguf_linear.cc,
 ``gguf_linear``, forward only), for its LM head; the Gumbel noise of the soft embedding's composite path
 (kernels/cpu/gumbel_noise.cc, ``gumbel_noise``); and AdamW's update in place (kernels/cpu/adamw.cc,
-``adamw_update_op``, for kernels.adamw). The library is compiled on first use (kernels/cpu_build.py);
+``adamw_update_op``, for kernels.adamw); and, called from numpy on the host, the sampler's top-p nucleus
+(kernels/cpu/nucleus.cc, ``nucleus_columns``). The library is compiled on first use (kernels/cpu_build.py);
 ``unavailable_reason(op)`` says why it cannot run here, if it cannot.
 
 The kernels take float32; other dtypes are cast to float32 and the result back. The LayerNorm forward
@@ -18,6 +19,7 @@ import functools
 import os
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 from mindspore.ops import signature
 
@@ -26,6 +28,7 @@ from kernels.encoder_ops_composite import linear as composite_linear
 from kernels.utils import column_hashes, scalar_tensor, zero_grad
 
 _threads = {"n": 0}
+HOST_OPS = ("nucleus",)  # called from numpy, not in a MindSpore graph: they run whatever the device target
 
 
 def _thread_count():
@@ -62,10 +65,10 @@ def _gemm_problem():
 
 @functools.lru_cache(maxsize=None)
 def unavailable_reason(op=None):
-    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise, adamw; None:
-    the library) can run here, else why not (builds the library if needed)."""
+    """None if the cpu path of ``op`` (gelu, layer_norm, linear, llama_decode, gguf_linear, gumbel_noise, adamw,
+    nucleus; None: the library) can run here, else why not (builds the library if needed)."""
     target = ms.get_context("device_target")
-    if target != "CPU":
+    if target != "CPU" and op not in HOST_OPS:
         return f"the cpu kernels run on the CPU device target only, and it is {target}"
     try:
         lib = cpu_build.ensure_built()
@@ -330,3 +333,28 @@ def use_gguf_loops(name=None):
     if name is not None and name not in available_gguf_loops():
         raise ValueError(f"GGUF loops {name!r}: this CPU runs {', '.join(available_gguf_loops())}")
     _library().MsDfkdGgufSetLoops(-1 if name is None else GGUF_LOOPS.index(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _nucleus_fn():
+    fn = _library().MsDfkdNucleus
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def nucleus_columns(probs, top_p, cuts):
+    """The top-p nucleus of each row of probs (numpy float32 [B, V]): a list of B int64 arrays of column ids,
+    ascending; row by row the columns of kernels.nucleus.nucleus(probs[b], top_p, cuts), whose docstring
+    has the rule (cuts: the floors of the candidate sets, tried in turn). FloatingPointError for a
+    row that holds NaN."""
+    probs = np.ascontiguousarray(probs, np.float32)
+    b, v = probs.shape
+    cuts = np.ascontiguousarray(cuts, np.float32)
+    cols, counts = np.empty((b, v), np.int32), np.empty(b, np.int64)
+    code = _nucleus_fn()(probs.ctypes.data, b, v, float(np.float32(top_p)), cuts.ctypes.data, len(cuts),
+                         cols.ctypes.data, counts.ctypes.data)
+    if code:
+        raise FloatingPointError(f"top-p sampling: row {code - 1} of the probabilities holds NaN")
+    return [cols[i, :counts[i]].astype(np.int64) for i in range(b)]

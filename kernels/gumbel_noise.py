@@ -47,16 +47,26 @@ def row_keys_np(seed, rows):
     return mix32_np(mix32_np(int(seed) & MASK32) ^ (np.asarray(rows, np.int64) & MASK32))
 
 
+def _uniform_from_hash(h):
+    u = ((h >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    return np.clip(u, np.float32(U_MIN), np.float32(U_MAX))
+
+
 def uniform_np(seed, rows, cols):
     """Uniforms of shape [len(rows), len(cols)] (float32)."""
     hr = row_keys_np(seed, rows)[:, None]
     hc = mix32_np(np.asarray(cols, np.int64))[None, :]
-    h = mix32_np(hr ^ hc)
-    u = ((h >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
-    return np.clip(u, np.float32(U_MIN), np.float32(U_MAX))
+    return _uniform_from_hash(mix32_np(hr ^ hc))
 
 
 def gumbel_np(seed, rows, cols):
     """Gumbel(0, 1) noise, float32, shape [len(rows), len(cols)]."""
     u = uniform_np(seed, rows, cols)
     return (-np.log(-np.log(u))).astype(np.float32)
+
+
+def gumbel_pairs_np(seed, rows, cols):
+    """The noise of (rows[i], cols[i]) for each i, float32 [n]: gumbel_np's values, one array for pairs
+    that are no grid (the sampler's nuclei, a column set per row)."""
+    h = mix32_np(row_keys_np(seed, rows) ^ mix32_np(np.asarray(cols, np.int64)))
+    return (-np.log(-np.log(_uniform_from_hash(h)))).astype(np.float32)

@@ -79,48 +79,35 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from kernels import cpu_ops
-from kernels.gumbel_noise import gumbel_np
+from kernels.gumbel_noise import gumbel_np, gumbel_pairs_np
+from kernels.nucleus import NUCLEUS_CUTS, nuclei
 
 log = logging.getLogger("ms_dfkd")
 
 
-NUCLEUS_CUTS = (1e-3, 1e-4, 1e-5)  # probability floors of the candidate sets, tried in turn
 PREFIX_CACHE_SIZE = 8  # shared prompt starts a prefix_cache keeps (a few MB each for SmolLM2)
 
 
-def nucleus(probs, top_p, cuts=NUCLEUS_CUTS):
-    """Column ids of the top-p nucleus of one row of probabilities (float32 [V]).
-
-    The smallest set of most probable tokens whose mass reaches top_p, every token tied with its least
-    probable member included, the top token always. Looked for among the tokens of probability >= each
-    cut in turn (at most 1/cut of them), then the whole row: a candidate set holds every token at least
-    as probable as its least one, so its sorted masses are the first ones of the whole row's, and it
-    suffices once the mass above its least probable token reaches top_p (the masses above only grow)."""
-    for cut in tuple(cuts) + (None,):
-        cand = np.arange(probs.shape[0]) if cut is None else np.flatnonzero(probs >= np.float32(cut))
-        top = np.sort(probs[cand])[::-1]
-        before = np.cumsum(top, dtype=np.float32) - top      # mass strictly above each token
-        if cut is None or (len(top) and before[-1] >= top_p):
-            threshold = top[before < top_p].min()            # before[0] = 0: the top token is kept
-            return np.flatnonzero(probs >= threshold)
-
-
-def pick_tokens(logits, seed, rows, inv_temp, top_p, greedy, cuts=NUCLEUS_CUTS):
+def pick_tokens(logits, seed, rows, inv_temp, top_p, greedy, cuts=NUCLEUS_CUTS, nucleus_path="numpy"):
     """int32 [B] from logits [B, V] (numpy float32): argmax, or Gumbel-max over the top-p nucleus with the
-    noise of (seed, rows[b], column) drawn for the nucleus's columns only."""
+    noise of (seed, rows[b], column) drawn for the nucleus's columns only; the nuclei by kernels.nucleus
+    (nucleus_path "cpu" or "numpy": the same columns)."""
     if greedy:
         return logits.argmax(-1).astype(np.int32)
     scaled = (logits * np.float32(inv_temp)).astype(np.float32, copy=False)
     if top_p >= 1.0:
         g = gumbel_np(seed, rows, np.arange(scaled.shape[1], dtype=np.int64))
         return (scaled + g).argmax(-1).astype(np.int32)
-    out = np.empty(len(scaled), np.int32)
     e = np.exp(scaled - scaled.max(-1, keepdims=True))
     probs = (e / e.sum(-1, keepdims=True)).astype(np.float32, copy=False)
-    for b in range(len(scaled)):
-        cols = nucleus(probs[b], np.float32(top_p), cuts)
-        g = gumbel_np(seed, rows[b:b + 1], cols.astype(np.int64))[0]
-        out[b] = cols[np.argmax(scaled[b, cols] + g)]
+    columns = nuclei(probs, top_p, cuts, nucleus_path)
+    sizes = [len(cols) for cols in columns]
+    g = gumbel_pairs_np(seed, np.repeat(np.asarray(rows, np.int64), sizes), np.concatenate(columns))
+    out = np.empty(len(scaled), np.int32)
+    start = 0
+    for b, cols in enumerate(columns):
+        out[b] = cols[np.argmax(scaled[b, cols] + g[start:start + sizes[b]])]
+        start += sizes[b]
     return out
 
 
@@ -383,7 +370,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
     part of a start (their caches and the states entering layer k, by tokens), and the layers above run
     again on every call from the kept states; the same numbers. Needs steer_layer >= k and capture_layer
     0 or k.
-    nucleus_cuts: the probability floors of the top-p candidate sets (``nucleus``); any give the same tokens.
+    nucleus_cuts: the probability floors of the top-p candidate sets (kernels.nucleus); any give the same tokens.
     """
     ids = np.asarray(prompt_ids.asnumpy() if isinstance(prompt_ids, Tensor) else prompt_ids, np.int32)
     mask = np.asarray(prompt_mask.asnumpy() if isinstance(prompt_mask, Tensor) else prompt_mask, np.int32)
@@ -425,12 +412,16 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
             blocks, head_blocks, weights = decode_blocks(model, b)
         else:
             weights = "float32 weights (gguf_blocks is off)"
+    nucleus_problem = cpu_ops.unavailable_reason("nucleus")
+    nucleus_path = "numpy" if nucleus_problem else "cpu"
     paths = (("a prompt start that rows share is computed once per group" if use_prefix else
               "every prompt row in full" + (" (this model has no shared-prefix prefill)" if share_prefix else ""))
              + "; prefill: " + ("each decoder layer as one C++ op over the real tokens" if fused_pre
                                 else f"MindSpore's ops ({problem or 'fused_prefill is off'})")
              + "; decode steps: " + (f"each decoder layer as one C++ op, {weights}" if fused
-                                     else f"MindSpore's ops ({problem or 'fused_decode is off'})"))
+                                     else f"MindSpore's ops ({problem or 'fused_decode is off'})")
+             + ("" if greedy or top_p >= 1.0 else "; top-p nuclei: " + (
+                 f"numpy ({nucleus_problem})" if nucleus_problem else "C++")))
     if dec.said_which_path != paths:
         dec.said_which_path = paths
         log.info("KV-cache sampling: %s", paths)
@@ -496,7 +487,7 @@ def sample(model, prompt_ids, prompt_mask, max_new_tokens, seed=0, temperature=1
                 caches = caches if fused else stepped  # the fused step writes the caches where they are
                 step_states += captured
             step_logits = logits.asnumpy()
-            z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, nucleus_cuts)
+            z = pick_tokens(step_logits, seed, rows0 + t, inv_temp, top_p, greedy, nucleus_cuts, nucleus_path)
             if return_logits:
                 all_logits[:, t] = step_logits
             live = ~finished
