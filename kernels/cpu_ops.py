@@ -147,32 +147,38 @@ class LayerNormOp(nn.Cell):
 
 
 class LinearOp(nn.Cell):
-    """(x f32 [..., k], weight [n, k], bias [n]) -> x weight^T + bias [..., n]; the C++ backward."""
+    """(x f32 [..., k], weight [n, k], bias [n]) -> x weight^T + bias [..., n]; the C++ backward, as two ops
+    (dx; dweight and dbias) so that a graph that takes no gradient of the weights drops the second."""
 
     def __init__(self):
         super().__init__()
-        self.backward_op = _aot("MsDfkdLinearBackward", lambda dy, x, w: (x, w, w[:1]),
-                                lambda dy, x, w: (x, w, w))
+        self.backward_data = _aot("MsDfkdLinearBackwardData", lambda dy, w: dy[:-1] + [w[1]], lambda dy, w: dy)
+        self.backward_weight = _aot("MsDfkdLinearBackwardWeight", lambda dy, x: ([dy[-1], x[-1]], [dy[-1]]),
+                                    lambda dy, x: (dy, dy))
 
     def construct(self, x, weight, bias):
         return composite_linear(x, weight, bias)
 
     def bprop(self, x, weight, bias, out, dout):
-        return self.backward_op(dout, x, weight)
+        dweight, dbias = self.backward_weight(dout, x)
+        return self.backward_data(dout, weight), dweight, dbias
 
 
 class MaskedLinearOp(nn.Cell):
     """(x f32 [..., k], weight [n, k], bias [n], rows f32 [...]) -> x weight^T + bias on the rows whose
-    ``rows`` value is nonzero, 0 on the others; forward and backward in C++ over those rows only."""
+    ``rows`` value is nonzero, 0 on the others; forward and backward in C++ over those rows only (the
+    backward as two ops, as LinearOp's)."""
 
     def __init__(self):
         super().__init__()
-        backward_op = _aot("MsDfkdMaskedLinearBackward", lambda dy, x, w, rows: (x, w, w[:1]),
-                           lambda dy, x, w, rows: (x, w, w))
+        backward_data = _aot("MsDfkdMaskedLinearBackwardData", lambda dy, w, rows: dy[:-1] + [w[1]],
+                             lambda dy, w, rows: dy)
+        backward_weight = _aot("MsDfkdMaskedLinearBackwardWeight", lambda dy, x, rows: ([dy[-1], x[-1]], [dy[-1]]),
+                               lambda dy, x, rows: (dy, dy))
 
         def bprop(x, weight, bias, rows, out, dout):
-            dx, dweight, dbias = backward_op(dout, x, weight, rows)
-            return dx, dweight, dbias, zero_grad(rows)
+            dweight, dbias = backward_weight(dout, x, rows)
+            return backward_data(dout, weight, rows), dweight, dbias, zero_grad(rows)
 
         self.op = _aot("MsDfkdMaskedLinearForward", lambda x, w, b, rows: x[:-1] + [w[0]],
                        lambda x, w, b, rows: x, bprop)

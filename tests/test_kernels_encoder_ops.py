@@ -348,7 +348,8 @@ def test_build_names_the_library_by_source_and_refuses_a_broken_source(tmp_path,
     assert built.is_file() and built.parent == tmp_path / "lib"
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(built)], capture_output=True, text=True).stdout
     for name in ("MsDfkdGeluForward", "MsDfkdGeluBackward", "MsDfkdLayerNormForward",
-                 "MsDfkdLayerNormBackward", "MsDfkdLinearBackward", "MsDfkdCpuSetThreads", "MsDfkdCpuLoadGemm",
+                 "MsDfkdLayerNormBackward", "MsDfkdLinearBackwardData", "MsDfkdLinearBackwardWeight",
+                 "MsDfkdMaskedLinearBackwardData", "MsDfkdNucleus", "MsDfkdCpuSetThreads", "MsDfkdCpuLoadGemm",
                  "MsDfkdLlamaDecodeLayer"):
         assert name in symbols
     assert cpu_build.ensure_built() == built  # not rebuilt

@@ -171,20 +171,31 @@ int MsDfkdCpuLoadGemm(const char *path) {
   return g_sgemm ? 0 : 2;
 }
 
-// y = x w^T + b; its backward: dx = dy w, dw = dy^T x, db = sum of dy's rows
-//                                                params: dy [.., n], x [.., k], w [n, k], dx, dw, db [n]
-int MsDfkdLinearBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                         void *stream, void *extra) {
-  if (nparam != 6 || !msdfkd::g_sgemm) return 1;
+// y = x w^T + b; its backward in two ops, so that a graph whose weights take no gradient (a frozen
+// encoder the generator's loss goes through) drops the second: dx = dy w,
+//                                                params: dy [.., n], w [n, k], dx [.., k]
+int MsDfkdLinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if (nparam != 3 || !msdfkd::g_sgemm) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t n = shapes[1][0], k = shapes[1][1];
+  const int64_t rows = numel(ndims[0], shapes[0]) / n;
+  gemm(false, false, rows, k, n, dy, n, w, k, dx, k);
+  return 0;
+}
+
+// and dw = dy^T x, db = the sum of dy's rows     params: dy [.., n], x [.., k], dw [n, k], db [n]
+int MsDfkdLinearBackwardWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                               void *stream, void *extra) {
+  if (nparam != 4 || !msdfkd::g_sgemm) return 1;
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
-  const float *w = static_cast<const float *>(params[2]);
-  float *dx = static_cast<float *>(params[3]);
-  float *dw = static_cast<float *>(params[4]);
-  float *db = static_cast<float *>(params[5]);
+  float *dw = static_cast<float *>(params[2]);
+  float *db = static_cast<float *>(params[3]);
   const int64_t n = shapes[2][0], k = shapes[2][1];
   const int64_t rows = numel(ndims[1], shapes[1]) / k;
-  gemm(false, false, rows, k, n, dy, n, w, k, dx, k);
   gemm(true, false, n, k, rows, dy, n, x, k, dw, k);
   column_sums(dy, rows, n, db);
   return 0;
@@ -215,38 +226,57 @@ int MsDfkdMaskedLinearForward(int nparam, void **params, int *ndims, int64_t **s
   return 0;
 }
 
-// the backward of MsDfkdMaskedLinearForward: dx = dy w on the rows whose mask is nonzero (0 on the
-// others), dw = dy^T x and db = the sum of dy over those rows
-//                          params: dy [.., n], x [.., k], w [n, k], mask [..], dx [.., k], dw [n, k], db [n]
-int MsDfkdMaskedLinearBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                               void *stream, void *extra) {
-  if (nparam != 7 || !msdfkd::g_sgemm) return 1;
+// the backward of MsDfkdMaskedLinearForward in two ops (as MsDfkdLinearBackwardData/Weight): dx = dy w on
+// the rows whose mask is nonzero, 0 on the others,
+//                                                params: dy [.., n], w [n, k], mask [..], dx [.., k]
+int MsDfkdMaskedLinearBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  if (nparam != 4 || !msdfkd::g_sgemm) return 1;
   const float *dy = static_cast<const float *>(params[0]);
-  const float *x = static_cast<const float *>(params[1]);
-  const float *w = static_cast<const float *>(params[2]);
-  const float *mask = static_cast<const float *>(params[3]);
-  float *dx = static_cast<float *>(params[4]);
-  float *dw = static_cast<float *>(params[5]);
-  float *db = static_cast<float *>(params[6]);
-  const int64_t n = shapes[2][0], k = shapes[2][1];
-  const int64_t rows = numel(ndims[3], shapes[3]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float *mask = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  const int64_t n = shapes[1][0], k = shapes[1][1];
+  const int64_t rows = numel(ndims[2], shapes[2]);
   thread_local std::vector<int64_t> index;
   real_rows(mask, rows, index);
   const int64_t nr = static_cast<int64_t>(index.size());
   float *dyp = scratch(0, nr * n).data();
-  float *xp = scratch(1, nr * k).data();
   float *dxp = scratch(2, nr * k).data();
+  if (nr > 0) {
+    gather_rows(dy, index, n, dyp);
+    gemm(false, false, nr, k, n, dyp, n, w, k, dxp, k);
+  }
+  scatter_rows(dxp, index, rows, k, nullptr, dx);
+  return 0;
+}
+
+// and dw = dy^T x, db = the sum of dy, over those rows
+//                                                params: dy [.., n], x [.., k], mask [..], dw [n, k], db [n]
+int MsDfkdMaskedLinearBackwardWeight(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *stream, void *extra) {
+  if (nparam != 5 || !msdfkd::g_sgemm) return 1;
+  const float *dy = static_cast<const float *>(params[0]);
+  const float *x = static_cast<const float *>(params[1]);
+  const float *mask = static_cast<const float *>(params[2]);
+  float *dw = static_cast<float *>(params[3]);
+  float *db = static_cast<float *>(params[4]);
+  const int64_t n = shapes[3][0], k = shapes[3][1];
+  const int64_t rows = numel(ndims[2], shapes[2]);
+  thread_local std::vector<int64_t> index;
+  real_rows(mask, rows, index);
+  const int64_t nr = static_cast<int64_t>(index.size());
   if (nr == 0) {
     std::fill(dw, dw + n * k, 0.0f);
     std::fill(db, db + n, 0.0f);
-  } else {
-    gather_rows(dy, index, n, dyp);
-    gather_rows(x, index, k, xp);
-    gemm(false, false, nr, k, n, dyp, n, w, k, dxp, k);
-    gemm(true, false, n, k, nr, dyp, n, xp, k, dw, k);
-    column_sums(dyp, nr, n, db);
+    return 0;
   }
-  scatter_rows(dxp, index, rows, k, nullptr, dx);
+  float *dyp = scratch(0, nr * n).data();
+  float *xp = scratch(1, nr * k).data();
+  gather_rows(dy, index, n, dyp);
+  gather_rows(x, index, k, xp);
+  gemm(true, false, n, k, nr, dyp, n, xp, k, dw, k);
+  column_sums(dyp, nr, n, db);
   return 0;
 }
 
