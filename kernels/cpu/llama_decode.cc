@@ -101,6 +101,15 @@ void rms_norm(const float *x, const float *w, float eps, float *y, int64_t rows,
   }
 }
 
+// a layer's work buffers (every value written before it is read), kept per calling thread across calls: a
+// fresh zeroed vector a call (8 MB for a prefill layer of 250 tokens) cost about 4% of a prefill in its
+// allocation, zeroing and page faults
+float *work_buffer(size_t n) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // a weight matrix [n, k]: float32, or GGUF blocks of block_bytes each
 struct Matrix {
   const void *data;
@@ -204,8 +213,8 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
     if (write_slot[s]) slot = s;
   if (slot < 0) return 1;
 
-  std::vector<float> buf(B * (H + nq + 2 * nk + nq + H + H + H + 2 * I + H));
-  float *h = buf.data(), *q = h + B * H, *k = q + B * nq, *v = k + B * nk, *attn = v + B * nk, *o = attn + B * nq;
+  float *h = work_buffer(B * (H + nq + 2 * nk + nq + H + H + H + 2 * I + H));
+  float *q = h + B * H, *k = q + B * nq, *v = k + B * nk, *attn = v + B * nk, *o = attn + B * nq;
   float *x1 = o + B * H, *h2 = x1 + B * H, *g = h2 + B * H, *u = g + B * I, *d = u + B * I;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t n_qkv = nq + 2 * nk;
@@ -335,8 +344,8 @@ int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shape
     return 0;
   }
 
-  std::vector<float> buf(R * (H + H + nq + 2 * nk + nq + H + H + H + 2 * I + H));
-  float *xp = buf.data(), *h = xp + R * H, *q = h + R * H, *k = q + R * nq, *v = k + R * nk, *attn = v + R * nk;
+  float *xp = work_buffer(R * (H + H + nq + 2 * nk + nq + H + H + H + 2 * I + H));
+  float *h = xp + R * H, *q = h + R * H, *k = q + R * nq, *v = k + R * nk, *attn = v + R * nk;
   float *o = attn + R * nq, *x1 = o + R * H, *h2 = x1 + R * H, *g = h2 + R * H, *u = g + R * I, *d = u + R * I;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const int64_t n_qkv = nq + 2 * nk, span = w0 + L;  // no token reads a slot past the chunk
