@@ -29,6 +29,13 @@ def diversity_loss(features, target_labels, num_labels):
     return (sim * same).sum() / ops.maximum(same.sum(), 1.0)
 
 
+def token_nll(logits, ids):
+    """-log softmax(logits)[id] per position, float32 [B, T], for logits [B, T, V] and ids [B, T]: the negative
+    log-likelihood of sampled tokens (the driver's perplexity under G_θ0, no gradient)."""
+    logp = ops.log_softmax(logits.astype(ms.float32), -1)
+    return -ops.gather_elements(logp, 2, ids.astype(ms.int32).expand_dims(-1)).squeeze(-1)
+
+
 def adversarial_loss(student_logits, teacher_logits, kd_temperature):
     """-tau^2 KL(p_T || p_S): seek samples the student still gets wrong."""
     return -kd_loss(student_logits, teacher_logits, kd_temperature)

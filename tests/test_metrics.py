@@ -135,10 +135,14 @@ def test_degenerate_samples_are_flagged():
     assert degenerate_share([]) == 0.0
 
 
-def test_generator_perplexity_matches_a_float64_log_softmax():
-    """The driver's perplexity_g0 (logsumexp from float32 exponentials summed in float64) against the float64
-    log-softmax written out, on logits of the sampler's size, with a mask."""
-    from ms_dfkd.train import _perplexity
+@pytest.mark.parametrize("path", ["numpy", "graph"])
+def test_generator_perplexity_matches_a_float64_log_softmax(path):
+    """The driver's perplexity_g0 against the float64 log-softmax written out, on logits of the sampler's size,
+    with a mask: from numpy logits (the prompted generator's: float32 exponentials summed in float64) and from
+    G_θ0's logits where they are (dfkd-t3: losses.token_nll compiled, float32)."""
+    import mindspore as ms
+    from ms_dfkd.losses import token_nll
+    from ms_dfkd.train import _perplexity, _perplexity_of
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((4, 6, 49152)) * 4).astype(np.float32)
     ids = rng.integers(0, 49152, (4, 6))
@@ -148,5 +152,11 @@ def test_generator_perplexity_matches_a_float64_log_softmax():
     logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
     nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
     want = np.exp((nll * mask).sum() / mask.sum())
-    assert abs(_perplexity(logits.reshape(24, -1), ids, mask) / want - 1) < 1e-6
-    assert _perplexity(logits, ids, np.zeros_like(mask)) == 1.0  # nothing to score
+    if path == "numpy":
+        assert abs(_perplexity(logits.reshape(24, -1), ids, mask) / want - 1) < 1e-6
+        assert _perplexity(logits, ids, np.zeros_like(mask)) == 1.0  # nothing to score
+    else:
+        got = ms.jit(token_nll)(ms.Tensor(logits), ms.Tensor(ids.astype(np.int32))).asnumpy()
+        np.testing.assert_allclose(got, nll, rtol=1e-5, atol=1e-5)
+        assert abs(_perplexity_of(got, mask) / want - 1) < 1e-5
+        assert _perplexity_of(got, np.zeros_like(mask)) == 1.0
