@@ -12,7 +12,6 @@ Integrity: the metadata carries a SHA-256 of the tensors and the state, checked 
 checkpoint a save replaces is kept as checkpoint.prev.safetensors, so a corrupted file costs one
 save, not the run.
 """
-import functools
 import hashlib
 import json
 import logging
@@ -75,11 +74,8 @@ def digest(arrays, state_json):
 
 def save(d):
     """Write d's checkpoint (rank 0 only; every rank holds the same weights), keeping the one it replaces.
-
-    The arrays are copied now (the optimizers update the parameters in place); the checksum, the file, its
-    flush to disk and the renames are done on a background thread (they took ~0.8 s of the training loop
-    a save; hashing and writing release the GIL). Returns a function that waits for them and raises their
-    CheckpointWriteError, or None on other ranks."""
+    The file is written now; its flush to disk and the renames finish on a background thread. Returns a
+    function that waits for them (CheckpointWriteError if they failed), or None on other ranks."""
     if not d.is_main:
         return None
     state = {"counters": d.counters, "replay": d.replay.state_dict(),
@@ -91,25 +87,16 @@ def save(d):
     # the teacher's outputs on the buffer are saved, not recomputed on resume: computed again in
     # other batches, a row's logits can differ in the last bit, and a resumed run would drift
     replay = {"replay/" + k: v for k, v in d.replay.teacher_arrays().items()}
-    arrays = {k: np.array(v, copy=True) for k, v in {**trainable_arrays(d), **replay}.items()}
+    arrays = {**trainable_arrays(d), **replay}
     state_json = json.dumps(state)
     path = d.out / CKPT_NAME
 
     def keep_previous():
         if path.exists():
             _keep_previous(path, d.out / PREV_NAME)
-
-    def write():
-        save_safetensors(arrays, path, metadata={"format": "ms-dfkd-run", "state": state_json,
-                                                "sha256": digest(arrays, state_json)}, before_replace=keep_previous)
-    return _writer().submit(write).result
-
-
-@functools.lru_cache(maxsize=None)
-def _writer():
-    """The thread run checkpoints are written on, one after another (interpreter exit waits for it)."""
-    from concurrent.futures import ThreadPoolExecutor
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="ms_dfkd_checkpoint")
+    return save_safetensors(arrays, path, metadata={"format": "ms-dfkd-run", "state": state_json,
+                                                   "sha256": digest(arrays, state_json)},
+                            before_replace=keep_previous, finish_later=True)
 
 
 def _keep_previous(path, prev):

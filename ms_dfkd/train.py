@@ -69,7 +69,7 @@ class Distiller:
         self.reducer_factory = grad_reducer_factory
         self.stop_flag = False
         self._last_save = time.time()  # run.checkpoint_seconds count from here
-        self._finishing = None  # waits for the last save's background write (save_checkpoint)
+        self._finishing = None  # the last save's background part (save_checkpoint)
         self.counters = {"round": 0, "gen_in_round": 0, "stu_in_round": 0, "gen_steps": 0, "stu_steps": 0,
                          "samples": 0, "warmup_steps": 0}
         self.history = []
@@ -640,8 +640,7 @@ class Distiller:
 
     # ------------------------------------------------------------------ checkpoints (run_checkpoint.py)
     def save_checkpoint(self):
-        """Write the run's checkpoint: its arrays are copied now, the file written in the background
-        (run_checkpoint.save; wait_for_checkpoint waits for it)."""
+        """Write the run's checkpoint; its flush to disk and rename finish in the background (wait_for_checkpoint)."""
         self.wait_for_checkpoint()
         now = time.time()  # the phase's seconds so far go into the checkpoint with its metrics
         self.acc["seconds"] += now - self._phase_t0
@@ -650,7 +649,7 @@ class Distiller:
         self._last_save = time.time()
 
     def wait_for_checkpoint(self):
-        """Until the last save's file is in place; CheckpointWriteError if writing it failed."""
+        """Until the last save's flush and rename are done; CheckpointWriteError if they failed."""
         finishing, self._finishing = self._finishing, None
         if finishing is not None:
             finishing()

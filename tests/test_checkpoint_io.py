@@ -1,4 +1,4 @@
-"""Checkpoint files: the step before an atomic write's rename, and the run checkpoint's checksum."""
+"""Run-checkpoint files: the background finish of a write, and the checksum."""
 import hashlib
 
 import numpy as np
@@ -14,7 +14,7 @@ def _state(seed):
             "c": np.array(2.5, np.float32)}
 
 
-def test_before_replace_runs_once_the_new_file_is_written_and_the_old_one_still_there(tmp_path):
+def test_a_write_finished_later_replaces_the_file_only_after_before_replace(tmp_path):
     path = tmp_path / "ck.safetensors"
     save_safetensors(_state(0), path)
     seen = []
@@ -22,7 +22,8 @@ def test_before_replace_runs_once_the_new_file_is_written_and_the_old_one_still_
     def before():  # the old file is still there, the new one written aside
         seen.append(load_safetensors(path)["a"].copy())
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
-    save_safetensors(_state(1), path, before_replace=before)
+    wait = save_safetensors(_state(1), path, before_replace=before, finish_later=True)
+    wait()
     np.testing.assert_array_equal(seen[0], _state(0)["a"])
     assert len(seen[1]) == 2 and seen[1][1] == "ck.safetensors" and seen[1][0].endswith(".tmp")
     got = load_safetensors(path)
@@ -31,14 +32,15 @@ def test_before_replace_runs_once_the_new_file_is_written_and_the_old_one_still_
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
 
 
-def test_a_failure_before_the_rename_leaves_the_old_file(tmp_path):
+def test_a_failed_finish_is_raised_by_wait_and_leaves_the_old_file(tmp_path):
     path = tmp_path / "ck.safetensors"
     save_safetensors(_state(0), path)
 
     def before():
         raise OSError(28, "No space left on device")
+    wait = save_safetensors(_state(1), path, before_replace=before, finish_later=True)
     with pytest.raises(CheckpointWriteError, match=f"could not write {path}.*No space left.*unchanged"):
-        save_safetensors(_state(1), path, before_replace=before)
+        wait()
     np.testing.assert_array_equal(load_safetensors(path)["a"], _state(0)["a"])
     assert [p.name for p in tmp_path.iterdir()] == ["ck.safetensors"]
 
