@@ -1,4 +1,4 @@
-"""The top-p nucleus of rows of token probabilities, for the sampler (ms_dfkd/models/llama_sampling.py).
+"""The top-p nucleus of rows of token probabilities, for a language model's sampler.
 
     nuclei(probs, top_p, cuts=NUCLEUS_CUTS, path="cpu" | "numpy") -> [int64 column ids, ascending] per row
 
