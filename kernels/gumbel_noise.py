@@ -47,26 +47,24 @@ def row_keys_np(seed, rows):
     return mix32_np(mix32_np(int(seed) & MASK32) ^ (np.asarray(rows, np.int64) & MASK32))
 
 
-def _uniform_from_hash(h):
+def _uniforms(seed, rows, cols):
+    """Uniforms of (rows, cols) broadcast against each other (float32)."""
+    h = mix32_np(row_keys_np(seed, rows) ^ mix32_np(np.asarray(cols, np.int64)))
     u = ((h >> 9).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
     return np.clip(u, np.float32(U_MIN), np.float32(U_MAX))
 
 
 def uniform_np(seed, rows, cols):
     """Uniforms of shape [len(rows), len(cols)] (float32)."""
-    hr = row_keys_np(seed, rows)[:, None]
-    hc = mix32_np(np.asarray(cols, np.int64))[None, :]
-    return _uniform_from_hash(mix32_np(hr ^ hc))
+    return _uniforms(seed, np.asarray(rows)[:, None], np.asarray(cols)[None, :])
+
+
+def gumbel_pairs_np(seed, rows, cols):
+    """Gumbel(0, 1) noise of (rows, cols) broadcast against each other, float32: for 1-d rows and cols of
+    one length, the noise of each (rows[i], cols[i]) pair (the sampler's nuclei, a column set per row)."""
+    return (-np.log(-np.log(_uniforms(seed, rows, cols)))).astype(np.float32)
 
 
 def gumbel_np(seed, rows, cols):
     """Gumbel(0, 1) noise, float32, shape [len(rows), len(cols)]."""
-    u = uniform_np(seed, rows, cols)
-    return (-np.log(-np.log(u))).astype(np.float32)
-
-
-def gumbel_pairs_np(seed, rows, cols):
-    """The noise of (rows[i], cols[i]) for each i, float32 [n]: gumbel_np's values, one array for pairs
-    that are no grid (the sampler's nuclei, a column set per row)."""
-    h = mix32_np(row_keys_np(seed, rows) ^ mix32_np(np.asarray(cols, np.int64)))
-    return (-np.log(-np.log(_uniform_from_hash(h)))).astype(np.float32)
+    return gumbel_pairs_np(seed, np.asarray(rows)[:, None], np.asarray(cols)[None, :])

@@ -519,6 +519,15 @@ SHARED_ROWS = [[5, 9, 2, 33, 17, 40, 8, 1], [5, 9, 2, 33, 17, 12], [11, 3, 60, 7
                [5, 9, 2, 33, 17, 6, 19, 50, 23, 4], [11, 3, 60, 7, 21, 13], [11, 3, 60, 7, 21, 55, 2]]
 
 
+@pytest.fixture
+def any_shared_start(monkeypatch):
+    """The sampler shares a prompt start however few positions that saves (SHARED_ROWS save fewer than its
+    default asks)."""
+    from ms_dfkd.models import llama_sampling
+    real = llama_sampling.shared_prefix
+    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
+
+
 def test_shared_prefix_picks_the_start_rows_share():
     from ms_dfkd.models.llama_sampling import shared_prefix
     ids, mask = left_pad(SHARED_ROWS)
@@ -566,14 +575,12 @@ def test_kv_cache_sampling_with_a_shared_prefix_matches_numpy(tiny, graph, with_
     np.testing.assert_array_equal(new, plain)
 
 
-def test_a_prefix_cache_reuses_the_shared_start_and_changes_nothing(tiny, monkeypatch):
+def test_a_prefix_cache_reuses_the_shared_start_and_changes_nothing(tiny, any_shared_start, monkeypatch):
     """prefix_cache: the second call with the same prompt starts takes them from the cache (no prefill of the
     prefix), and both calls give the tokens, logits and states of calls without a cache; other label
     vectors are another key."""
     from ms_dfkd.models import llama_sampling
     cfg, model, _ = tiny
-    real = llama_sampling.shared_prefix
-    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
     ids, mask = left_pad(SHARED_ROWS)
     v = (np.random.default_rng(4).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
     kw = dict(greedy=False, temperature=1.0, seed=7, eos_id=-1, return_logits=True, steer=v[[0, 0, 1, 0, 1, 1]],
@@ -594,15 +601,14 @@ def test_a_prefix_cache_reuses_the_shared_start_and_changes_nothing(tiny, monkey
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_a_prefix_cache_of_the_frozen_layers_follows_the_training_layers_above(tiny, fused, monkeypatch):
+def test_a_prefix_cache_of_the_frozen_layers_follows_the_training_layers_above(tiny, fused, any_shared_start,
+                                                                             monkeypatch):
     """prefix_cache_layers=k: the cache keeps the shared start's layers below k only; after the layers
     above change (as the trained generator's top layers do between steps), a call with the cache runs
     those layers again from the kept states and gives the tokens, logits and states of a call without a
     cache, to the bit; the layers below are computed once."""
     from ms_dfkd.models import llama_sampling
     cfg, model, _ = tiny
-    real = llama_sampling.shared_prefix
-    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
     ids, mask = left_pad(SHARED_ROWS)
     v = (np.random.default_rng(5).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
     kw = dict(greedy=False, temperature=1.0, seed=3, eos_id=-1, return_logits=True, steer=v[[0, 0, 1, 0, 1, 1]],
@@ -634,15 +640,12 @@ def test_a_prefix_cache_of_the_frozen_layers_follows_the_training_layers_above(t
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("share", [False, True])
 @pytest.mark.parametrize("fused", [True, False])
-def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, fused, monkeypatch):
+def test_sampling_hands_out_the_states_entering_a_layer(tiny, graph, share, fused, any_shared_start):
     """capture_layer=k: the states entering layer k over [prompt; new tokens], in the prompt's own left
     padding, equal the float64 numpy forward's where the sequence is real (the last token's state is
     never computed: zeros, as the padding); label vectors (added at layer k, after) do not enter them but
     do steer the tokens; the tokens are those sampled without capturing."""
-    from ms_dfkd.models import llama_sampling
     cfg, model, w = tiny
-    real = llama_sampling.shared_prefix
-    monkeypatch.setattr(llama_sampling, "shared_prefix", lambda *a, **k: real(*a, **{**k, "min_saved_per_row": 1}))
     rows = SHARED_ROWS
     ids, mask = left_pad(rows)
     v = (np.random.default_rng(5).normal(size=(2, cfg.hidden_size)) * 0.5).astype(np.float32)
