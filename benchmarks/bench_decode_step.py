@@ -1,5 +1,6 @@
-"""One KV-cache decode step of SmolLM2 on its three CPU paths: MindSpore's ops, each decoder layer as one C++
-op with float32 weights, and the same op reading the frozen layers and the LM head from the GGUF blocks.
+"""One KV-cache decode step of SmolLM2 on its CPU paths: MindSpore's ops, each decoder layer as one C++ op with
+float32 weights, and the same op reading the frozen layers and the LM head from the GGUF blocks (in ggml's
+layout, and in the layout this CPU's loops read fastest: interleaved by 8 weight rows for AVX2).
 
     python -m benchmarks.bench_decode_step                     # B=8, the offline default's cache of 104 slots
     python -m benchmarks.bench_decode_step --batch 32 --repeats 30
@@ -20,7 +21,8 @@ import time
 import numpy as np
 
 PATHS = {"ops": "MindSpore's ops", "fused": "one C++ op a layer, float32 weights",
-         "blocks": "one C++ op a layer, GGUF blocks for frozen weights"}
+         "blocks-ggml": "one C++ op a layer, GGUF blocks for frozen weights, ggml's layout",
+         "blocks": "one C++ op a layer, GGUF blocks for frozen weights, the layout its loops read fastest"}
 
 
 def worker(path, batch, slots, repeats, out):
@@ -47,7 +49,9 @@ def worker(path, batch, slots, repeats, out):
     key_mask[:, :written + 1] = 1
     write_slot = np.zeros(slots, bool)
     write_slot[written] = True
-    block_set = dec.block_set(*decode_blocks(model)[:2]) if path == "blocks" else -1
+    block_set = -1
+    if path.startswith("blocks"):
+        block_set = dec.block_set(*decode_blocks(model, interleaved=False if path == "blocks-ggml" else None)[:2])
 
     def step():
         return dec.step(ids, positions, Tensor(key_mask), Tensor(write_slot), ms.mutable(caches), None, 0, 0,

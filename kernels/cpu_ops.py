@@ -300,13 +300,44 @@ def gumbel_noise(keys, start, stop):
 
 @functools.lru_cache(maxsize=None)
 def _gguf_linear_op():
-    return _aot("MsDfkdGgufLinear", lambda x, blocks: x[:-1] + [blocks[0]], lambda x, blocks: x)
+    return _aot("MsDfkdGgufLinear", lambda x, blocks: x[:-1] + [blocks[0] * _block_columns(blocks[2])],
+                lambda x, blocks: x)
+
+
+GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+GGUF_GROUP_BYTES = {"Q4_1": 192, "Q8_0": 288}  # the interleaved layout: 8 weight rows' blocks side by side
+
+
+def _block_columns(block_bytes):
+    return 8 if block_bytes in GGUF_GROUP_BYTES.values() else 1
+
+
+def interleave_blocks(blocks):
+    """GGUF blocks in the layout the AVX2 products read fastest (kernels/cpu/gguf_blocks.h): ggml's uint8
+    [N, K / 32, 20 | 34] -> [N / 8, K / 32, 192 | 288], the blocks of 8 weight rows side by side (N a multiple
+    of 8). A group: float32 d[8] (Q4_1: then float32 m[8]), then the quants by position, 8 rows a position
+    (Q4_1: 16 x 8 bytes, byte (j, c) = q_c[j] | q_c[16 + j] << 4; Q8_0: 32 x 8 int8). The float16 scales in
+    float32 are exact, so the weights stay the same to the bit."""
+    blocks = np.asarray(blocks, np.uint8)
+    n, nb, size = blocks.shape
+    if size not in GGUF_BLOCK_BYTES.values():
+        raise ValueError(f"interleave_blocks: a block of {size} bytes is neither Q4_1 (20) nor Q8_0 (34)")
+    if n % 8:
+        raise ValueError(f"interleave_blocks: {n} weight rows are not a multiple of 8")
+    g = blocks.reshape(n // 8, 8, nb, size).transpose(0, 2, 1, 3)                        # [N/8, nb, 8, bytes]
+    scales = 4 if size == GGUF_BLOCK_BYTES["Q4_1"] else 2                                # d, m or d: float16
+    halves = np.ascontiguousarray(g[..., :scales]).view(np.float16)                      # [N/8, nb, 8, 1 | 2]
+    floats = halves.transpose(0, 1, 3, 2).astype(np.float32)                             # [N/8, nb, 1 | 2, 8]
+    quants = g[..., scales:].transpose(0, 1, 3, 2)                                       # [N/8, nb, 16 | 32, 8]
+    return np.ascontiguousarray(np.concatenate(
+        [floats.reshape(n // 8, nb, -1).view(np.uint8), quants.reshape(n // 8, nb, -1)], -1))
 
 
 def gguf_linear(x, blocks):
     """x [..., K] W^T -> float32 [..., N], W from a GGUF file's blocks: uint8 [N, K / 32, 20] (Q4_1) or
-    [N, K / 32, 34] (Q8_0), ggml's layout; W is what gguf's dequantiser gives for them, to the bit
-    (kernels/gguf_blocks_reference.py). No gradient."""
+    [N, K / 32, 34] (Q8_0), ggml's layout, or the same interleaved, [N / 8, K / 32, 192 | 288]
+    (interleave_blocks); W is what gguf's dequantiser gives for them, to the bit.
+    No gradient."""
     return _gguf_linear_op()(x.astype(ms.float32), blocks)
 
 

@@ -26,13 +26,13 @@ def _rope(t, cos, sin):
 
 def llama_decode_layer(x, cos, sin, key_mask, write_slot, cache_k, cache_v, input_norm, wq, wk, wv, wo, bq, bk, bv,
                        post_norm, w_gate, w_up, w_down, eps):
-    def f(a):  # float64; GGUF blocks (uint8 [out, in / 32, bytes]) as the weights they stand for
+    def f(a):  # float64; GGUF blocks (uint8 [out, in / 32, bytes], either layout) as the weights they stand for
         a = np.asarray(a)
         return dequantize(a).astype(np.float64) if a.dtype == np.uint8 and a.ndim == 3 else a.astype(np.float64)
 
     x, cos, sin, cache_k, cache_v = f(x), f(cos), f(sin), f(cache_k).copy(), f(cache_v).copy()
     b, n_kv, s, d = cache_k.shape
-    n_heads = wq.shape[0] // d
+    n_heads = f(wq).shape[0] // d
     h = _rms_norm(x, f(input_norm), eps)
     q = (h @ f(wq).T + f(bq)).reshape(b, n_heads, d)
     k = (h @ f(wk).T + f(bk)).reshape(b, n_kv, d)
@@ -67,7 +67,7 @@ def llama_chunk_layer(x, cos, sin, key_mask, first_slot, cache_k, cache_v, input
     b, n_kv, s, d = cache_k.shape
     length = x.shape[1]
     w0 = int(np.asarray(first_slot).reshape(-1)[0])
-    n_heads = wq.shape[0] // d
+    n_heads = f(wq).shape[0] // d
     real = np.asarray(key_mask)[:, w0:w0 + length] > 0                          # [B, L]
     h = _rms_norm(x, f(input_norm), eps)
     q = (h @ f(wq).T + f(bq)).reshape(b, length, n_heads, d)

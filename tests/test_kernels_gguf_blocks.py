@@ -47,17 +47,53 @@ def test_the_reference_dequantises_as_the_gguf_package():
         assert np.array_equal(reference.dequantize(blocks).view(np.int32), want.reshape(7, 96).view(np.int32))
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_the_interleaved_layout_is_as_specified(kind):
+    """Each weight read by hand from interleave_blocks' groups (the layout its docstring and gguf_blocks.h
+    state) equals the ggml blocks' weight; the reference's own inverse gives the blocks back to the byte."""
+    blocks = random_blocks(np.random.default_rng(5), 24, 96, kind)
+    groups = cpu_ops.interleave_blocks(blocks)
+    assert groups.shape == (3, 3, reference.GROUP_BYTES[kind]) and groups.dtype == np.uint8
+    want = reference.dequantize(blocks)
+    got = np.zeros_like(want)
+    for g, b, c, j in np.ndindex(3, 3, 8, 32):
+        d = groups[g, b, 0:32].view(np.float32)[c]
+        if kind == "Q8_0":
+            w = d * np.float32(groups[g, b, 32 + 8 * j + c].view(np.int8))
+        else:
+            m = groups[g, b, 32:64].view(np.float32)[c]
+            byte = groups[g, b, 64 + 8 * (j % 16) + c]
+            w = d * np.float32(byte & 15 if j < 16 else byte >> 4) + m
+        got[8 * g + c, 32 * b + j] = w
+    assert np.array_equal(got.view(np.int32), want.view(np.int32))
+    assert np.array_equal(reference.deinterleave(groups), blocks)
+
+
+def test_interleaving_refuses_rows_it_cannot_group():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        cpu_ops.interleave_blocks(random_blocks(np.random.default_rng(6), 12, 32, "Q8_0"))
+    with pytest.raises(ValueError, match="neither Q4_1"):
+        cpu_ops.interleave_blocks(np.zeros((8, 1, 21), np.uint8))
+
+
 def _head(x, blocks):
     return cpu_ops.gguf_linear(x, blocks)
 
 
+def layout_of(blocks, layout):
+    return cpu_ops.interleave_blocks(blocks) if layout == "interleaved" else blocks
+
+
+@pytest.mark.parametrize("layout", ["ggml", "interleaved"])
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
 @pytest.mark.parametrize("m, n, k", [(8, 576, 576), (1, 37, 64), (3, 100, 160), (13, 65, 96), (33, 130, 32)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gguf_linear_matches_the_reference(loops, kind, m, n, k, threads):
+def test_gguf_linear_matches_the_reference(loops, layout, kind, m, n, k, threads):
     ms.set_context(mode=ms.GRAPH_MODE)
     rng = np.random.default_rng(m * n + k)
-    blocks = random_blocks(rng, n, k, kind)
+    if layout == "interleaved":
+        n = -(-n // 8) * 8  # whole groups of 8 weight rows
+    blocks = layout_of(random_blocks(rng, n, k, kind), layout)
     x = rng.standard_normal((m, 1, k)).astype(np.float32)
     cpu_ops.set_cpu_threads(threads)
     try:
@@ -69,12 +105,13 @@ def test_gguf_linear_matches_the_reference(loops, kind, m, n, k, threads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("layout", ["ggml", "interleaved"])
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
-def test_the_weights_are_the_references_to_the_bit(loops, kind):
+def test_the_weights_are_the_references_to_the_bit(loops, layout, kind):
     """x = the identity: each output is one weight times one, plus zeros, so no rounding: W itself (a sum
     of zeros is +0 where a Q8_0 weight d * 0 is -0 for d < 0: compared as numbers, not bits)."""
     ms.set_context(mode=ms.PYNATIVE_MODE)
-    blocks = random_blocks(np.random.default_rng(1), 40, 64, kind)
+    blocks = layout_of(random_blocks(np.random.default_rng(1), 40, 64, kind), layout)
     got = cpu_ops.gguf_linear(Tensor(np.eye(64, dtype=np.float32)), Tensor(blocks)).asnumpy()
     assert np.array_equal(got.T, reference.dequantize(blocks))
 
@@ -94,18 +131,27 @@ def test_every_float16_scale_is_read_exactly(loops):
     assert np.array_equal(got, halves.view(np.float16).astype(np.float32))
 
 
-def test_the_decoder_layer_takes_blocks_for_any_of_its_matrices(loops):
-    """SmolLM2's layer shapes at 8 rows, the q/k/v/gate as Q4_1 blocks, o and down as Q8_0, up in float32:
-    the layer equals the float64 reference on the dequantised weights."""
+@pytest.mark.parametrize("layout", ["ggml", "interleaved"])
+@pytest.mark.parametrize("case, threads", [
+    ((8, 576, 9, 3, 64, 104, 1536, False, 80), 2),  # SmolLM2's layer at 8 rows
+    ((5, 192, 12, 4, 16, 20, 224, True, 7), 3),     # 3 threads: the parts cut groups of 8 weight rows
+])
+def test_the_decoder_layer_takes_blocks_for_any_of_its_matrices(loops, layout, case, threads):
+    """The q/k/v/gate as Q4_1 blocks, o and down as Q8_0, up in float32: the layer equals the float64
+    reference on the dequantised weights."""
     from test_kernels_llama_decode import make_case
     ms.set_context(mode=ms.PYNATIVE_MODE)
     rng = np.random.default_rng(3)
-    args = make_case(rng, 8, 576, 9, 3, 64, 104, 1536, False, 80)
+    args = make_case(rng, *case)
     for index, kind in ((8, "Q4_1"), (9, "Q4_1"), (10, "Q4_1"), (11, "Q8_0"), (16, "Q4_1"), (18, "Q8_0")):
         n, k = args[index].shape
-        args[index] = random_blocks(rng, n, k, kind)
+        args[index] = layout_of(random_blocks(rng, n, k, kind), layout)
     want = llama_decode_reference.llama_decode_layer(*args, 1e-5)
-    got = cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)
+    cpu_ops.set_cpu_threads(threads)
+    try:
+        got = cpu_ops.llama_decode_layer(*map(Tensor, args), 1e-5)
+    finally:
+        cpu_ops.set_cpu_threads(0)
     for name, g, w in zip(("x", "cache_k", "cache_v"), got, want):
         np.testing.assert_allclose(g.asnumpy(), w, rtol=2e-5, atol=2e-5 * np.abs(w).max(), err_msg=name)
 

@@ -732,17 +732,21 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
         model.gguf_blocks[name] = Tensor(blocks)
     set_trainable(model, "top_k", 1)
     w = {k: v.astype(np.float64) for k, v in state_of(model).items()}
-    kinds = []
+    kinds, block_bytes = [], set()
     real_layer, real_head = cpu_ops.llama_decode_layer, cpu_ops.gguf_linear
-    monkeypatch.setattr(cpu_ops, "llama_decode_layer", lambda *a: kinds.append(str(a[8].dtype)) or real_layer(*a))
+    monkeypatch.setattr(cpu_ops, "llama_decode_layer", lambda *a: kinds.append(str(a[8].dtype)) or block_bytes.add(
+        a[8].shape[-1]) or real_layer(*a))
     monkeypatch.setattr(cpu_ops, "gguf_linear", lambda *a: kinds.append("head") or real_head(*a))
     ids, mask = left_pad(ROWS)
     T = 5
     with caplog.at_level(logging.INFO, logger="ms_dfkd"):
         new, _, logits = sample(model, ids, mask, T, greedy=True, eos_id=-1, graph=False, return_logits=True)
+    interleaved = cpu_ops.gguf_loops() == "avx2"  # the layout the AVX2 loops read fastest
     assert f"each decoder layer as one C++ op, layers 0-0 and the LM head from the GGUF blocks " \
-           f"({cpu_ops.gguf_loops()} loops); layers 1-1 from float32 weights" in caplog.text
+           f"({cpu_ops.gguf_loops()} loops{', interleaved by 8 rows' if interleaved else ''}); layers 1-1 from " \
+           f"float32 weights" in caplog.text
     assert kinds[:3] == ["UInt8", "Float32", "head"] and len(kinds) == 3 * (T - 1)
+    assert block_bytes == ({192, TINY["hidden_size"]} if interleaved else {20, TINY["hidden_size"]})  # wq: Q4_1
     for b, row in enumerate(ROWS):
         for t in range(T):
             ref = np_forward(w, cfg, np.array(row + list(new[b, :t])))[-1]
@@ -755,7 +759,7 @@ def test_fused_decode_steps_read_frozen_weights_from_gguf_blocks(monkeypatch, ca
 
 
 def test_the_sampler_keeps_float32_weights_where_the_block_loops_are_slower():
-    """The portable block loops are slower than float32 weights, and so are the AVX2 ones above 16 rows:
+    """The portable block loops are slower than float32 weights, and the AVX2 ones are not measured above 32 rows:
     there the fused steps read no blocks, and the reason is given."""
     from kernels import cpu_ops
     from ms_dfkd.models.llama_sampling import decode_blocks
@@ -767,11 +771,11 @@ def test_the_sampler_keeps_float32_weights_where_the_block_loops_are_slower():
     finally:
         cpu_ops.use_gguf_loops(None)
     assert blocks == () and head is None and "portable loops" in message
-    if "avx2" in cpu_ops.available_gguf_loops():  # and the AVX2 loops above 16 rows
+    if "avx2" in cpu_ops.available_gguf_loops():  # and the AVX2 loops above 32 rows
         cpu_ops.use_gguf_loops("avx2")
         try:
-            assert "rows" not in decode_blocks(model, rows=16)[2]
-            blocks, head, message = decode_blocks(model, rows=17)
+            assert "rows" not in decode_blocks(model, rows=32)[2]
+            blocks, head, message = decode_blocks(model, rows=33)
         finally:
             cpu_ops.use_gguf_loops(None)
-        assert blocks == () and head is None and "17 rows" in message
+        assert blocks == () and head is None and "33 rows" in message

@@ -149,16 +149,24 @@ inline void swiglu(const float *a, Matrix w_gate, Matrix w_up, float *g, float *
     }
 }
 
+// the output rows of param p's matrix: float32 [out, in], blocks [out, in / 32, bytes] or interleaved blocks
+// [out / 8, in / 32, bytes]
+inline int64_t matrix_rows(int p, const int *ndims, int64_t **shapes) {
+  return ndims[p] == 3 ? shapes[p][0] * msdfkd::block_columns(shapes[p][2]) : shapes[p][0];
+}
+
 // the layer's 7 matrices from the op's params 8-11 (wq wk wv wo) and 16-18 (w_gate w_up w_down), each float32
-// [out, in] or GGUF blocks [out, in / 32, bytes]; false if one has the wrong width or block size
-inline bool layer_matrices(void **params, const int *ndims, int64_t **shapes, int64_t H, int64_t nq, int64_t I,
-                           Matrix m[7]) {
-  const int64_t widths[] = {H, H, H, nq, H, H, I};
+// [out, in] or GGUF blocks [out, in / 32, bytes] (or interleaved, [out / 8, in / 32, bytes]); false if one has
+// the wrong width or block size
+inline bool layer_matrices(void **params, const int *ndims, int64_t **shapes, int64_t H, int64_t nq, int64_t nk,
+                           int64_t I, Matrix m[7]) {
+  const int64_t widths[] = {H, H, H, nq, H, H, I}, outs[] = {nq, nk, nk, H, I, I, H};
   for (int i = 0; i < 7; ++i) {
     const int p = i < 4 ? 8 + i : 12 + i;
     const bool blocks = ndims[p] == 3;
     const int64_t width = blocks ? shapes[p][1] * msdfkd::kBlockValues : shapes[p][1];
-    if (width != widths[i] || (blocks && shapes[p][2] != msdfkd::kQ41Bytes && shapes[p][2] != msdfkd::kQ80Bytes))
+    if (width != widths[i] || matrix_rows(p, ndims, shapes) != outs[i] ||
+        (blocks && !msdfkd::known_block_bytes(shapes[p][2])))
       return false;
     m[i] = Matrix{params[p], blocks ? shapes[p][2] : 0};
   }
@@ -201,12 +209,13 @@ int MsDfkdLlamaDecodeLayer(int nparam, void **params, int *ndims, int64_t **shap
 
   const int64_t B = shapes[0][0], H = shapes[0][1];
   const int64_t n_kv = shapes[5][1], S = shapes[5][2], D = shapes[5][3];
-  const int64_t nq = shapes[8][0], nk = shapes[9][0], I = shapes[16][0];
+  const int64_t nq = matrix_rows(8, ndims, shapes), nk = matrix_rows(9, ndims, shapes);
+  const int64_t I = matrix_rows(16, ndims, shapes);
   const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
   if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D) return 1;
   // the matrices and the width each takes: float32 [out, in] or blocks [out, in / 32, bytes]
   Matrix m[7];
-  if (!layer_matrices(params, ndims, shapes, H, nq, I, m)) return 1;
+  if (!layer_matrices(params, ndims, shapes, H, nq, nk, I, m)) return 1;
   const Matrix wq = m[0], wk = m[1], wv = m[2], wo = m[3], w_gate = m[4], w_up = m[5], w_down = m[6];
   int64_t slot = -1;
   for (int64_t s = 0; s < S; ++s)
@@ -320,11 +329,12 @@ int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shape
 
   const int64_t B = shapes[0][0], L = shapes[0][1], H = shapes[0][2];
   const int64_t n_kv = shapes[5][1], S = shapes[5][2], D = shapes[5][3];
-  const int64_t nq = shapes[8][0], nk = shapes[9][0], I = shapes[16][0];
+  const int64_t nq = matrix_rows(8, ndims, shapes), nk = matrix_rows(9, ndims, shapes);
+  const int64_t I = matrix_rows(16, ndims, shapes);
   const int64_t n_heads = nq / D, n_rep = n_heads / n_kv;
   if (D > 512 || D % 2 || n_heads % n_kv || nk != n_kv * D || w0 < 0 || w0 + L > S) return 1;
   Matrix m[7];
-  if (!layer_matrices(params, ndims, shapes, H, nq, I, m)) return 1;
+  if (!layer_matrices(params, ndims, shapes, H, nq, nk, I, m)) return 1;
   const Matrix wq = m[0], wk = m[1], wv = m[2], wo = m[3], w_gate = m[4], w_up = m[5], w_down = m[6];
 
   // the real tokens, packed: token (b, j) is row packed[b * L + j] (-1: padding); rows of one b are in order
