@@ -23,30 +23,10 @@
 
 namespace {
 
+using msdfkd::exp_nonpositive;
 using msdfkd::gemm;
 using msdfkd::parallel_for;
 using msdfkd::parts_for;
-
-// e^x for x <= 0, written so that GCC vectorises it: Cody-Waite reduction to |r| <= ln2/2, a degree-7
-// Taylor polynomial (relative error < 2e-8 there), and 2^n built in the exponent bits.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  // round to nearest: for y <= 0, truncating y - 0.5 toward zero rounds y (floor is a call on SSE2)
-  const int32_t k = static_cast<int32_t>(x * 1.4426950408889634f - 0.5f);
-  const float n = static_cast<float>(k);
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  int32_t bits = (k + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
 
 // below this many values a second thread costs more than it saves
 constexpr int64_t kGrain = 1 << 15;
