@@ -5,6 +5,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from ms_dfkd import cli, cpu_runtime
 from ms_dfkd.config import load_config
 
@@ -97,3 +99,37 @@ def test_other_device_targets_are_left_alone(monkeypatch):
     monkeypatch.setattr(ms, "get_context", lambda key: "GPU" if key == "device_target" else None)
     assert cpu_runtime.configure_runtime() is None
     assert cpu_runtime.BLOCKING_RUN_ENV not in os.environ
+
+
+HUGE_PAGES_CHILD = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+from ms_dfkd.cpu_runtime import restart_with_huge_pages
+print("start", flush=True)
+restart_with_huge_pages()
+print("tunables", os.environ.get("GLIBC_TUNABLES"))
+"""
+
+
+def _thp_usable():
+    import platform
+    try:
+        with open(cpu_runtime.THP_SETTING) as f:
+            return platform.libc_ver()[0] == "glibc" and "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_usable(), reason="needs Linux, glibc and transparent huge pages not 'never'")
+def test_the_program_restarts_once_with_mallocs_huge_pages():
+    """The process starts again (its first line printed twice) with the tunable appended to the user's,
+    and does not restart a second time; MS_DFKD_HUGE_PAGES=0 keeps it as it is."""
+    root = str(ROOT)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MS_DFKD_HUGE_PAGES")}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHILD, root], capture_output=True, text=True,
+                         env=dict(env, GLIBC_TUNABLES="glibc.malloc.arena_max=4"), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:3] == ["start", "start", "tunables glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"]
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_CHILD, root], capture_output=True, text=True,
+                         env=dict(env, MS_DFKD_HUGE_PAGES="0"), timeout=60)
+    assert out.stdout.split("\n")[:2] == ["start", "tunables None"]
