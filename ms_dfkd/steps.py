@@ -14,6 +14,7 @@ from mindspore import amp, nn, ops
 
 from kernels import soft_embedding  # by name: graph mode cannot see kernels' lazy __getattr__
 from kernels.adamw import adam_weight_decay
+from kernels.utils import zero_grad
 
 from . import losses
 
@@ -42,6 +43,21 @@ def place_soft_tokens(e, cls_vec, sep_vec, cls_sel, tok_sel, sep_sel):
     return body + cls_sel * cls_vec.reshape(1, 1, -1) + sep_sel * sep_vec.reshape(1, 1, -1)
 
 
+class SampledLogits(nn.Cell):
+    """The LM head's output as the sampler computed it: the value is ``given`` [B, T, V] (the logits the
+    tokens were drawn from), the gradient that of ``hidden @ weight^T``, d hidden = d logits @ weight. The
+    head does not train where this is used (only the top layers do), so weight and given get none. The
+    generator step then runs no [B*T, H] x [H, V] product in its forward (79 of an 865 ms step at the offline
+    default); the values differ from that product's by the order of the sums only."""
+
+    def construct(self, hidden, weight, given):
+        return given
+
+    def bprop(self, hidden, weight, given, out, dout):
+        d = ops.matmul(dout.reshape(-1, dout.shape[-1]).astype(ms.float32), weight.astype(ms.float32))
+        return d.reshape(hidden.shape).astype(hidden.dtype), zero_grad(weight), zero_grad(given)
+
+
 class GeneratorLoss(nn.Cell):
     """L_G for one batch. Teacher and student are frozen here; only generator parameters train.
 
@@ -52,12 +68,18 @@ class GeneratorLoss(nn.Cell):
     ``label_vectors`` (``generator.label_vectors``): a trainable [K, H] table; the row of each sample's
     target label is added to the states entering the first trainable layer (layer L-k, or the embeddings
     without trunk layers) at every position, as the sampler does (``llama_sampling.sample(steer=...)``).
-    It gives the label a direct path into the generator, which the prompt's one label word lacks."""
+    It gives the label a direct path into the generator, which the prompt's one label word lacks.
+
+    ``sampled_logits`` (with trunk layers only: the LM head does not train): the last argument is the
+    sampler's logits [B, T, V] of the batch, used as the LM head's output (``SampledLogits``)."""
 
     def __init__(self, generator, teacher, student, prompt_len, max_new_tokens, num_labels,
-                 weights, kd_temperature, gumbel_tau, trunk_layers=0, label_vectors=False):
+                 weights, kd_temperature, gumbel_tau, trunk_layers=0, label_vectors=False, sampled_logits=False):
         super().__init__()
         self.trunk_layers = int(trunk_layers)
+        if sampled_logits and not self.trunk_layers:
+            raise ValueError("sampled_logits needs trunk_layers: with every layer training the LM head may train")
+        self.sampled = SampledLogits() if sampled_logits else None
         # zeros: the step starts from G_θ0 exactly
         self.label_vectors = (ms.Parameter(ms.Tensor(np.zeros((num_labels, generator.config.hidden_size),
                                                                 np.float32)), name="label_vectors")
@@ -71,7 +93,7 @@ class GeneratorLoss(nn.Cell):
         self.use_student = self.w_adv != 0.0
 
     def construct(self, full_ids, full_mask, gen_ids, gen_mask, frozen_logits, targets, seed,
-                  table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask):
+                  table_t, table_s, cls_t, sep_t, cls_s, sep_s, cls_sel, tok_sel, sep_sel, enc_mask, sampled=None):
         B, T = gen_ids.shape
         # the states entering the first trainable layer: the trunk's (full_ids holds them [B, P+T, H]) or the
         # embeddings; the label vectors, if any, are added there
@@ -86,7 +108,10 @@ class GeneratorLoss(nn.Cell):
         else:
             hidden = self.generator.hidden_states(inputs_embeds=x, attention_mask=full_mask)
             hidden = hidden[:, self.P - 1:self.P - 1 + T, :]
-        gl = self.generator.logits_from_hidden(hidden)
+        if self.sampled is not None:
+            gl = self.sampled(hidden, self.generator.lm_head_weight(), sampled)
+        else:
+            gl = self.generator.logits_from_hidden(hidden)
         gl = gl.reshape(B * T, -1).astype(ms.float32)
         H_t = table_t.shape[1]
         emb = soft_embedding(gl, (table_t, table_s), seed, self.tau, hard=True,

@@ -145,9 +145,10 @@ class Distiller:
                              else 0)
         # ... and those states come from the sampler, which has just run the same layers over the same ids
         self.reuse_trunk = bool(self.trunk_layers) and captures_states(self.generator)
+        # ... and so do the LM head's logits of the sample, which the generator step then takes as they are
         self.gen_loss = self.generator_loss_cls(self.generator, self.teacher, self.student, self.P, self.T, self.K,
                                       cfg.loss, cfg.loss.kd_temperature, g.gumbel_tau, self.trunk_layers,
-                                      label_vectors=g.label_vectors)
+                                      label_vectors=g.label_vectors, sampled_logits=self.reuse_trunk)
         self.label_vectors = self.gen_loss.label_vectors
         # the label vectors enter the first layer that trains: the sampler adds them there too
         self.steer_layer = self.g_cfg.num_hidden_layers - self.trunk_layers if self.trunk_layers else 0
@@ -378,7 +379,7 @@ class Distiller:
             _, frozen = self._frozen_outputs(s, *self._full_sequence(s))
             return s["texts"], s["labels"], {"perplexity_g0": self._perplexity_g0(frozen, s),
                                              "gen_tokens": int(s["mask"].sum())}
-        s = self.generate_batch(step_id, trunk=True)
+        s = self.generate_batch(step_id, trunk=True, return_logits=self.reuse_trunk)
         return s["texts"], s["labels"], self._generator_update(s)
 
     def _label_stats(self, probs, labels, info):
@@ -410,7 +411,7 @@ class Distiller:
                             frozen.reshape(B_ * T, -1), ms.Tensor(s["labels"]),
                             ms.Tensor(np.int64(s["seed"])), self.table_t, self.table_s, self.cls_t, self.sep_t,
                             self.cls_s, self.sep_s, ms.Tensor(cls_sel), ms.Tensor(tok_sel), ms.Tensor(sep_sel),
-                            ms.Tensor(enc_mask))
+                            ms.Tensor(enc_mask), *self._sampled_logits(s))
         loss, spec, div, adv, flu, t_logits, rwl = [o.asnumpy() for o in out]
         for name, v in (("loss_g", loss), ("spec", spec), ("div", div), ("adv", adv), ("flu", flu), ("rwl", rwl)):
             if not np.isfinite(v):
@@ -420,6 +421,14 @@ class Distiller:
                 "loss_flu": float(flu), **rwl, "gen_step_s": time.time() - t0,
                 "perplexity_g0": perplexity,
                 "soft_argmax": t_logits.argmax(-1), "gen_tokens": int(s["mask"].sum())}
+
+    def _sampled_logits(self, s):
+        """The generator step's last argument, where it takes the sampler's logits (the trunk's case)."""
+        if not self.reuse_trunk:
+            return ()
+        if "logits" not in s:
+            raise RuntimeError("the generator step takes the sampler's logits: sample with return_logits=True")
+        return (ms.Tensor.from_numpy(np.ascontiguousarray(s["logits"], np.float32)),)
 
     def _student_update(self):
         # the teacher's outputs from when these samples were labelled: a student step runs no teacher
@@ -491,7 +500,8 @@ class Distiller:
         while c["warmup_steps"] < kW:
             self._check_stop()
             w = c["warmup_steps"]
-            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP, sampler=self.warmup_sampler, trunk=True)
+            s = self.generate_batch(w, stream=NOISE_STREAM_WARMUP, sampler=self.warmup_sampler, trunk=True,
+                                    return_logits=self.reuse_trunk)
             info = self._generator_update(s, what=f"warm-up step {w}")
             self._label_stats(self.teacher_run.probs(s["texts"]), s["labels"], info)
             info["degenerate"] = M.degenerate_share(s["texts"])

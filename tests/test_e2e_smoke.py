@@ -133,7 +133,8 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     trainable = [n for n, p in d.generator.parameters_and_names() if p.requires_grad]
     assert trainable and all(n.startswith("model.layers.1.") or n == "model.norm.weight" for n in trainable)
 
-    s = d.generate_batch(0)
+    s = d.generate_batch(0, return_logits=True)  # the step takes the sampler's logits (the trunk's case)
+    assert d.reuse_trunk and s["logits"].shape == s["ids"].shape + (d.g_cfg.vocab_size,)
     Bn, T = s["ids"].shape
     full_ids = ms.Tensor(np.concatenate([s["p_ids"], s["ids"]], 1))
     full_mask = ms.Tensor(np.concatenate([s["p_mask"], s["mask"]], 1))
@@ -144,7 +145,7 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     grad_fn = ms.value_and_grad(d.gen_loss, None, d.opt_g.parameters, has_aux=True)
     _, grads = grad_fn(gen_input, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]), frozen,
                        ms.Tensor(s["labels"]), ms.Tensor(np.int64(s["seed"])), d.table_t, d.table_s,
-                       d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel)
+                       d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel, *d._sampled_logits(s))
     assert len(grads) == len(trainable)
     for p, g in zip(d.opt_g.parameters, grads):
         g = g.asnumpy()
@@ -162,7 +163,8 @@ def test_trainable_gradients_and_frozen_parts(teacher, tmp_path):
     assert float(opt.get_lr().asnumpy()) == np.float32(lr)
     before = [p.asnumpy().copy() for p in opt.parameters]
     d.gen_step(gen_input, full_mask, ms.Tensor(s["ids"]), ms.Tensor(s["mask"]), frozen, ms.Tensor(s["labels"]),
-               ms.Tensor(np.int64(s["seed"])), d.table_t, d.table_s, d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel)
+               ms.Tensor(np.int64(s["seed"])), d.table_t, d.table_s, d.cls_t, d.sep_t, d.cls_s, d.sep_s, *sel,
+               *d._sampled_logits(s))
     assert int(opt.global_step.asnumpy()[0]) == 1
     for p, b, g in zip(opt.parameters, before, grads):
         g = g.asnumpy().astype(np.float64)

@@ -429,6 +429,34 @@ def test_trunk_path_equals_the_full_forward(world):
         np.testing.assert_allclose(g.asnumpy(), ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE], ids=["pynative", "graph"])
+def test_the_samplers_logits_stand_in_for_the_lm_head(world, mode):
+    """sampled_logits: given the LM head's own logits of the batch, every term and the trained parameters'
+    gradients are the step's without them; the given values are what the terms read (other logits, other
+    terms), and the head's gradient reaches the top layer."""
+    ms.set_context(mode=mode)
+    cell, gen = build_cell(world, WEIGHTS, trunk_layers=1)
+    given_cell = GeneratorLoss(gen, cell.teacher, cell.student, P, T, K, WEIGHTS, KD_T, TAU, 1, sampled_logits=True)
+    inputs = list(cell_inputs(world))
+    inputs[0] = gen.trunk_states(inputs[0], inputs[1], 1)
+    hidden = gen.top_hidden_states(inputs[0], inputs[1], 1, rows=(P - 1, T))
+    logits = gen.logits_from_hidden(hidden).asnumpy()
+    params = gen.trainable_params()
+    out, grads = ms.value_and_grad(cell, None, params, has_aux=True)(*inputs)
+    given_out, given_grads = ms.value_and_grad(given_cell, None, params, has_aux=True)(*inputs, ms.Tensor(logits))
+    for a, b, name in zip(out, given_out, TERMS + ("teacher_logits",)):
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    for p, a, b in zip(params, grads, given_grads):
+        assert np.abs(a.asnumpy()).max() > 0, p.name
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=1e-5, atol=1e-6 * np.abs(a.asnumpy()).max(),
+                                   err_msg=p.name)
+    shifted = given_cell(*inputs, ms.Tensor(logits + np.random.default_rng(0).normal(0, 1, logits.shape)
+                                            .astype(np.float32)))
+    assert abs(float(shifted[4].asnumpy()) - float(out[4].asnumpy())) > 1e-4  # the fluency term reads them
+    with pytest.raises(ValueError, match="trunk_layers"):
+        GeneratorLoss(gen, cell.teacher, cell.student, P, T, K, WEIGHTS, KD_T, TAU, 0, sampled_logits=True)
+
+
 def test_tokens_after_the_stop_do_not_count(world):
     """Other tokens after each row's stop (and other G_theta0 logits there) leave every term as it was."""
     cell, _ = build_cell(world, WEIGHTS)
