@@ -86,16 +86,17 @@ inline void dequantize_block(const uint8_t *blk, float *w) {
   }
 }
 
-// any CPU: columns [n0, n1) of y [M, ldy] = x [M, K] W^T, one block at a time
-template <int64_t BlockBytes>
-void gguf_rows_portable(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
-                        int64_t n1) {
+// any CPU: columns [n0, n1) of y [M, ldy] = x [M, K] W^T, one block at a time; expand(n, b, wb) writes block b
+// of weight row n as 32 float32 weights
+template <class Expand>
+void gguf_rows_portable_by(const float *x, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0, int64_t n1,
+                           Expand expand) {
   const int64_t nb = K / kBlockValues;
   float wb[kBlockValues];
   for (int64_t n = n0; n < n1; ++n) {
     for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
-      dequantize_block<BlockBytes>(w + (n * nb + b) * BlockBytes, wb);
+      expand(n, b, wb);
       for (int64_t m = 0; m < M; ++m) {
         const float *xr = x + m * K + b * kBlockValues;
         float s = 0.0f;
@@ -105,6 +106,15 @@ void gguf_rows_portable(const float *x, const uint8_t *w, float *y, int64_t ldy,
       }
     }
   }
+}
+
+template <int64_t BlockBytes>
+void gguf_rows_portable(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
+                        int64_t n1) {
+  const int64_t nb = K / kBlockValues;
+  gguf_rows_portable_by(x, y, ldy, M, K, n0, n1, [&](int64_t n, int64_t b, float *wb) {
+    dequantize_block<BlockBytes>(w + (n * nb + b) * BlockBytes, wb);
+  });
 }
 
 // column c of an interleaved group's block, as 32 float32 weights
@@ -130,20 +140,10 @@ template <int64_t GroupBytes>
 void gguf_rows_x8_portable(const float *x, const uint8_t *w, float *y, int64_t ldy, int64_t M, int64_t K, int64_t n0,
                            int64_t n1) {
   const int64_t nb = K / kBlockValues;
-  float wb[kBlockValues];
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < M; ++m) y[m * ldy + n] = 0.0f;
-    for (int64_t b = 0; b < nb; ++b) {
-      dequantize_x8_column<GroupBytes>(w + ((n / kX8Columns) * nb + b) * GroupBytes, static_cast<int>(n % kX8Columns),
-                                       wb);
-      for (int64_t m = 0; m < M; ++m) {
-        const float *xr = x + m * K + b * kBlockValues;
-        float s = 0.0f;
-        for (int j = 0; j < kBlockValues; ++j) s += xr[j] * wb[j];
-        y[m * ldy + n] += s;
-      }
-    }
-  }
+  gguf_rows_portable_by(x, y, ldy, M, K, n0, n1, [&](int64_t n, int64_t b, float *wb) {
+    dequantize_x8_column<GroupBytes>(w + ((n / kX8Columns) * nb + b) * GroupBytes, static_cast<int>(n % kX8Columns),
+                                     wb);
+  });
 }
 
 // rows of x in groups of 8, each group reading the weights again: kernel(std::integral_constant<int, m>,
