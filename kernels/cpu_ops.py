@@ -304,7 +304,7 @@ def _gguf_linear_op():
                 lambda x, blocks: x)
 
 
-GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # the quantisation types the block products read: bytes per block
 GGUF_GROUP_BYTES = {"Q4_1": 192, "Q8_0": 288}  # the interleaved layout: 8 weight rows' blocks side by side
 
 

@@ -7,8 +7,9 @@ given as blocks): a GGUF file's Q4_1 / Q8_0 blocks as float32 weights, and x W^T
     Q8_0:   w[32 b + j] = d * int8 j
     each weight computed in float32, as gguf's own dequantiser does
     gguf_linear(x, blocks) = x W^T over x's last axis
-The interleaved layout (kernels.cpu_ops.interleave_blocks: the blocks of 8 weight rows side by side, so that the AVX2 loops
-read one weight of 8 output columns at once): uint8 [N / 8, K / 32, 192 | 288], each block group
+The interleaved layout (kernels.cpu_ops.interleave_blocks: the blocks of 8 weight rows side by side, so
+that the AVX2 loops read one weight of 8 output columns at once): uint8 [N / 8, K / 32, 192 | 288], each
+block group
     Q4_1: float32 d[8], float32 m[8], 16 x 8 bytes: byte (j, c) = q_c[j] | q_c[16 + j] << 4
     Q8_0: float32 d[8], 32 x 8 int8: (j, c) = q_c[j]
 (c: the row within the group, q_c[j]: weight j of that row's block, j < 16 for Q4_1's bytes). The scales

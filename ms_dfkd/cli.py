@@ -427,14 +427,14 @@ def build_parser():
 
 
 def main(argv=None):
-    if argv is None:  # run as a program: malloc's huge pages first (a restart; see cpu_runtime)
+    if argv is None:  # run as a program
         from .cpu_runtime import restart_with_huge_pages
-        restart_with_huge_pages()
-    if argv is None and os.environ.get("MS_ROLE") is None:
-        # run as a program, not under msrun (msrun stops all ranks on Ctrl-C itself): take Ctrl-C
-        # away from MindSpore's own handler before mindspore is imported (see interrupts.py)
-        from . import interrupts
-        interrupts.install()
+        restart_with_huge_pages()  # malloc's huge pages first: a restart (see cpu_runtime)
+        if os.environ.get("MS_ROLE") is None:
+            # not under msrun (msrun stops all ranks on Ctrl-C itself): take Ctrl-C away from MindSpore's
+            # own handler before mindspore is imported (see interrupts.py)
+            from . import interrupts
+            interrupts.install()
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -61,20 +61,23 @@ HUGE_PAGES_ENV = "MS_DFKD_HUGE_PAGES"
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
+def huge_pages_usable():
+    """Whether malloc's huge pages can work here: Linux with glibc, transparent huge pages not "never"."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        with open(THP_SETTING) as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 def restart_with_huge_pages():
     """Start this program again with GLIBC_TUNABLES asking glibc's malloc for transparent huge pages (see
     the module docstring); returns (without a restart) where it is set already, turned off, or of no use:
     not Linux with glibc, or transparent huge pages "never"."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if os.environ.get(HUGE_PAGES_ENV, "1") == "0" or "glibc.malloc.hugetlb" in tunables:
-        return
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        with open(THP_SETTING) as f:
-            if "[never]" in f.read():
-                return
-    except OSError:
+    if os.environ.get(HUGE_PAGES_ENV, "1") == "0" or "glibc.malloc.hugetlb" in tunables or not huge_pages_usable():
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGE_PAGES_TUNABLE) if t))
     sys.stdout.flush()

@@ -111,16 +111,7 @@ print("tunables", os.environ.get("GLIBC_TUNABLES"))
 """
 
 
-def _thp_usable():
-    import platform
-    try:
-        with open(cpu_runtime.THP_SETTING) as f:
-            return platform.libc_ver()[0] == "glibc" and "[never]" not in f.read()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _thp_usable(), reason="needs Linux, glibc and transparent huge pages not 'never'")
+@pytest.mark.skipif(not cpu_runtime.huge_pages_usable(), reason="needs Linux, glibc and transparent huge pages not 'never'")
 def test_the_program_restarts_once_with_mallocs_huge_pages():
     """The process starts again (its first line printed twice) with the tunable appended to the user's,
     and does not restart a second time; MS_DFKD_HUGE_PAGES=0 keeps it as it is."""

@@ -143,8 +143,8 @@ inline void swiglu(const float *a, Matrix w_gate, Matrix w_up, float *g, float *
                    int64_t width, int64_t begin, int64_t end) {
   project(a, w_gate, g, rows, n, width, begin, end);
   project(a, w_up, u, rows, n, width, begin, end);
-  // silu(g) = g / (1 + e^-g) from e = e^-|g| <= 1, vectorised (libm's expf a value was a tenth of a prefill):
-  // g / (1 + e) for g >= 0, g e / (1 + e) below
+  // silu(g) = g / (1 + e^-g) from e = e^-|g| <= 1, so that the loop vectorises (libm's expf is a call a
+  // value): g / (1 + e) for g >= 0, g e / (1 + e) below
   for (int64_t r = 0; r < rows; ++r) {
     float *gr = g + r * n;
     const float *ur = u + r * n;
@@ -429,7 +429,8 @@ int MsDfkdLlamaChunkLayer(int nparam, void **params, int *ndims, int64_t **shape
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
         for (int64_t s = 0; s < span; ++s) {
-          const float w = (s <= last && mask[s] > 0.0f) ? msdfkd::exp_nonpositive(std::min(sr[s] - top, 0.0f)) : 0.0f;
+          const bool readable = s <= last && mask[s] > 0.0f;
+          const float w = readable ? msdfkd::exp_nonpositive(std::min(sr[s] - top, 0.0f)) : 0.0f;
           sr[s] = w;
           total += w;
         }

@@ -17,13 +17,13 @@ is assigned. An unsupported quantisation type names the tensor and the type.
 """
 import numpy as np
 
+from kernels.cpu_ops import GGUF_BLOCK_BYTES  # the types whose blocks the sampler's kernels read
+
 from .checkpoint_io import CheckpointError, check_state
 from .gguf_file import GGUFError, read_gguf
 from .llama import LlamaConfig, LlamaForCausalLM
 
 
-# the quantisation types whose blocks the sampler's kernels read (kernels/cpu/gguf_blocks.h): bytes per block
-GGUF_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 
 # GGUF tensor name (after "blk.N.") -> HF / llama.py name (after "model.layers.N.")
 _BLOCK_NAMES = {
